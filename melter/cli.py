@@ -1,0 +1,244 @@
+"""The ``melter`` command.
+
+Exit codes: 0 success, 1 bad input (the message names the file and, for MJR data, the byte
+offset), 2 usage error. Bad input never produces a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from melter import __version__
+from melter.errors import MelterError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Turn Janus recordings (MJR files) into playable, in-sync media.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_INPUT = 1
+
+
+def _iso(microseconds: int) -> str:
+    moment = dt.datetime.fromtimestamp(microseconds / 1e6, tz=dt.UTC)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _report(path: Path) -> dict[str, Any]:
+    from melter.track import analyze
+
+    analysis = analyze(path)
+    header = analysis.header
+    stats = analysis.stats
+    report: dict[str, Any] = {
+        "file": str(path),
+        "header": header.to_json(),
+        "kind": analysis.kind,
+        "codec": analysis.codec,
+        "packets": stats.packets,
+        "frames": analysis.frames,
+        "invalid_frames": stats.invalid,
+        "duplicates": stats.duplicates,
+        "reordered": stats.reordered,
+        "late_dropped": stats.late,
+        "lost": stats.lost,
+        "loss_percent": round(analysis.loss_percent, 3),
+        "ssrcs": stats.ssrcs,
+        "ssrc_changes": stats.ssrc_changes,
+        "start_us": analysis.start_us,
+        "end_us": analysis.end_us,
+        "start": _iso(analysis.start_us),
+        "end": _iso(analysis.end_us),
+        "duration_s": round(analysis.duration_us / 1e6, 3),
+        "start_minus_u_ms": (
+            round((analysis.start_us - header.first_packet_us) / 1000, 1)
+            if header.first_packet_us
+            else None
+        ),
+        "skew_ppm": round(analysis.skew_ppm, 1),
+        "clock_pieces": [
+            {"first_packet": p.first_index, "reason": p.reason} for p in analysis.pieces
+        ],
+        "gaps": [
+            g.to_json() | {"start_s": round((g.start_us - analysis.start_us) / 1e6, 3)}
+            for g in analysis.gaps
+        ],
+        "gap_count": analysis.gap_count,
+        "warnings": analysis.warnings,
+    }
+    if analysis.kind == "audio":
+        report["media_s"] = round(analysis.media_us / 1e6, 3)
+        report["audio_level_extension"] = analysis.audio_level_id
+        report["audio_levels_dbov"] = {str(-k): v for k, v in sorted(analysis.levels.items())}
+    if analysis.kind == "video":
+        report["keyframes"] = len(analysis.keyframes_us)
+        report["keyframes_s"] = [
+            round((k - analysis.start_us) / 1e6, 3) for k in analysis.keyframes_us[:1000]
+        ]
+        report["resolutions"] = [
+            {"at_s": round((t - analysis.start_us) / 1e6, 3), "width": w, "height": h}
+            for t, w, h in analysis.resolutions
+        ]
+        report["rotations"] = [
+            {"at_s": round((t - analysis.start_us) / 1e6, 3), "degrees": d, "flip": f}
+            for t, d, f in analysis.rotations
+        ]
+    return report
+
+
+def _print_report(report: dict[str, Any], earliest_us: int) -> None:
+    table = Table(title=report["file"], show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    header = report["header"]
+    table.add_row(
+        "format",
+        f"{header['variant']} {report['kind']} {report['codec']}"
+        + (f" ({header['description']})" if header.get("description") else ""),
+    )
+    table.add_row(
+        "packets",
+        f"{report['packets']} ({report['frames']} frames); lost "
+        f"{report['lost']} ({report['loss_percent']} %), reordered {report['reordered']},"
+        f" duplicates {report['duplicates']}, invalid {report['invalid_frames']}",
+    )
+    table.add_row("wall clock", f"{report['start']} → {report['end']} ({report['duration_s']} s)")
+    table.add_row(
+        "offset",
+        f"{(report['start_us'] - earliest_us) / 1e6:+.3f} s from the earliest "
+        f"track; start − u = {report['start_minus_u_ms']} ms",
+    )
+    table.add_row("skew", f"{report['skew_ppm']} ppm")
+    table.add_row("ssrcs", f"{len(report['ssrcs'])} ({report['ssrc_changes']} changes)")
+    if report["gaps"]:
+        shown = ", ".join(
+            f"{g['start_s']} s +{g['length_ms']} ms {g['cause']}" for g in report["gaps"][:8]
+        )
+        more = f" (+{report['gap_count'] - 8} more)" if report["gap_count"] > 8 else ""
+        table.add_row("gaps", shown + more)
+    if report["kind"] == "video":
+        table.add_row(
+            "keyframes",
+            f"{report['keyframes']} at " + ", ".join(str(k) for k in report["keyframes_s"][:10]),
+        )
+        table.add_row(
+            "resolutions",
+            ", ".join(f"{r['width']}x{r['height']} @{r['at_s']} s" for r in report["resolutions"]),
+        )
+        if report["rotations"]:
+            table.add_row(
+                "rotation",
+                ", ".join(
+                    f"{r['degrees']}°{' flip' if r['flip'] else ''} @{r['at_s']} s"
+                    for r in report["rotations"]
+                ),
+            )
+    if report["kind"] == "audio" and report.get("audio_levels_dbov"):
+        levels = report["audio_levels_dbov"]
+        loudest = min(int(k) for k in levels) * -1
+        table.add_row(
+            "audio level",
+            f"extension id {report['audio_level_extension']}, "
+            f"{len(levels)} distinct levels, loudest -{loudest} dBov",
+        )
+    for warning in report["warnings"]:
+        table.add_row("warning", warning)
+    out.print(table)
+
+
+@app.command()
+def inspect(
+    files: Annotated[list[Path], typer.Argument(help="MJR recordings", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Header, timing, gaps, loss, key frames, resolutions and skew of each recording."""
+    reports = [_report(path) for path in files]
+    if as_json:
+        sys.stdout.write(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
+        return
+    earliest = min(r["start_us"] for r in reports)
+    for report in reports:
+        _print_report(report, earliest)
+
+
+@app.command()
+def convert(
+    files: Annotated[
+        list[Path],
+        typer.Argument(help="one recording, or one participant's audio and video recordings"),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            help="output file; its extension "
+            "picks the format (.opus .ogg .webm .mkv .mp4 .wav "
+            ".srt, or any other for raw data)",
+        ),
+    ],
+) -> None:
+    """Remux recordings into a playable file without re-encoding (WAV decodes)."""
+    from melter.convert import CONTAINERS, DECODED, TEXT, raw_data
+    from melter.convert import convert as run_convert
+    from melter.mjr.reader import MjrReader
+
+    suffix = output.suffix.lower()
+    if suffix not in CONTAINERS and suffix not in DECODED | TEXT:
+        if len(files) == 1 and MjrReader(files[0]).header.kind == "data":
+            count = raw_data(files[0], output)
+            err.print(f"{output}: {count} data messages")
+            return
+        raise typer.BadParameter(f"unknown output type {suffix!r}", param_hint="--output")
+    report = run_convert(files, output)
+    for warning in report.warnings:
+        err.print(f"warning: {warning}")
+    written = ", ".join(f"{n} {kind} frames" for kind, n in report.frames_written.items())
+    extra = f", {report.silence_ms:.0f} ms of silence filled" if report.silence_ms else ""
+    err.print(f"{output}: {written}{extra}, {report.duration_us / 1e6:.3f} s")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="print the version")] = False,
+) -> None:
+    if version:
+        out.print(f"melter {__version__}")
+        raise typer.Exit(0)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, however long (no wrapping: scripts grep it)."""
+    sys.stderr.write(f"melter: error: {' '.join(message.split())}\n")
+
+
+def main() -> None:
+    """Entry point: map Melter's errors to exit code 1 with one line, never a traceback."""
+    try:
+        app()  # click handles usage errors (exit 2) and --help itself
+    except MelterError as exc:
+        _fail(str(exc))
+        sys.exit(EXIT_INPUT)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # anything unforeseen still gets one line, not a traceback
+        _fail(f"{type(exc).__name__}: {exc}")
+        sys.exit(EXIT_INPUT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Tracks to playable files with PyAV: remux without re-encoding, or merge one participant.
+
+Every frame is placed by its wall-clock time (see :mod:`melter.track`), so a merged file's audio
+and video line up by the Janus host's clock, not by where each file happens to start. Audio gaps
+(loss, DTX, pauses) are filled with codec-level silence so decoders see a continuous stream as
+long as the wall-clock span; video keeps its variable frame timing.
+
+Outputs are written under a temporary name beside the target and renamed into place when they
+are complete: a failed conversion never leaves a half file or replaces a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from melter.depay import audio_depacketizer
+from melter.errors import MelterError, UnsupportedError
+from melter.track import TrackAnalysis, analyze, data_messages, timed_frames
+
+MICROSECONDS = Fraction(1, 1_000_000)
+
+#: Container format and the codecs it carries without re-encoding.
+CONTAINERS: dict[str, tuple[str, set[str]]] = {
+    ".opus": ("opus", {"opus", "multiopus"}),
+    ".ogg": ("ogg", {"opus", "multiopus"}),
+    ".webm": ("webm", {"vp8", "vp9", "av1", "opus", "multiopus"}),
+    ".mkv": ("matroska", {"vp8", "vp9", "av1", "h264", "h265", "opus", "multiopus"}),
+    ".mp4": ("mp4", {"vp9", "av1", "h264", "h265", "opus", "multiopus"}),
+}
+DECODED = {".wav"}
+TEXT = {".srt"}
+_ENCODER_FOR = {
+    "vp8": "libvpx",
+    "vp9": "libvpx-vp9",
+    "h264": "libx264",
+    "h265": "libx265",
+    "av1": "libsvtav1",
+    "opus": "libopus",
+    "multiopus": "libopus",
+}
+#: Audio silence inserted only when a gap is at least this long (smaller offsets are the
+#: rounding of RTP time to samples).
+_MIN_FILL_S = 0.0025
+#: Audio running this far ahead of its wall-clock place (overlap after a clock repair) is
+#: dropped rather than shifting everything after it.
+_MAX_AHEAD_S = 0.040
+
+
+@dataclass
+class ConvertReport:
+    output: Path
+    tracks: list[TrackAnalysis]
+    frames_written: dict[str, int] = field(default_factory=dict)
+    silence_ms: float = 0.0
+    dropped_audio: int = 0
+    warnings: list[str] = field(default_factory=list)
+    start_us: int = 0
+    duration_us: int = 0
+
+
+@contextmanager
+def atomic_output(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target``; renamed onto it only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=target.parent
+    )
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, target)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def _open_stream(
+    container: av.container.OutputContainer, analysis: TrackAnalysis
+) -> av.stream.Stream:
+    """An output stream carrying the track's own codec configuration.
+
+    PyAV builds stream parameters from a codec context; the context is opened here and then
+    given the sender's real configuration (OpusHead, SPS/PPS...) so nothing of the stand-in
+    encoder's own settings reaches the file.
+    """
+    codec = analysis.codec
+    stream = container.add_stream(
+        _ENCODER_FOR[codec], rate=48000 if analysis.kind == "audio" else 30
+    )
+    ctx = stream.codec_context
+    if analysis.kind == "audio":
+        ctx.layout = {1: "mono", 2: "stereo", 6: "5.1"}.get(analysis.channels, "stereo")
+    else:
+        ctx.width = analysis.max_width or 640
+        ctx.height = analysis.max_height or 480
+        if codec == "h265":
+            ctx.options = {"x265-params": "log-level=none"}
+        if codec == "av1":
+            ctx.options = {"svtav1-params": "lp=1"}
+    ctx.open()
+    ctx.extradata = analysis.extradata
+    stream.time_base = MICROSECONDS
+    if analysis.kind == "video" and analysis.rotations:
+        degrees, flip = analysis.rotations[0][1], analysis.rotations[0][2]
+        # The extension says how far to turn the picture clockwise; the display matrix is
+        # given counter-clockwise.
+        stream.set_display_rotation(-degrees, hflip=flip)  # type: ignore[attr-defined]
+    if codec == "h265" and container.format.name == "mp4":
+        ctx.codec_tag = "hvc1"
+    return stream
+
+
+class _AudioPlacer:
+    """Keeps an audio stream's sample count on the wall clock: fills gaps, drops overlaps."""
+
+    def __init__(self, analysis: TrackAnalysis, origin_us: int) -> None:
+        self.analysis = analysis
+        self.depay = audio_depacketizer(analysis.codec)
+        self.rate = self.depay.sample_rate
+        self.origin_us = origin_us
+        self.position = 0
+        self.silence_samples = 0
+        self.dropped = 0
+
+    def target(self, wall_us: int) -> int:
+        return round((wall_us - self.origin_us) * self.rate / 1_000_000)
+
+    def place(self, wall_us: int, samples: int) -> tuple[int, int] | None:
+        """``(silence to insert first, pts)`` for a frame, or None to drop it."""
+        target = self.target(wall_us)
+        behind = target - self.position
+        if behind < -_MAX_AHEAD_S * self.rate:
+            self.dropped += 1
+            return None
+        fill = behind if behind >= _MIN_FILL_S * self.rate else 0
+        return fill, self.position + fill
+
+
+def _mux_audio(
+    container: av.container.OutputContainer,
+    stream: av.stream.Stream,
+    analysis: TrackAnalysis,
+    origin_us: int,
+    report: ConvertReport,
+) -> None:
+    placer = _AudioPlacer(analysis, origin_us)
+    depay = placer.depay
+    scale = 1_000_000 / placer.rate
+    written = 0
+
+    def mux(data: bytes, pts: int, samples: int) -> None:
+        packet = av.Packet(data)
+        packet.stream = stream
+        packet.time_base = MICROSECONDS
+        packet.pts = packet.dts = round(pts * scale)
+        packet.duration = round(samples * scale)
+        container.mux_one(packet)
+
+    for frame in timed_frames(analysis):
+        placed = placer.place(frame.wall_us, frame.samples)
+        if placed is None:
+            continue
+        fill, _ = placed
+        if fill:
+            for data, samples in depay.silence(fill):
+                mux(data, placer.position, samples)
+                placer.position += samples
+                placer.silence_samples += samples
+        mux(frame.data, placer.position, frame.samples)
+        placer.position += frame.samples
+        written += 1
+    report.frames_written[analysis.kind] = written
+    report.silence_ms += 1000 * placer.silence_samples / placer.rate
+    report.dropped_audio += placer.dropped
+
+
+def _mux_video(
+    container: av.container.OutputContainer,
+    stream: av.stream.Stream,
+    analysis: TrackAnalysis,
+    origin_us: int,
+    report: ConvertReport,
+) -> None:
+    last_pts = -1
+    written = 0
+    pending: av.Packet | None = None
+    for frame in timed_frames(analysis):
+        pts = max(frame.wall_us - origin_us, last_pts + 1)
+        if pending is not None:
+            pending.duration = pts - int(pending.pts or 0)
+            container.mux_one(pending)
+        packet = av.Packet(frame.data)
+        packet.stream = stream
+        packet.time_base = MICROSECONDS
+        packet.pts = packet.dts = pts
+        packet.is_keyframe = frame.keyframe
+        pending = packet
+        last_pts = pts
+        written += 1
+    if pending is not None:
+        # The last picture lasts one frame interval (as players expect), measured from the
+        # track's own end.
+        pending.duration = max(1, analysis.end_us - origin_us - int(pending.pts or 0))
+        container.mux_one(pending)
+    report.frames_written["video"] = written
+
+
+def convert(inputs: list[Path], output: Path) -> ConvertReport:
+    """Convert one track, or merge one participant's audio and video, into ``output``."""
+    suffix = output.suffix.lower()
+    analyses = [analyze(path) for path in inputs]
+    kinds = [a.kind for a in analyses]
+    if len(analyses) > 2 or len(set(kinds)) != len(kinds):
+        raise UnsupportedError(
+            f"convert takes one recording, or one audio and one video recording of the same "
+            f"participant (got {', '.join(kinds)})"
+        )
+    report = ConvertReport(output, analyses)
+    if suffix in TEXT:
+        if kinds != ["data"]:
+            raise UnsupportedError(f"{output}: .srt output needs a data recording")
+        with atomic_output(output) as temp:
+            _write_srt(analyses[0], temp)
+        report.frames_written["data"] = analyses[0].frames
+        return report
+    if "data" in kinds:
+        raise UnsupportedError(f"{inputs[kinds.index('data')]}: a data recording converts to .srt")
+    origin_us = min(a.start_us for a in analyses)
+    end_us = max(a.end_us for a in analyses)
+    report.start_us = origin_us
+    report.duration_us = end_us - origin_us
+    if suffix in DECODED:
+        if kinds != ["audio"]:
+            raise UnsupportedError(f"{output}: .wav output needs one audio recording")
+        with atomic_output(output) as temp:
+            _write_wav(analyses[0], temp, origin_us, report)
+    else:
+        if suffix not in CONTAINERS:
+            choices = ", ".join(sorted(list(CONTAINERS) + sorted(DECODED | TEXT)))
+            raise UnsupportedError(f"{output}: unknown output type {suffix!r} (use {choices})")
+        format_name, allowed = CONTAINERS[suffix]
+        for analysis in analyses:
+            if analysis.codec not in allowed:
+                better = [s for s, (_, codecs) in CONTAINERS.items() if analysis.codec in codecs]
+                hint = f"; use {' or '.join(better)}" if better else "; use .wav (decoded)"
+                raise UnsupportedError(
+                    f"{analysis.path}: {analysis.codec} cannot go into {suffix} without "
+                    f"re-encoding{hint}"
+                )
+        analyses.sort(key=lambda a: a.kind != "video")  # video stream first
+        with atomic_output(output) as temp:
+            options = {"movflags": "+faststart"} if format_name == "mp4" else {}
+            with av.open(str(temp), "w", format=format_name, options=options) as container:
+                streams = [_open_stream(container, a) for a in analyses]
+                for analysis, stream in zip(analyses, streams, strict=True):
+                    if analysis.kind == "video":
+                        _mux_video(container, stream, analysis, origin_us, report)
+                    else:
+                        _mux_audio(container, stream, analysis, origin_us, report)
+    for analysis in analyses:
+        report.warnings.extend(analysis.warnings)
+    return report
+
+
+def _write_wav(analysis: TrackAnalysis, temp: Path, origin_us: int, report: ConvertReport) -> None:
+    """Decode a track to 16-bit PCM, silence in its gaps."""
+    placer = _AudioPlacer(analysis, origin_us)
+    decoder = av.CodecContext.create(placer.depay.codec_name, "r")
+    decoder.sample_rate = placer.rate
+    decoder.layout = {1: "mono", 2: "stereo", 6: "5.1"}.get(analysis.channels, "mono")
+    if analysis.extradata:
+        decoder.extradata = analysis.extradata
+    channels = analysis.channels or 1
+    resampler = av.AudioResampler(format="s16", layout=decoder.layout, rate=placer.rate)
+    written = 0
+    with av.open(str(temp), "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=placer.rate)
+        stream.codec_context.layout = decoder.layout
+
+        def write(samples: np.ndarray) -> None:
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples.reshape(1, -1)), format="s16", layout=decoder.layout
+            )
+            frame.sample_rate = placer.rate
+            frame.pts = None
+            for packet in stream.encode(frame):
+                container.mux(packet)
+
+        for timed in timed_frames(analysis):
+            placed = placer.place(timed.wall_us, timed.samples)
+            if placed is None:
+                continue
+            fill, _ = placed
+            if fill:
+                write(np.zeros(fill * channels, dtype=np.int16))
+                placer.position += fill
+                placer.silence_samples += fill
+            decoded = []
+            for frame in decoder.decode(av.Packet(timed.data)):
+                for pcm in resampler.resample(frame):
+                    decoded.append(pcm.to_ndarray().reshape(-1))
+            if not decoded:
+                continue
+            samples = np.concatenate(decoded)
+            write(samples)
+            placer.position += samples.size // channels
+            written += 1
+        for packet in stream.encode(None):
+            container.mux(packet)
+    report.frames_written["audio"] = written
+    report.silence_ms += 1000 * placer.silence_samples / placer.rate
+    report.dropped_audio += placer.dropped
+
+
+def _srt_time(microseconds: int) -> str:
+    milliseconds = max(0, microseconds) // 1000
+    hours, rest = divmod(milliseconds, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d},{millis:03d}"
+
+
+#: How long a data-channel message stays on screen when no later message replaces it.
+SRT_HOLD_US = 3_000_000
+
+
+def _write_srt(analysis: TrackAnalysis, temp: Path) -> None:
+    """Data-channel text as SubRip cues, times from the recording's start (comma decimals)."""
+    origin = analysis.start_us
+    messages = sorted(data_messages(analysis.path), key=lambda item: item[0])
+    with temp.open("w", encoding="utf-8") as out:
+        for number, (when, message) in enumerate(messages, start=1):
+            following = messages[number][0] if number < len(messages) else when + SRT_HOLD_US
+            end = min(following, when + SRT_HOLD_US)
+            text = message.decode("utf-8", "replace").replace("\r\n", "\n").strip() or " "
+            out.write(f"{number}\n{_srt_time(when - origin)} --> {_srt_time(end - origin)}\n")
+            out.write(f"{text}\n\n")
+
+
+def raw_data(path: Path, output: Path) -> int:
+    """Binary data-channel messages back to back, as sent (no timing)."""
+    count = 0
+    with atomic_output(output) as temp, temp.open("wb") as out:
+        for _, message in data_messages(path):
+            out.write(message)
+            count += 1
+    return count
+
+
+__all__ = ["ConvertReport", "MelterError", "convert", "raw_data"]

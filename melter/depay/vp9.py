@@ -1,0 +1,451 @@
+"""VP9 (RFC 9628): strip the payload descriptor, join the layer frames of one picture.
+
+A picture is every packet of one RTP timestamp. Without spatial scalability it holds one layer
+frame, which is already what a decoder wants. With spatial SVC it holds one layer frame per
+spatial layer (the B and E bits mark where each begins and ends); decoders take those as one
+VP9 superframe (VP9 bitstream spec, Annex B), so the layer frames are joined and the superframe
+index is appended. A layer frame that is itself a superframe (a hidden alt-ref frame sent
+together with the frame showing it) is unpacked first, because superframes do not nest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads
+from melter.depay.bitreader import BitReader
+
+#: The superframe index can list at most 8 frames (3-bit count).
+MAX_SUPERFRAME_FRAMES = 8
+_SYNC_CODE = 0x498342
+_CS_RGB = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Vp9PictureGroupEntry:
+    """One picture of the SS picture group: its temporal layer and references."""
+
+    tid: int
+    switching_up: bool = False
+    p_diffs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tid <= 7:
+            raise ValueError("VP9 SS picture group TID must fit in 3 bits")
+        if len(self.p_diffs) > 3:
+            raise ValueError("VP9 SS picture group has more than 3 P_DIFFs")
+        if any(not 0 <= diff <= 0xFF for diff in self.p_diffs):
+            raise ValueError("VP9 SS picture group P_DIFF must fit in 8 bits")
+
+
+@dataclass(frozen=True, slots=True)
+class Vp9ScalabilityStructure:
+    """The SS block: how many spatial layers, their sizes and the picture group.
+
+    ``resolutions`` is ``None`` when the Y bit is clear; ``picture_group`` is ``None`` when
+    the G bit is clear (an empty tuple is a present but empty group, N_G = 0).
+    """
+
+    spatial_layers: int
+    resolutions: tuple[tuple[int, int], ...] | None = None
+    picture_group: tuple[Vp9PictureGroupEntry, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.spatial_layers <= 8:
+            raise ValueError("VP9 SS spatial layer count must be 1..8")
+        if self.resolutions is not None:
+            if len(self.resolutions) != self.spatial_layers:
+                raise ValueError("VP9 SS needs one resolution per spatial layer")
+            for width, height in self.resolutions:
+                if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
+                    raise ValueError("VP9 SS resolution must fit in 16 bits")
+        if self.picture_group is not None and len(self.picture_group) > 0xFF:
+            raise ValueError("VP9 SS picture group has more than 255 pictures")
+
+    @classmethod
+    def parse(cls, data: bytes) -> tuple[Vp9ScalabilityStructure, bytes]:
+        if not data:
+            raise ValueError("VP9 scalability structure is cut")
+        first = data[0]
+        spatial_layers = (first >> 5) + 1
+        pos = 1
+        resolutions = None
+        if first & 0x10:  # Y
+            end = pos + 4 * spatial_layers
+            if len(data) < end:
+                raise ValueError("VP9 SS resolution is cut")
+            resolutions = tuple(
+                (
+                    int.from_bytes(data[at : at + 2], "big"),
+                    int.from_bytes(data[at + 2 : at + 4], "big"),
+                )
+                for at in range(pos, end, 4)
+            )
+            pos = end
+        picture_group = None
+        if first & 0x08:  # G
+            if len(data) < pos + 1:
+                raise ValueError("VP9 SS picture group size (N_G) is cut")
+            count = data[pos]
+            pos += 1
+            entries = []
+            for _ in range(count):
+                if len(data) < pos + 1:
+                    raise ValueError("VP9 SS picture group entry is cut")
+                byte = data[pos]
+                references = (byte >> 2) & 0x03
+                if len(data) < pos + 1 + references:
+                    raise ValueError("VP9 SS picture group P_DIFF is cut")
+                entries.append(
+                    Vp9PictureGroupEntry(
+                        tid=byte >> 5,
+                        switching_up=bool(byte & 0x10),
+                        p_diffs=tuple(data[pos + 1 : pos + 1 + references]),
+                    )
+                )
+                pos += 1 + references
+            picture_group = tuple(entries)
+        return cls(spatial_layers, resolutions, picture_group), data[pos:]
+
+    def __bytes__(self) -> bytes:
+        first = (self.spatial_layers - 1) << 5
+        out = bytearray()
+        if self.resolutions is not None:
+            first |= 0x10
+            for width, height in self.resolutions:
+                out += width.to_bytes(2, "big") + height.to_bytes(2, "big")
+        if self.picture_group is not None:
+            first |= 0x08
+            out.append(len(self.picture_group))
+            for entry in self.picture_group:
+                out.append(
+                    (entry.tid << 5)
+                    | (0x10 if entry.switching_up else 0)
+                    | (len(entry.p_diffs) << 2)
+                )
+                out += bytes(entry.p_diffs)
+        return bytes((first,)) + bytes(out)
+
+    def largest_resolution(self) -> tuple[int, int] | None:
+        """The biggest layer's size: that is the picture a full decode shows."""
+        if not self.resolutions:
+            return None
+        return max(self.resolutions, key=lambda size: size[0] * size[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Vp9Descriptor:
+    """The RFC 9628 payload descriptor in front of every VP9 RTP payload.
+
+    The layer indices (L bit) are present when ``tid``/``sid`` are set; TL0PICIDX comes with
+    them in non-flexible mode only, and the P_DIFFs only in flexible mode on inter pictures.
+    ``long_picture_id`` keeps the M bit, so a small picture id sent in 15 bits round-trips.
+    """
+
+    start_of_frame: bool
+    end_of_frame: bool
+    inter_picture: bool = False
+    flexible: bool = False
+    not_upper_reference: bool = False
+    picture_id: int | None = None
+    long_picture_id: bool = True
+    tid: int | None = None
+    sid: int | None = None
+    switching_up: bool = False
+    inter_layer: bool = False
+    tl0_pic_idx: int | None = None
+    p_diffs: tuple[int, ...] = ()
+    ss: Vp9ScalabilityStructure | None = None
+
+    def __post_init__(self) -> None:
+        if self.picture_id is not None:
+            limit = 0x7FFF if self.long_picture_id else 0x7F
+            if not 0 <= self.picture_id <= limit:
+                raise ValueError(f"VP9 picture id {self.picture_id} does not fit")
+        if (self.tid is None) != (self.sid is None):
+            raise ValueError("VP9 layer indices need both TID and SID")
+        if self.tid is not None and not 0 <= self.tid <= 7:
+            raise ValueError("VP9 TID must fit in 3 bits")
+        if self.sid is not None and not 0 <= self.sid <= 7:
+            raise ValueError("VP9 SID must fit in 3 bits")
+        wants_tl0 = self.tid is not None and not self.flexible
+        if wants_tl0 != (self.tl0_pic_idx is not None):
+            raise ValueError("VP9 TL0PICIDX goes with layer indices in non-flexible mode only")
+        if self.tl0_pic_idx is not None and not 0 <= self.tl0_pic_idx <= 0xFF:
+            raise ValueError("VP9 TL0PICIDX must fit in 8 bits")
+        wants_diffs = self.flexible and self.inter_picture
+        if wants_diffs != bool(self.p_diffs):
+            raise ValueError("VP9 P_DIFFs go with inter pictures in flexible mode only")
+        if len(self.p_diffs) > 3 or any(not 0 <= diff <= 0x7F for diff in self.p_diffs):
+            raise ValueError("VP9 P_DIFFs: at most 3 of 7 bits each")
+
+    @classmethod
+    def parse(cls, data: bytes) -> tuple[Vp9Descriptor, bytes]:
+        if not data:
+            raise ValueError("VP9 payload descriptor is cut")
+        first = data[0]
+        pos = 1
+        flexible = bool(first & 0x10)
+        inter_picture = bool(first & 0x40)
+        picture_id = None
+        long_picture_id = True
+        if first & 0x80:  # I
+            if len(data) < pos + 1:
+                raise ValueError("VP9 picture id is cut")
+            long_picture_id = bool(data[pos] & 0x80)
+            if long_picture_id:
+                if len(data) < pos + 2:
+                    raise ValueError("VP9 picture id is cut")
+                picture_id = ((data[pos] & 0x7F) << 8) | data[pos + 1]
+                pos += 2
+            else:
+                picture_id = data[pos]
+                pos += 1
+        tid = sid = tl0 = None
+        switching_up = inter_layer = False
+        if first & 0x20:  # L
+            if len(data) < pos + 1:
+                raise ValueError("VP9 layer indices are cut")
+            layers = data[pos]
+            tid, switching_up, sid, inter_layer = (
+                layers >> 5,
+                bool(layers & 0x10),
+                (layers >> 1) & 0x07,
+                bool(layers & 0x01),
+            )
+            pos += 1
+            if not flexible:
+                if len(data) < pos + 1:
+                    raise ValueError("VP9 TL0PICIDX is cut")
+                tl0 = data[pos]
+                pos += 1
+        p_diffs: list[int] = []
+        if flexible and inter_picture:
+            while True:
+                if len(p_diffs) == 3:
+                    raise ValueError("VP9 P_DIFF list is longer than 3")
+                if len(data) < pos + 1:
+                    raise ValueError("VP9 P_DIFF is cut")
+                p_diffs.append(data[pos] >> 1)
+                more = data[pos] & 0x01
+                pos += 1
+                if not more:
+                    break
+        rest = data[pos:]
+        ss = None
+        if first & 0x02:  # V
+            ss, rest = Vp9ScalabilityStructure.parse(rest)
+        descriptor = cls(
+            start_of_frame=bool(first & 0x08),
+            end_of_frame=bool(first & 0x04),
+            inter_picture=inter_picture,
+            flexible=flexible,
+            not_upper_reference=bool(first & 0x01),
+            picture_id=picture_id,
+            long_picture_id=long_picture_id,
+            tid=tid,
+            sid=sid,
+            switching_up=switching_up,
+            inter_layer=inter_layer,
+            tl0_pic_idx=tl0,
+            p_diffs=tuple(p_diffs),
+            ss=ss,
+        )
+        return descriptor, rest
+
+    def __bytes__(self) -> bytes:
+        first = (
+            (0x40 if self.inter_picture else 0)
+            | (0x10 if self.flexible else 0)
+            | (0x08 if self.start_of_frame else 0)
+            | (0x04 if self.end_of_frame else 0)
+            | (0x01 if self.not_upper_reference else 0)
+        )
+        out = bytearray()
+        if self.picture_id is not None:
+            first |= 0x80
+            if self.long_picture_id:
+                out += bytes((0x80 | (self.picture_id >> 8), self.picture_id & 0xFF))
+            else:
+                out.append(self.picture_id)
+        if self.tid is not None and self.sid is not None:
+            first |= 0x20
+            out.append(
+                (self.tid << 5)
+                | (0x10 if self.switching_up else 0)
+                | (self.sid << 1)
+                | (0x01 if self.inter_layer else 0)
+            )
+            if self.tl0_pic_idx is not None:
+                out.append(self.tl0_pic_idx)
+        for index, diff in enumerate(self.p_diffs):
+            out.append((diff << 1) | (1 if index + 1 < len(self.p_diffs) else 0))
+        if self.ss is not None:
+            first |= 0x02
+            out += bytes(self.ss)
+        return bytes((first,)) + bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Vp9FrameInfo:
+    """What the uncompressed header of one VP9 frame says about the picture."""
+
+    key_frame: bool
+    show_frame: bool
+    width: int | None = None
+    height: int | None = None
+
+
+def _skip_color_config(reader: BitReader, profile: int) -> None:
+    if profile >= 2:
+        reader.skip(1)  # ten_or_twelve_bit
+    color_space = reader.bits(3)
+    if color_space != _CS_RGB:
+        reader.skip(1)  # color_range
+        if profile in (1, 3):
+            reader.skip(3)  # subsampling_x, subsampling_y, reserved_zero
+    elif profile in (1, 3):
+        reader.skip(1)  # reserved_zero
+
+
+def frame_info(frame: bytes) -> Vp9FrameInfo | None:
+    """Parse a VP9 uncompressed header (spec §6.2) as far as the frame size.
+
+    ``None`` when the bytes are not a VP9 frame; width/height are ``None`` when the frame
+    takes its size from a reference (that size is only known to a decoder with state).
+    """
+    reader = BitReader(frame)
+    try:
+        if reader.bits(2) != 2:  # frame_marker
+            return None
+        profile = reader.bit()
+        profile |= reader.bit() << 1
+        if profile == 3:
+            reader.skip(1)
+        if reader.bit():  # show_existing_frame
+            return Vp9FrameInfo(key_frame=False, show_frame=True)
+        key_frame = reader.bit() == 0
+        show_frame = bool(reader.bit())
+        error_resilient = reader.bit()
+        if key_frame:
+            if reader.bits(24) != _SYNC_CODE:
+                return None
+            _skip_color_config(reader, profile)
+            width, height = reader.bits(16) + 1, reader.bits(16) + 1
+            return Vp9FrameInfo(True, show_frame, width, height)
+        intra_only = 0 if show_frame else reader.bit()
+        if not error_resilient:
+            reader.skip(2)  # reset_frame_context
+        if intra_only:
+            if reader.bits(24) != _SYNC_CODE:
+                return None
+            if profile > 0:
+                _skip_color_config(reader, profile)
+            reader.skip(8)  # refresh_frame_flags
+            width, height = reader.bits(16) + 1, reader.bits(16) + 1
+            return Vp9FrameInfo(False, show_frame, width, height)
+        reader.skip(8 + 3 * 4)  # refresh_frame_flags, ref_frame_idx + sign_bias
+        for _ in range(3):
+            if reader.bit():  # found_ref: size copied from a reference
+                return Vp9FrameInfo(False, show_frame)
+        width, height = reader.bits(16) + 1, reader.bits(16) + 1
+        return Vp9FrameInfo(False, show_frame, width, height)
+    except ValueError:
+        return None
+
+
+def split_superframe(data: bytes) -> list[bytes]:
+    """The frames of a superframe (Annex B), or ``[data]`` when it has no superframe index."""
+    if not data:
+        return [data]
+    marker = data[-1]
+    if marker & 0xE0 != 0xC0:
+        return [data]
+    count = (marker & 0x07) + 1
+    size_bytes = ((marker >> 3) & 0x03) + 1
+    index_size = 2 + size_bytes * count
+    if len(data) < index_size or data[-index_size] != marker:
+        return [data]
+    index = data[len(data) - index_size + 1 : -1]
+    sizes = [
+        int.from_bytes(index[at : at + size_bytes], "little")
+        for at in range(0, len(index), size_bytes)
+    ]
+    if sum(sizes) > len(data) - index_size:
+        raise ValueError("VP9 superframe index sizes exceed the superframe")
+    frames = []
+    pos = 0
+    for size in sizes:
+        if size:  # a zero-size entry carries no frame; decoders skip it too
+            frames.append(data[pos : pos + size])
+        pos += size
+    return frames
+
+
+def build_superframe(frames: Sequence[bytes]) -> bytes:
+    """Join frames into one superframe: the frames, then the index (Annex B)."""
+    if not 1 <= len(frames) <= MAX_SUPERFRAME_FRAMES:
+        raise ValueError(f"VP9 superframe cannot hold {len(frames)} frames")
+    largest = max(len(frame) for frame in frames)
+    size_bytes = max(1, (largest.bit_length() + 7) // 8)
+    if size_bytes > 4:
+        raise ValueError("VP9 superframe frame is too large for the index")
+    marker = 0xC0 | ((size_bytes - 1) << 3) | (len(frames) - 1)
+    sizes = b"".join(len(frame).to_bytes(size_bytes, "little") for frame in frames)
+    return b"".join(frames) + bytes((marker,)) + sizes + bytes((marker,))
+
+
+class Vp9Depacketizer(VideoDepacketizer):
+    codec_name = "vp9"
+
+    def assemble(self, payloads: Sequence[bytes]) -> VideoFrame:
+        check_payloads(payloads)
+        first, _ = Vp9Descriptor.parse(payloads[0])
+        layer_frames: list[bytes] = []
+        current: bytearray | None = None
+        ss: Vp9ScalabilityStructure | None = None
+        for payload in payloads:
+            descriptor, rest = Vp9Descriptor.parse(payload)
+            if descriptor.ss is not None and ss is None:
+                ss = descriptor.ss
+            if descriptor.start_of_frame:
+                if current is not None:
+                    raise ValueError("VP9 layer frame without its end (E bit)")
+                current = bytearray(rest)
+            elif current is None:
+                raise ValueError("VP9 layer frame without its beginning (B bit)")
+            else:
+                current += rest
+            if descriptor.end_of_frame:
+                if not current:
+                    raise ValueError("VP9 layer frame is empty")
+                layer_frames.append(bytes(current))
+                current = None
+        if current is not None:
+            raise ValueError("VP9 layer frame without its end (E bit)")
+        if len(layer_frames) == 1:
+            data = layer_frames[0]
+            frames = split_superframe(data)
+        else:
+            frames = [part for layer in layer_frames for part in split_superframe(layer)]
+            data = build_superframe(frames)
+        infos = [frame_info(frame) for frame in frames]
+        base = infos[0]
+        base_layer = first.sid in (None, 0)
+        if base is not None:
+            keyframe = base_layer and base.key_frame
+        else:  # not a parsable header: trust the descriptor's P bit
+            keyframe = base_layer and not first.inter_picture
+        width = height = None
+        size = ss.largest_resolution() if ss is not None else None
+        if size is not None:
+            width, height = size
+        elif infos[-1] is not None and infos[-1].width is not None:
+            # The last frame is the top spatial layer, the largest picture.
+            width, height = infos[-1].width, infos[-1].height
+        return VideoFrame(data, keyframe, width, height)
+
+    def starts_picture(self, payload: bytes) -> bool | None:
+        descriptor, _ = Vp9Descriptor.parse(payload)
+        return descriptor.start_of_frame and descriptor.sid in (None, 0)

@@ -1,0 +1,28 @@
+"""Errors a user can act on.
+
+Every error Melter raises for bad input names the file and, for MJR data, the byte offset,
+so the command line can print one line and exit 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MelterError(Exception):
+    """Base of every error caused by input or configuration (exit code 1)."""
+
+
+class InputError(MelterError):
+    """A file that cannot be used, with where it went wrong."""
+
+    def __init__(self, path: str | Path, message: str, offset: int | None = None) -> None:
+        self.path = str(path)
+        self.offset = offset
+        self.reason = message
+        where = f" at byte {offset}" if offset is not None else ""
+        super().__init__(f"{self.path}{where}: {message}")
+
+
+class UnsupportedError(MelterError):
+    """A valid input that Melter cannot turn into the requested output."""

@@ -1,0 +1,701 @@
+"""A recording's timing: every frame placed on the Janus host's wall clock.
+
+Two streaming passes over the file, so memory stays flat for any length:
+
+1. :func:`analyze` reads the ordered packets once and learns the track's timing model — where
+   the RTP clock jumps or resets against arrival times (timeline *pieces*), the clock skew
+   between the sender's RTP clock and the Janus host's clock, gaps with their causes, key
+   frames, resolutions and rotations — and the stream facts a container header needs.
+2. :func:`timed_frames` reads the packets again and yields codec frames with wall-clock times
+   from that model.
+
+The model: inside a piece, ``wall = offset + t * (1 + skew)`` where ``t`` is RTP time since the
+track's start. ``offset`` sits on the lower envelope of ``arrival - t`` (the least delayed
+packets), so network jitter does not shift the track. A piece starts where that envelope moves
+by more than :data:`JUMP_TOLERANCE_S` for good: a timestamp reset, or a sender that stopped its
+clock during a pause. A pause whose RTP time kept running (Janus rewrites timestamps after a
+pause) needs no piece: it is a gap in RTP time and becomes silence on output.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melter.depay import (
+    CLOCK_RATES,
+    AudioDepacketizer,
+    VideoDepacketizer,
+    audio_depacketizer,
+    resolve_codec,
+    video_depacketizer,
+)
+from melter.depay.red import parse_red
+from melter.errors import InputError, UnsupportedError
+from melter.mjr.reader import MjrHeader, MjrReader
+from melter.mjr.rtp import URI_AUDIO_LEVEL, URI_VIDEO_ORIENTATION, audio_level, video_rotation
+from melter.order import OrderedPacket, OrderStats, ordered_packets
+
+#: How far the arrival-vs-RTP offset must move, and stay moved, to count as a clock jump.
+JUMP_TOLERANCE_S = 0.5
+#: How long (RTP time) a moved offset must hold before it is believed (bursts after a network
+#: stall return to the envelope well within this).
+JUMP_CONFIRM_S = 1.0
+#: Without arrival times (old variants) only a jump this large is taken for a reset.
+NO_ARRIVAL_JUMP_S = 300.0
+#: Window over which the lower envelope is taken for the skew fit.
+ENVELOPE_WINDOW_S = 2.0
+#: Skew is estimated only over a span at least this long; shorter tracks get 0.
+MIN_SKEW_SPAN_S = 20.0
+#: A video interval this long counts as a gap.
+VIDEO_GAP_S = 0.5
+MAX_LISTED = 10000
+
+
+@dataclass
+class Gap:
+    """A stretch of the track with no media, on the wall clock."""
+
+    start_us: int
+    length_us: int
+    cause: str  # loss | pause | clock-jump | ssrc-change
+    packets_lost: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start_us": self.start_us,
+            "length_ms": round(self.length_us / 1000, 1),
+            "cause": self.cause,
+            "packets_lost": self.packets_lost,
+        }
+
+
+@dataclass
+class Piece:
+    """A run of packets whose RTP clock is continuous against the arrival clock."""
+
+    first_index: int
+    t_start: float  # RTP seconds of the first packet
+    reason: str
+    offset_us: float = 0.0
+    minima: list[tuple[float, float]] = field(default_factory=list)  # (t, arrival - t)
+
+
+@dataclass
+class TrackAnalysis:
+    path: Path
+    header: MjrHeader
+    codec: str
+    clock_rate: int
+    stats: OrderStats
+    pieces: list[Piece]
+    skew: float = 0.0
+    start_us: int = 0
+    end_us: int = 0
+    first_ts: int = 0
+    gaps: list[Gap] = field(default_factory=list)
+    gap_count: int = 0
+    keyframes_us: list[int] = field(default_factory=list)
+    resolutions: list[tuple[int, int, int]] = field(default_factory=list)  # (wall_us, w, h)
+    rotations: list[tuple[int, int, bool]] = field(default_factory=list)  # (wall_us, deg, flip)
+    max_width: int = 0
+    max_height: int = 0
+    frames: int = 0
+    media_us: int = 0
+    audio_level_id: int | None = None
+    orientation_id: int | None = None
+    levels: dict[int, int] = field(default_factory=dict)  # -dBov -> packet count
+    extradata: bytes | None = None
+    channels: int = 0
+    sample_rate: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.header.kind
+
+    @property
+    def skew_ppm(self) -> float:
+        return self.skew * 1e6
+
+    @property
+    def duration_us(self) -> int:
+        return max(0, self.end_us - self.start_us)
+
+    @property
+    def loss_percent(self) -> float:
+        expected = self.stats.packets + self.stats.lost
+        return 100.0 * self.stats.lost / expected if expected else 0.0
+
+
+class PieceLocator:
+    """Wall-clock time of a packet given its index; indices must come in rising order."""
+
+    def __init__(self, analysis: TrackAnalysis) -> None:
+        self.analysis = analysis
+        self.starts = [piece.first_index for piece in analysis.pieces]
+        self.position = 0
+
+    def piece(self, index: int) -> Piece:
+        pieces = self.analysis.pieces
+        if index < self.starts[self.position]:
+            self.position = max(0, bisect.bisect_right(self.starts, index) - 1)
+        while self.position + 1 < len(pieces) and self.starts[self.position + 1] <= index:
+            self.position += 1
+        return pieces[self.position]
+
+    def wall(self, index: int, t: float) -> int:
+        piece = self.piece(index)
+        return round(piece.offset_us + t * (1.0 + self.analysis.skew) * 1e6)
+
+
+@dataclass(slots=True)
+class TimedFrame:
+    """A codec frame at its place on the wall clock."""
+
+    wall_us: int
+    data: bytes
+    samples: int = 0
+    keyframe: bool = False
+    width: int | None = None
+    height: int | None = None
+    level: int | None = None
+    after_gap: str | None = None
+
+
+def open_track(path: str | Path) -> MjrReader:
+    reader = MjrReader(path)
+    header = reader.header
+    if header.encrypted:
+        raise InputError(
+            path, "recording is end-to-end encrypted (header e: true): its media cannot be decoded"
+        )
+    return reader
+
+
+def _make_depacketizer(codec: str) -> AudioDepacketizer | VideoDepacketizer:
+    if codec in ("vp8", "vp9", "h264", "h265", "av1"):
+        return video_depacketizer(codec)
+    return audio_depacketizer(codec)
+
+
+class _ExtensionCensus:
+    """Which header-extension id carries what, for recordings whose header has no ``x`` map.
+
+    VideoRoom 1.1.2 writes no map, yet packets keep the ids negotiated in the SDP. The MID
+    (``sdes:mid``) is a constant short ASCII token; the audio level varies; the video
+    orientation uses only the low four bits.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[int, set[bytes]] = {}
+
+    def add(self, extensions: dict[int, bytes]) -> None:
+        for ext_id, value in extensions.items():
+            seen = self.values.setdefault(ext_id, set())
+            if len(seen) < 16:
+                seen.add(value)
+
+    def guess(self, kind: str) -> int | None:
+        candidates = []
+        for ext_id, values in self.values.items():
+            if any(len(v) != 1 for v in values):
+                continue
+            ascii_token = all(chr(v[0]).isalnum() for v in values)
+            if kind == "audio":
+                if len(values) > 1 or not ascii_token:
+                    candidates.append((len(values) > 1, ext_id))
+            elif all(v[0] < 16 for v in values):
+                candidates.append((True, ext_id))
+        if not candidates:
+            return None
+        return max(candidates)[1]
+
+
+def analyze(path: str | Path) -> TrackAnalysis:
+    """First pass: the timing model and every fact ``inspect`` reports."""
+    reader = open_track(path)
+    header = reader.header
+    if header.kind == "data":
+        return _analyze_data(reader)
+    stats = OrderStats()
+    codec = header.codec
+    analysis = TrackAnalysis(Path(path), header, codec, CLOCK_RATES.get(codec, 90000), stats, [])
+    census = _ExtensionCensus()
+    depay: AudioDepacketizer | VideoDepacketizer | None = None
+    ext_level = header.extension_id(URI_AUDIO_LEVEL)
+    ext_orient = header.extension_id(URI_VIDEO_ORIENTATION)
+
+    timeline = _TimelineBuilder(analysis, has_arrivals=header.variant.value == "MJR00002")
+    video_groups = _VideoGrouper() if header.kind == "video" else None
+    # Facts located by (packet index, RTP time); pieces are only known at the end of the pass.
+    raw_gaps: list[tuple[int, float, float, str, int]] = []  # next index, t, length, cause, lost
+    keyframes_t: list[tuple[int, float]] = []
+    res_t: list[tuple[int, float, int, int]] = []
+    rot_t: list[tuple[int, float, int, bool]] = []
+    last_end_t: float | None = None
+    last_index = -1
+    last_rot: tuple[int, bool] | None = None
+
+    for item in ordered_packets(reader, stats):
+        packet = item.packet
+        if depay is None:
+            codec = resolve_codec(header.codec, packet.payload_type)
+            analysis.codec = codec
+            analysis.clock_rate = timeline.clock = CLOCK_RATES.get(codec, analysis.clock_rate)
+            try:
+                depay = _make_depacketizer(codec)
+            except UnsupportedError as exc:
+                raise InputError(path, str(exc)) from None
+        if packet.extensions:
+            census.add(packet.extensions)
+        t = timeline.add(item)
+        lost = item.index - last_index - 1 if last_index >= 0 else 0
+        last_index = item.index
+        if isinstance(depay, AudioDepacketizer):
+            payload = packet.payload
+            if header.red_pt is not None and packet.payload_type == header.red_pt:
+                try:
+                    _, payload = parse_red(payload)
+                except ValueError:
+                    continue
+            try:
+                samples = depay.samples(payload)
+            except ValueError:
+                samples = 0
+            if last_end_t is not None:
+                gap = t - last_end_t
+                if gap > 0.0025 and (gap > 0.015 or lost):
+                    cause = "loss" if lost else "pause"
+                    raw_gaps.append((item.index, last_end_t, gap, cause, lost))
+            duration = samples / depay.sample_rate
+            analysis.media_us += round(duration * 1e6)
+            last_end_t = t + duration
+            analysis.frames += 1
+            if ext_level is not None and ext_level in packet.extensions:
+                level, _ = audio_level(packet.extensions[ext_level])
+                analysis.levels[level] = analysis.levels.get(level, 0) + 1
+        else:
+            assert video_groups is not None
+            for group in video_groups.add(item, t):
+                _scan_picture(group, depay, analysis, keyframes_t, res_t)
+            if ext_orient is not None and ext_orient in packet.extensions:
+                rotation = video_rotation(packet.extensions[ext_orient])
+                if rotation != last_rot:
+                    rot_t.append((item.index, t, *rotation))
+                    last_rot = rotation
+    if depay is None:
+        problem = stats.first_invalid_reason
+        raise InputError(
+            path,
+            "recording holds no valid RTP packets"
+            + (f" (first problem at {problem})" if problem else ""),
+        )
+    if video_groups is not None:
+        assert isinstance(depay, VideoDepacketizer)
+        for group in video_groups.flush():
+            _scan_picture(group, depay, analysis, keyframes_t, res_t)
+        raw_gaps.extend(video_groups.gaps)
+        last_end_t = video_groups.last_t
+        if last_end_t is not None:
+            last_end_t += video_groups.frame_interval
+    timeline.finish()
+    analysis.warnings.extend(reader.warnings)
+    if stats.invalid:
+        analysis.warnings.append(
+            f"{path}: {stats.invalid} frames are not valid RTP "
+            f"(first at {stats.first_invalid_reason})"
+        )
+    locate = PieceLocator(analysis)
+    starts = {piece.first_index for piece in analysis.pieces}
+    analysis.start_us = locate.wall(0, 0.0)
+    analysis.end_us = locate.wall(last_index, last_end_t or 0.0)
+    gaps = [
+        Gap(locate.wall(index, t), round(length * 1e6), cause, lost)
+        for index, t, length, cause, lost in raw_gaps
+        if index not in starts
+    ]
+    for piece in analysis.pieces[1:]:
+        gaps.append(Gap(locate.wall(piece.first_index, piece.t_start), 0, piece.reason))
+    gaps.sort(key=lambda gap: gap.start_us)
+    analysis.gap_count = len(gaps)
+    analysis.gaps = gaps[:MAX_LISTED]
+    analysis.keyframes_us = [locate.wall(i, t) for i, t in keyframes_t]
+    analysis.resolutions = [(locate.wall(i, t), w, h) for i, t, w, h in res_t]
+    analysis.rotations = [(locate.wall(i, t), d, f) for i, t, d, f in rot_t]
+    if ext_level is None and header.kind == "audio":
+        analysis.audio_level_id = census.guess("audio")
+    else:
+        analysis.audio_level_id = ext_level
+    if ext_orient is None and header.kind == "video":
+        analysis.orientation_id = None  # too ambiguous to guess from values alone
+    else:
+        analysis.orientation_id = ext_orient
+    if isinstance(depay, AudioDepacketizer):
+        analysis.extradata = depay.extradata()
+        analysis.channels = depay.channels
+        analysis.sample_rate = depay.sample_rate
+        if analysis.audio_level_id is not None and ext_level is None:
+            analysis.levels = _levels_second_look(path, analysis.audio_level_id)
+    else:
+        analysis.extradata = depay.extradata()
+    return analysis
+
+
+def _levels_second_look(path: str | Path, ext_id: int) -> dict[int, int]:
+    """Audio levels once the extension id is known (it was guessed after the first pass)."""
+    levels: dict[int, int] = {}
+    reader = MjrReader(path)
+    for item in ordered_packets(reader, OrderStats()):
+        value = item.packet.extensions.get(ext_id)
+        if value:
+            level, _ = audio_level(value)
+            levels[level] = levels.get(level, 0) + 1
+    return levels
+
+
+def _scan_picture(
+    group: _PictureGroup,
+    depay: AudioDepacketizer | VideoDepacketizer,
+    analysis: TrackAnalysis,
+    keyframes_t: list[tuple[int, float]],
+    res_t: list[tuple[int, float, int, int]],
+) -> None:
+    assert isinstance(depay, VideoDepacketizer)
+    analysis.frames += 1
+    try:
+        picture = depay.assemble([p.packet.payload for p in group.packets])
+    except ValueError:
+        return
+    if picture.keyframe:
+        keyframes_t.append((group.packets[0].index, group.t))
+    if picture.width and picture.height:
+        analysis.max_width = max(analysis.max_width, picture.width)
+        analysis.max_height = max(analysis.max_height, picture.height)
+        if not res_t or res_t[-1][2:] != (picture.width, picture.height):
+            res_t.append((group.packets[0].index, group.t, picture.width, picture.height))
+
+
+@dataclass
+class _PictureGroup:
+    ts: int
+    t: float
+    packets: list[OrderedPacket]
+    complete: bool = True
+
+
+class _VideoGrouper:
+    """Packets sharing a timestamp make a picture; a picture is whole when nothing is missing."""
+
+    def __init__(self) -> None:
+        self.current: _PictureGroup | None = None
+        self.last_index = -1
+        self.gaps: list[tuple[int, float, float, str, int]] = []
+        self.last_t: float | None = None
+        self.frame_interval = 0.0
+        self._pending_loss = 0
+
+    def add(self, item: OrderedPacket, t: float) -> list[_PictureGroup]:
+        out: list[_PictureGroup] = []
+        lost = item.index - self.last_index - 1 if self.last_index >= 0 else 0
+        self.last_index = item.index
+        current = self.current
+        if current is not None and item.packet.timestamp == current.ts:
+            if lost:
+                current.complete = False
+            current.packets.append(item)
+            return out
+        if current is not None:
+            if lost and not current.packets[-1].packet.marker:
+                current.complete = False
+            out.append(current)
+            if self.last_t is not None and t - self.last_t > VIDEO_GAP_S:
+                cause = "loss" if lost else "pause"
+                self.gaps.append((item.index, self.last_t, t - self.last_t, cause, lost))
+            if self.last_t is not None and 0 < t - self.last_t < 1.0:
+                self.frame_interval = t - self.last_t
+        self.last_t = t
+        self.current = _PictureGroup(item.packet.timestamp, t, [item], complete=not lost)
+        return out
+
+    def flush(self) -> list[_PictureGroup]:
+        if self.current is None:
+            return []
+        group, self.current = self.current, None
+        if not group.packets[-1].packet.marker:
+            group.complete = False
+        return [group]
+
+
+class _TimelineBuilder:
+    """Extends RTP timestamps, finds clock jumps, and gathers the envelope for the skew fit."""
+
+    def __init__(self, analysis: TrackAnalysis, has_arrivals: bool) -> None:
+        self.analysis = analysis
+        self.has_arrivals = has_arrivals
+        self.clock = analysis.clock_rate
+        self.last_ts32: int | None = None
+        self.ts_ext = 0
+        self.repair = 0  # added to extended timestamps after a jump
+        self.pending: list[tuple[int, float, float]] = []
+        self.window: deque[tuple[float, float]] = deque()
+        self.window_start = 0.0
+        self.window_min: tuple[float, float] | None = None
+        self.ref: float | None = None
+        self.last_arrival_t: float | None = None
+        self.last_t = 0.0
+        self.segment = 0
+
+    def extended(self, ts: int) -> int:
+        if self.last_ts32 is None:
+            self.last_ts32 = ts
+            self.analysis.first_ts = ts
+            self.ts_ext = ts
+            return ts
+        delta = (ts - self.last_ts32) & 0xFFFFFFFF
+        if delta >= 0x80000000:
+            delta -= 0x100000000
+        self.last_ts32 = ts
+        self.ts_ext += delta
+        return self.ts_ext
+
+    def add(self, item: OrderedPacket) -> float:
+        """RTP time (s since the track's first timestamp) of a packet; pieces as they show."""
+        analysis = self.analysis
+        ts = self.extended(item.packet.timestamp)
+        t = (ts - analysis.first_ts) / self.clock
+        pieces = analysis.pieces
+        if not pieces:
+            pieces.append(Piece(item.index, 0.0, "start"))
+            if item.arrival_us is None:
+                base = analysis.header.first_packet_us or analysis.header.created_us or 0
+                pieces[0].offset_us = float(base)
+        new_ssrc = item.segment != self.segment
+        self.segment = item.segment
+        if item.arrival_us is None or not self.has_arrivals:
+            if abs(t - self.last_t) > NO_ARRIVAL_JUMP_S or t < self.last_t - JUMP_TOLERANCE_S:
+                prev = pieces[-1]
+                new = Piece(item.index, t, "clock-jump")
+                new.offset_us = prev.offset_us + (self.last_t + 0.02 - t) * 1e6
+                pieces.append(new)
+            self.last_t = t
+            return t
+        d = item.arrival_us / 1e6 - t
+        moved = abs(d - self.ref) if self.ref is not None else 0.0
+        if self.ref is None:
+            self.ref = d
+        elif moved > JUMP_TOLERANCE_S or self.pending:
+            if moved <= JUMP_TOLERANCE_S:
+                # Back on the old envelope: what was pending was jitter after a stall.
+                for _, pt, pd in self.pending:
+                    self._envelope(pt, pd)
+                self.pending.clear()
+            else:
+                self.pending.append((item.index, t, d))
+                spread = max(p[2] for p in self.pending) - min(p[2] for p in self.pending)
+                if spread > JUMP_TOLERANCE_S:
+                    self.pending = [self.pending[-1]]
+                elif t - self.pending[0][1] >= JUMP_CONFIRM_S or len(self.pending) >= 200:
+                    self._start_piece("ssrc-change" if new_ssrc else "clock-jump")
+                self.last_t = t
+                return t
+        if d < self.ref:
+            self.ref = d
+        else:
+            # Follow a slow upward drift (skew) without letting one late packet move it.
+            self.ref += min(d - self.ref, 0.0005)
+        self._envelope(t, d)
+        self.last_t = t
+        return t
+
+    def _start_piece(self, reason: str) -> None:
+        first_index, first_t, _ = self.pending[0]
+        self._close_window()
+        piece = Piece(first_index, first_t, reason)
+        self.analysis.pieces.append(piece)
+        pending, self.pending = self.pending, []
+        self.ref = min(p[2] for p in pending)
+        for _, t, d in pending:
+            self._envelope(t, d)
+
+    def _envelope(self, t: float, d: float) -> None:
+        if self.window_min is None or t - self.window_start >= ENVELOPE_WINDOW_S:
+            self._close_window()
+            self.window_start = t
+            self.window_min = (t, d)
+        elif d < self.window_min[1]:
+            self.window_min = (t, d)
+
+    def _close_window(self) -> None:
+        if self.window_min is not None:
+            self.analysis.pieces[-1].minima.append(self.window_min)
+            self.window_min = None
+
+    def finish(self) -> None:
+        if self.pending:
+            # An unconfirmed jump at the very end still moves those packets: place them by
+            # their own arrival times rather than on the old clock.
+            self._start_piece("clock-jump")
+        self._close_window()
+        analysis = self.analysis
+        if not self.has_arrivals:
+            analysis.skew = 0.0
+            return
+        analysis.skew = _fit_skew(analysis.pieces)
+        for piece in analysis.pieces:
+            if piece.minima:
+                piece.offset_us = 1e6 * min(d - analysis.skew * t for t, d in piece.minima)
+        # A piece that saw no packets with arrivals keeps the previous piece's offset.
+        for index, piece in enumerate(analysis.pieces[1:], start=1):
+            if not piece.minima:
+                piece.offset_us = analysis.pieces[index - 1].offset_us
+
+
+def _fit_skew(pieces: list[Piece]) -> float:
+    """Common slope of ``arrival - t`` over ``t`` across pieces (each with its own intercept)."""
+    numerator = denominator = 0.0
+    span = 0.0
+    for piece in pieces:
+        points = piece.minima
+        if len(points) < 3:
+            continue
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_d = sum(d for _, d in points) / len(points)
+        numerator += sum((t - mean_t) * (d - mean_d) for t, d in points)
+        denominator += sum((t - mean_t) ** 2 for t, _ in points)
+        span += points[-1][0] - points[0][0]
+    if span < MIN_SKEW_SPAN_S or denominator <= 0:
+        return 0.0
+    skew = numerator / denominator
+    # Beyond 0.5 % the "skew" is something else (a stall pattern); do not bend time by it.
+    return skew if abs(skew) < 5e-3 else 0.0
+
+
+def _analyze_data(reader: MjrReader) -> TrackAnalysis:
+    stats = OrderStats()
+    analysis = TrackAnalysis(reader.path, reader.header, reader.header.codec, 1_000_000, stats, [])
+    first = last = None
+    for frame in reader.frames():
+        if len(frame.data) < 8:
+            stats.invalid += 1
+            continue
+        when = int.from_bytes(frame.data[:8], "big", signed=True)
+        first = when if first is None else min(first, when)
+        last = when if last is None else max(last, when)
+        stats.packets += 1
+        analysis.frames += 1
+    if first is None or last is None:
+        raise InputError(reader.path, "data recording holds no messages")
+    analysis.pieces = [Piece(0, 0.0, "start")]
+    analysis.start_us, analysis.end_us = first, last
+    analysis.warnings.extend(reader.warnings)
+    return analysis
+
+
+def data_messages(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """``(wall µs, message)`` for each message of a data-channel recording."""
+    reader = open_track(path)
+    for frame in reader.frames():
+        if len(frame.data) >= 8:
+            yield int.from_bytes(frame.data[:8], "big", signed=True), frame.data[8:]
+
+
+def timed_frames(analysis: TrackAnalysis) -> Iterator[TimedFrame]:
+    """Second pass: the track's codec frames with wall-clock times.
+
+    Audio: one frame per packet (the primary block for RED; its redundant blocks fill packets
+    lost just before it). Video: one picture per timestamp; a picture with missing packets, and
+    every picture after it until the next key frame, is left out so the output decodes
+    cleanly — :attr:`TrackAnalysis.warnings` says how many.
+    """
+    reader = open_track(analysis.path)
+    locate = PieceLocator(analysis)
+    header = analysis.header
+    timeline = _TimelineBuilder(analysis, has_arrivals=False)
+    timeline.clock = analysis.clock_rate
+    first_ts = analysis.first_ts
+    depay = _make_depacketizer(analysis.codec)
+    level_id = analysis.audio_level_id
+    stats = OrderStats()
+    if isinstance(depay, AudioDepacketizer):
+        last_index = -1
+        last_end_ts: int | None = None
+        for item in ordered_packets(reader, stats):
+            packet = item.packet
+            ts = timeline.extended(packet.timestamp)
+            payload = packet.payload
+            lost = item.index - last_index - 1 if last_index >= 0 else 0
+            last_index = item.index
+            if header.red_pt is not None and packet.payload_type == header.red_pt:
+                try:
+                    blocks, payload = parse_red(payload)
+                except ValueError:
+                    continue
+                if lost and last_end_ts is not None:
+                    for block in blocks:
+                        block_ts = ts - block.timestamp_offset
+                        if block_ts >= last_end_ts and block.data:
+                            samples = depay.samples(block.data)
+                            yield TimedFrame(
+                                locate.wall(item.index, (block_ts - first_ts) / timeline.clock),
+                                depay.frame(block.data),
+                                samples,
+                            )
+                            last_end_ts = block_ts + samples * timeline.clock // depay.sample_rate
+            try:
+                samples = depay.samples(payload)
+            except ValueError:
+                continue
+            level = None
+            if level_id is not None:
+                value = packet.extensions.get(level_id)
+                if value:
+                    level = value[0] & 0x7F
+            t = (ts - first_ts) / timeline.clock
+            yield TimedFrame(locate.wall(item.index, t), depay.frame(payload), samples, level=level)
+            last_end_ts = ts + samples * timeline.clock // depay.sample_rate
+        return
+    assert isinstance(depay, VideoDepacketizer)
+    grouper = _VideoGrouper()
+    need_keyframe = True
+    dropped = dropped_before_first = 0
+
+    def pictures(groups: list[_PictureGroup]) -> Iterator[TimedFrame]:
+        nonlocal need_keyframe, dropped, dropped_before_first
+        for group in groups:
+            try:
+                picture = depay.assemble([p.packet.payload for p in group.packets])
+            except ValueError:
+                picture = None
+            if picture is None or not group.complete:
+                need_keyframe = True
+                dropped += 1
+                continue
+            if need_keyframe and not picture.keyframe:
+                if analysis.keyframes_us and dropped == dropped_before_first:
+                    dropped_before_first += 1
+                dropped += 1
+                continue
+            need_keyframe = False
+            yield TimedFrame(
+                locate.wall(group.packets[0].index, group.t),
+                picture.data,
+                keyframe=picture.keyframe,
+                width=picture.width,
+                height=picture.height,
+            )
+
+    for item in ordered_packets(reader, stats):
+        ts = timeline.extended(item.packet.timestamp)
+        yield from pictures(grouper.add(item, (ts - first_ts) / timeline.clock))
+    yield from pictures(grouper.flush())
+    if dropped:
+        analysis.warnings.append(
+            f"{analysis.path}: left out {dropped} pictures that could not decode cleanly "
+            f"({dropped_before_first} before the first key frame, the rest after lost packets "
+            "until the next key frame)"
+        )

@@ -1,0 +1,122 @@
+"""Measurements on rendered media: what a person would check by eye and ear, as numbers.
+
+The recordings carry sync markers (see the fixtures' README): every 5 s of a participant's
+media clock the picture turns white and the tone doubles for 100 ms. These helpers find those
+instants in decoded output so tests can compare them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+@dataclass
+class DecodedAudio:
+    samples: np.ndarray  # mono float32
+    rate: int
+    start: float  # seconds, pts of the first decoded sample
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.rate
+
+
+def decode_audio(path: Path | str, rate: int = 48000) -> DecodedAudio:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks = []
+        start = None
+        for frame in container.decode(stream):
+            if start is None and frame.pts is not None and frame.time_base is not None:
+                start = float(frame.pts * frame.time_base)
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return DecodedAudio(samples, rate, start or 0.0)
+
+
+def video_frames_mean(
+    path: Path | str, box: tuple[float, float, float, float] = (0.2, 0.2, 0.8, 0.7)
+) -> list[tuple[float, np.ndarray]]:
+    """``(time, mean RGB)`` of each decoded frame over a box given as fractions of the frame."""
+    out = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            image = frame.to_ndarray(format="rgb24")
+            h, w = image.shape[:2]
+            x0, y0, x1, y1 = box
+            region = image[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)]
+            out.append((float(frame.pts * frame.time_base), region.reshape(-1, 3).mean(axis=0)))
+    return out
+
+
+def flash_onsets(frames: list[tuple[float, np.ndarray]], threshold: float = 200.0) -> list[float]:
+    """Times of the first white frame of each flash."""
+    onsets = []
+    previous_white = False
+    for time, mean in frames:
+        white = bool((mean > threshold).all())
+        if white and not previous_white:
+            onsets.append(time)
+        previous_white = white
+    return onsets
+
+
+def tone_doubling_onsets(
+    audio: DecodedAudio, base_hz: float, min_level: float = 0.05
+) -> list[float]:
+    """Times where the tone jumps from ``base_hz`` to twice that, from zero-crossing periods.
+
+    Half periods of the base tone last 1/(2f); of the doubled tone 1/(4f). An onset is the
+    first half period closer to the doubled tone's after a run of base-tone half periods.
+    """
+    x = audio.samples.astype(np.float64)
+    rate = audio.rate
+    signs = np.signbit(x)
+    crossings = np.nonzero(signs[1:] != signs[:-1])[0]
+    if len(crossings) < 3:
+        return []
+    # Interpolate each crossing for sub-sample precision.
+    a = x[crossings]
+    b = x[crossings + 1]
+    frac = np.where(b != a, a / (a - b), 0.0)
+    times = (crossings + frac) / rate
+    halves = np.diff(times)
+    base_half = 1 / (2 * base_hz)
+    doubled_half = base_half / 2
+    is_doubled = np.abs(halves - doubled_half) < np.abs(halves - base_half) * 0.8
+    # Loudness around each crossing, to ignore near-silence between turns.
+    window = int(0.005 * rate)
+    onsets = []
+    run_base = 0
+    for index, doubled in enumerate(is_doubled):
+        if doubled:
+            if run_base >= 10:
+                at = int(crossings[index])
+                level = np.abs(x[max(0, at - window) : at + window]).max()
+                if level >= min_level:
+                    onsets.append(audio.start + float(times[index]))
+            run_base = 0
+        elif abs(halves[index] - base_half) < 0.25 * base_half:
+            run_base += 1
+    return onsets
+
+
+def pair_offsets(video: list[float], audio: list[float], max_apart: float = 0.5) -> list[float]:
+    """For each flash, the nearest tone onset minus the flash time (only pairs within reach)."""
+    offsets = []
+    for flash in video:
+        if not audio:
+            break
+        nearest = min(audio, key=lambda t: abs(t - flash))
+        if abs(nearest - flash) <= max_apart:
+            offsets.append(nearest - flash)
+    return offsets
