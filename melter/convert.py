@@ -107,6 +107,10 @@ def _open_stream(
             ctx.options = {"x265-params": "log-level=none"}
         if codec == "av1":
             ctx.options = {"svtav1-params": "lp=1"}
+    if analysis.kind == "video":
+        # No nominal frame rate: frame times are the recording's own (a nominal rate would make
+        # Matroska add a default duration to the last picture).
+        ctx.framerate = Fraction(0, 1)
     ctx.open()
     ctx.extradata = analysis.extradata
     stream.time_base = MICROSECONDS
@@ -208,9 +212,9 @@ def _mux_video(
         last_pts = pts
         written += 1
     if pending is not None:
-        # The last picture lasts one frame interval (as players expect), measured from the
-        # track's own end.
-        pending.duration = max(1, analysis.end_us - origin_us - int(pending.pts or 0))
+        # The track ends at its last picture (as janus-pp-rec measures it), so that picture
+        # gets no duration of its own rather than a guessed frame interval.
+        pending.duration = 1
         container.mux_one(pending)
     report.frames_written["video"] = written
 

@@ -300,9 +300,8 @@ def analyze(path: str | Path) -> TrackAnalysis:
         for group in video_groups.flush():
             _scan_picture(group, depay, analysis, keyframes_t, res_t)
         raw_gaps.extend(video_groups.gaps)
+        # A video track spans first to last picture, as janus-pp-rec and players measure it.
         last_end_t = video_groups.last_t
-        if last_end_t is not None:
-            last_end_t += video_groups.frame_interval
     timeline.finish()
     analysis.warnings.extend(reader.warnings)
     if stats.invalid:

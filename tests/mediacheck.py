@@ -71,7 +71,7 @@ def flash_onsets(frames: list[tuple[float, np.ndarray]], threshold: float = 200.
 
 
 def tone_doubling_onsets(
-    audio: DecodedAudio, base_hz: float, min_level: float = 0.05
+    audio: DecodedAudio, base_hz: float, min_level: float = 0.05, min_run: int = 20
 ) -> list[float]:
     """Times where the tone jumps from ``base_hz`` to twice that, from zero-crossing periods.
 
@@ -93,20 +93,29 @@ def tone_doubling_onsets(
     base_half = 1 / (2 * base_hz)
     doubled_half = base_half / 2
     is_doubled = np.abs(halves - doubled_half) < np.abs(halves - base_half) * 0.8
-    # Loudness around each crossing, to ignore near-silence between turns.
+    # A doubling must hold for a while (turn edges and fades give stray short half periods)
+    # and be loud enough (near-silence between speaking turns is ignored).
     window = int(0.005 * rate)
     onsets = []
     run_base = 0
-    for index, doubled in enumerate(is_doubled):
-        if doubled:
-            if run_base >= 10:
+    index = 0
+    count = len(is_doubled)
+    while index < count:
+        if is_doubled[index]:
+            end = index
+            while end < count and is_doubled[end]:
+                end += 1
+            if run_base >= 10 and end - index >= min_run:
                 at = int(crossings[index])
                 level = np.abs(x[max(0, at - window) : at + window]).max()
                 if level >= min_level:
                     onsets.append(audio.start + float(times[index]))
             run_base = 0
-        elif abs(halves[index] - base_half) < 0.25 * base_half:
+            index = end
+            continue
+        if abs(halves[index] - base_half) < 0.25 * base_half:
             run_base += 1
+        index += 1
     return onsets
 
 

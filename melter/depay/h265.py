@@ -8,6 +8,7 @@ extradata so the output carries the sender's own parameter sets.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -205,10 +206,8 @@ class H265Depacketizer(VideoDepacketizer):
             elif header.nal_type == NAL_SPS:
                 self.sps = unit
                 if header.layer_id == 0:  # layered SPS syntax differs; only size the base
-                    try:
+                    with contextlib.suppress(ValueError):
                         width, height = sps_dimensions(unit)
-                    except ValueError:
-                        pass
             elif header.nal_type == NAL_PPS:
                 self.pps = unit
         data = b"".join(START_CODE + unit for unit in units)
