@@ -246,8 +246,24 @@ def ffprobe(path: Path) -> dict[str, Any]:
 
 
 def melter_command() -> list[str]:
+    """The installed ``melter`` script itself (not a pyenv or other shim found on PATH)."""
+    beside = Path(sys.executable).parent / "melter"
+    if beside.is_file():
+        return [str(beside)]
     found = shutil.which("melter")
     return [found] if found else [sys.executable, "-m", "melter.cli"]
+
+
+def startup_cost(work: Path, runs: int = 3) -> dict[str, Any]:
+    """Median wall time and peak RSS of ``melter --version``: the fixed cost in every figure."""
+    samples = [
+        run_child([*melter_command(), "--version"], work / "startup.log") for _ in range(runs)
+    ]
+    return {
+        "command": " ".join([*melter_command(), "--version"]),
+        "wall_s_median": round(_median([s[0] for s in samples]), 3),
+        "max_rss_kb_median": _median([s[1] for s in samples]),
+    }
 
 
 def tool_commands(source: Path, output_dir: Path, kind: str) -> dict[str, tuple[list[str], Path]]:
@@ -396,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{source.period_s:.3f} s per repetition, {source.seq_step} sequence numbers"
         )
 
+    startup = startup_cost(work)
+    print(
+        f"melter --version alone: {startup['wall_s_median']:.2f} s, "
+        f"{startup['max_rss_kb_median'] / 1024:.1f} MB"
+    )
+
     cases: list[dict[str, Any]] = []
     built: list[dict[str, Any]] = []
     pair_index = 0
@@ -510,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "statistic": "median over runs",
         },
         "recordings": built,
+        "melter_startup": startup,
         "cases": cases,
         "rss_flatness": flat,
     }
@@ -519,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:  # remove only what this run created
         for minutes in lengths:
             shutil.rmtree(work / f"{minutes:g}min", ignore_errors=True)
+        (work / "startup.log").unlink(missing_ok=True)
         if not any(work.iterdir()):
             work.rmdir()
     return (

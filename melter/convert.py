@@ -21,12 +21,18 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.audio.codeccontext import AudioCodecContext
+from av.audio.stream import AudioStream
+from av.container import OutputContainer
+from av.stream import Stream
+from av.video.stream import VideoStream
 
 from melter.depay import audio_depacketizer
 from melter.errors import MelterError, UnsupportedError
 from melter.track import TrackAnalysis, analyze, data_messages, timed_frames
 
 MICROSECONDS = Fraction(1, 1_000_000)
+_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
 
 #: Container format and the codecs it carries without re-encoding.
 CONTAINERS: dict[str, tuple[str, set[str]]] = {
@@ -84,9 +90,7 @@ def atomic_output(target: Path) -> Iterator[Path]:
             temp.unlink()
 
 
-def _open_stream(
-    container: av.container.OutputContainer, analysis: TrackAnalysis
-) -> av.stream.Stream:
+def _open_stream(container: OutputContainer, analysis: TrackAnalysis) -> Stream:
     """An output stream carrying the track's own codec configuration.
 
     PyAV builds stream parameters from a codec context; the context is opened here and then
@@ -94,33 +98,40 @@ def _open_stream(
     encoder's own settings reaches the file.
     """
     codec = analysis.codec
-    stream = container.add_stream(
-        _ENCODER_FOR[codec], rate=48000 if analysis.kind == "audio" else 30
-    )
-    ctx = stream.codec_context
+    encoder = _ENCODER_FOR[codec]
+    stream: Stream
     if analysis.kind == "audio":
-        ctx.layout = {1: "mono", 2: "stereo", 6: "5.1"}.get(analysis.channels, "stereo")
+        audio = container.add_stream(encoder, rate=48000)
+        assert isinstance(audio, AudioStream)
+        actx = audio.codec_context
+        actx.layout = _LAYOUTS.get(analysis.channels, "stereo")
+        actx.open()
+        actx.extradata = analysis.extradata
+        stream = audio
     else:
-        ctx.width = analysis.max_width or 640
-        ctx.height = analysis.max_height or 480
+        video = container.add_stream(encoder)
+        assert isinstance(video, VideoStream)
+        vctx = video.codec_context
+        vctx.width = analysis.max_width or 640
+        vctx.height = analysis.max_height or 480
+        # No nominal frame rate: frame times are the recording's own (a nominal rate would
+        # make Matroska give the last picture a default duration).
+        vctx.framerate = Fraction(0, 1)
         if codec == "h265":
-            ctx.options = {"x265-params": "log-level=none"}
+            vctx.options = {"x265-params": "log-level=none"}
         if codec == "av1":
-            ctx.options = {"svtav1-params": "lp=1"}
-    if analysis.kind == "video":
-        # No nominal frame rate: frame times are the recording's own (a nominal rate would make
-        # Matroska add a default duration to the last picture).
-        ctx.framerate = Fraction(0, 1)
-    ctx.open()
-    ctx.extradata = analysis.extradata
+            vctx.options = {"svtav1-params": "lp=1"}
+        vctx.open()
+        vctx.extradata = analysis.extradata
+        if codec == "h265" and container.format.name == "mp4":
+            vctx.codec_tag = "hvc1"
+        if analysis.rotations:
+            degrees, flip = analysis.rotations[0][1], analysis.rotations[0][2]
+            # The extension says how far to turn the picture clockwise; PyAV takes the
+            # display rotation counter-clockwise.
+            video.set_display_rotation(-degrees, hflip=flip)
+        stream = video
     stream.time_base = MICROSECONDS
-    if analysis.kind == "video" and analysis.rotations:
-        degrees, flip = analysis.rotations[0][1], analysis.rotations[0][2]
-        # The extension says how far to turn the picture clockwise; the display matrix is
-        # given counter-clockwise.
-        stream.set_display_rotation(-degrees, hflip=flip)  # type: ignore[attr-defined]
-    if codec == "h265" and container.format.name == "mp4":
-        ctx.codec_tag = "hvc1"
     return stream
 
 
@@ -151,8 +162,8 @@ class _AudioPlacer:
 
 
 def _mux_audio(
-    container: av.container.OutputContainer,
-    stream: av.stream.Stream,
+    container: OutputContainer,
+    stream: Stream,
     analysis: TrackAnalysis,
     origin_us: int,
     report: ConvertReport,
@@ -189,8 +200,8 @@ def _mux_audio(
 
 
 def _mux_video(
-    container: av.container.OutputContainer,
-    stream: av.stream.Stream,
+    container: OutputContainer,
+    stream: Stream,
     analysis: TrackAnalysis,
     origin_us: int,
     report: ConvertReport,
@@ -280,8 +291,9 @@ def _write_wav(analysis: TrackAnalysis, temp: Path, origin_us: int, report: Conv
     """Decode a track to 16-bit PCM, silence in its gaps."""
     placer = _AudioPlacer(analysis, origin_us)
     decoder = av.CodecContext.create(placer.depay.codec_name, "r")
+    assert isinstance(decoder, AudioCodecContext)
     decoder.sample_rate = placer.rate
-    decoder.layout = {1: "mono", 2: "stereo", 6: "5.1"}.get(analysis.channels, "mono")
+    decoder.layout = _LAYOUTS.get(analysis.channels, "mono")
     if analysis.extradata:
         decoder.extradata = analysis.extradata
     channels = analysis.channels or 1

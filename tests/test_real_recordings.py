@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from mediacheck import (
     decode_audio,
     flash_onsets,
@@ -21,6 +20,7 @@ from mediacheck import (
     tone_doubling_onsets,
     video_frames_mean,
 )
+
 from melter.convert import convert
 from melter.mjr.reader import MjrReader
 from melter.track import analyze

@@ -7,6 +7,7 @@ output's profile and level are the sender's, not a dummy encoder's.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads
@@ -143,14 +144,17 @@ class H264Depacketizer(VideoDepacketizer):
                 keyframe = True
             elif nal_type == NAL_SPS:
                 self.sps = unit
-                try:
+                with contextlib.suppress(ValueError):  # a size is a nicety, not required
                     width, height = sps_dimensions(unit)
-                except ValueError:
-                    pass
             elif nal_type == NAL_PPS:
                 self.pps = unit
         data = b"".join(START_CODE + unit for unit in units)
         return VideoFrame(data, keyframe, width, height)
+
+    def starts_picture(self, payload: bytes) -> bool | None:
+        if payload and payload[0] & 0x1F == FU_A and len(payload) > 1:
+            return bool(payload[1] & 0x80)
+        return True
 
     def extradata(self) -> bytes | None:
         if self.sps is None or self.pps is None:

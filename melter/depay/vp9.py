@@ -11,7 +11,7 @@ together with the frame showing it) is unpacked first, because superframes do no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads
 from melter.depay.bitreader import BitReader
@@ -287,6 +287,39 @@ class Vp9Descriptor:
         return bytes((first,)) + bytes(out)
 
 
+RefSizes = Sequence[tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Vp9FrameHeader:
+    """The parts of a VP9 uncompressed header (spec §6.2) the depacketizer acts on.
+
+    ``width``/``height`` are ``None`` when the frame copies its size from a reference whose
+    size is not known; ``explicit_size`` says whether the size was coded in this header.
+    ``flags_end`` is the bit position right after error_resilient_mode, where intra_only goes
+    when a frame is hidden; ``header_bits`` the length of the whole uncompressed header
+    without its trailing bits, ``None`` when it could not be parsed that far.
+    """
+
+    profile: int
+    show_existing_frame: bool
+    key_frame: bool = False
+    show_frame: bool = True
+    intra_only: bool = False
+    refresh_frame_flags: int = 0
+    width: int | None = None
+    height: int | None = None
+    explicit_size: bool = False
+    flags_end: int = 0
+    header_bits: int | None = None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        if self.width is None or self.height is None:
+            return None
+        return self.width, self.height
+
+
 @dataclass(frozen=True, slots=True)
 class Vp9FrameInfo:
     """What the uncompressed header of one VP9 frame says about the picture."""
@@ -309,11 +342,73 @@ def _skip_color_config(reader: BitReader, profile: int) -> None:
         reader.skip(1)  # reserved_zero
 
 
-def frame_info(frame: bytes) -> Vp9FrameInfo | None:
-    """Parse a VP9 uncompressed header (spec §6.2) as far as the frame size.
+def _frame_size(reader: BitReader) -> tuple[int, int]:
+    return reader.bits(16) + 1, reader.bits(16) + 1
 
-    ``None`` when the bytes are not a VP9 frame; width/height are ``None`` when the frame
-    takes its size from a reference (that size is only known to a decoder with state).
+
+def _skip_render_size(reader: BitReader) -> None:
+    if reader.bit():  # render_and_frame_size_different
+        reader.skip(32)
+
+
+def _skip_probability(reader: BitReader) -> None:
+    if reader.bit():  # prob_coded
+        reader.skip(8)
+
+
+def _skip_header_tail(reader: BitReader, error_resilient: bool, width: int) -> None:
+    """From refresh_frame_context to header_size_in_bytes (spec §6.2, §6.2.8-§6.2.14)."""
+    if not error_resilient:
+        reader.skip(2)  # refresh_frame_context, frame_parallel_decoding_mode
+    reader.skip(2)  # frame_context_idx
+    # loop_filter_params
+    reader.skip(6 + 3)  # loop_filter_level, loop_filter_sharpness
+    if reader.bit() and reader.bit():  # loop_filter_delta_enabled, loop_filter_delta_update
+        for _ in range(4 + 2):  # ref deltas, mode deltas: su(6) each when updated
+            if reader.bit():
+                reader.skip(7)
+    # quantization_params
+    reader.skip(8)  # base_q_idx
+    for _ in range(3):  # delta_q_y_dc, delta_q_uv_dc, delta_q_uv_ac
+        if reader.bit():
+            reader.skip(5)  # su(4)
+    # segmentation_params
+    if reader.bit():  # segmentation_enabled
+        if reader.bit():  # segmentation_update_map
+            for _ in range(7):
+                _skip_probability(reader)
+            if reader.bit():  # segmentation_temporal_update
+                for _ in range(3):
+                    _skip_probability(reader)
+        if reader.bit():  # segmentation_update_data
+            reader.skip(1)  # segmentation_abs_or_delta_update
+            for _ in range(8):  # segments
+                for value_bits in (8 + 1, 6 + 1, 2, 0):  # feature bits (+ sign)
+                    if reader.bit():
+                        reader.skip(value_bits)
+    # tile_info: how many increment bits there are depends on the frame width
+    sb64_cols = (((width + 7) >> 3) + 7) >> 3
+    min_log2 = 0
+    while (64 << min_log2) < sb64_cols:
+        min_log2 += 1
+    max_log2 = 1
+    while (sb64_cols >> max_log2) >= 4:
+        max_log2 += 1
+    max_log2 -= 1
+    tile_cols_log2 = min_log2
+    while tile_cols_log2 < max_log2 and reader.bit():
+        tile_cols_log2 += 1
+    if reader.bit():  # tile_rows_log2
+        reader.skip(1)
+    reader.skip(16)  # header_size_in_bytes
+
+
+def parse_frame_header(frame: bytes, ref_sizes: RefSizes | None = None) -> Vp9FrameHeader | None:
+    """Parse a VP9 uncompressed header; ``None`` when the bytes are not a VP9 frame.
+
+    ``ref_sizes`` (the 8 reference slots' sizes, as the depacketizer tracks them) lets a frame
+    that copies its size from a reference be parsed to the end: the tile info's length
+    depends on the width.
     """
     reader = BitReader(frame)
     try:
@@ -323,36 +418,112 @@ def frame_info(frame: bytes) -> Vp9FrameInfo | None:
         profile |= reader.bit() << 1
         if profile == 3:
             reader.skip(1)
-        if reader.bit():  # show_existing_frame
-            return Vp9FrameInfo(key_frame=False, show_frame=True)
+        if reader.bit():
+            return Vp9FrameHeader(profile, show_existing_frame=True)
         key_frame = reader.bit() == 0
         show_frame = bool(reader.bit())
-        error_resilient = reader.bit()
+        error_resilient = bool(reader.bit())
+        flags_end = reader.pos
+        intra_only = False
+        size: tuple[int, int] | None = None
+        explicit = True
         if key_frame:
             if reader.bits(24) != _SYNC_CODE:
                 return None
             _skip_color_config(reader, profile)
-            width, height = reader.bits(16) + 1, reader.bits(16) + 1
-            return Vp9FrameInfo(True, show_frame, width, height)
-        intra_only = 0 if show_frame else reader.bit()
-        if not error_resilient:
-            reader.skip(2)  # reset_frame_context
-        if intra_only:
-            if reader.bits(24) != _SYNC_CODE:
-                return None
-            if profile > 0:
-                _skip_color_config(reader, profile)
-            reader.skip(8)  # refresh_frame_flags
-            width, height = reader.bits(16) + 1, reader.bits(16) + 1
-            return Vp9FrameInfo(False, show_frame, width, height)
-        reader.skip(8 + 3 * 4)  # refresh_frame_flags, ref_frame_idx + sign_bias
-        for _ in range(3):
-            if reader.bit():  # found_ref: size copied from a reference
-                return Vp9FrameInfo(False, show_frame)
-        width, height = reader.bits(16) + 1, reader.bits(16) + 1
-        return Vp9FrameInfo(False, show_frame, width, height)
+            size = _frame_size(reader)
+            refresh = 0xFF
+            _skip_render_size(reader)
+        else:
+            intra_only = not show_frame and bool(reader.bit())
+            if not error_resilient:
+                reader.skip(2)  # reset_frame_context
+            if intra_only:
+                if reader.bits(24) != _SYNC_CODE:
+                    return None
+                if profile > 0:
+                    _skip_color_config(reader, profile)
+                refresh = reader.bits(8)
+                size = _frame_size(reader)
+                _skip_render_size(reader)
+            else:
+                refresh = reader.bits(8)
+                ref_slots = []
+                for _ in range(3):
+                    ref_slots.append(reader.bits(3))
+                    reader.skip(1)  # ref_frame_sign_bias
+                for slot in ref_slots:
+                    if reader.bit():  # found_ref: the size of that reference
+                        explicit = False
+                        size = ref_sizes[slot] if ref_sizes is not None else None
+                        break
+                else:
+                    size = _frame_size(reader)
+                _skip_render_size(reader)
+                reader.skip(1)  # allow_high_precision_mv
+                if not reader.bit():  # is_filter_switchable
+                    reader.skip(2)  # raw_interpolation_filter
     except ValueError:
         return None
+    header = Vp9FrameHeader(
+        profile=profile,
+        show_existing_frame=False,
+        key_frame=key_frame,
+        show_frame=show_frame,
+        intra_only=intra_only,
+        refresh_frame_flags=refresh,
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        explicit_size=explicit,
+        flags_end=flags_end,
+    )
+    if size is None:
+        return header
+    try:
+        _skip_header_tail(reader, error_resilient, size[0])
+    except ValueError:
+        return header
+    return replace(header, header_bits=reader.pos)
+
+
+def frame_info(frame: bytes) -> Vp9FrameInfo | None:
+    """Key/show flags and the coded size of one frame, without any stream state.
+
+    ``None`` when the bytes are not a VP9 frame; width/height are ``None`` when the frame
+    takes its size from a reference (only a decoder with state knows it).
+    """
+    header = parse_frame_header(frame)
+    if header is None:
+        return None
+    if not header.explicit_size:
+        return Vp9FrameInfo(header.key_frame, header.show_frame)
+    return Vp9FrameInfo(header.key_frame, header.show_frame, header.width, header.height)
+
+
+def hide_frame(frame: bytes, header: Vp9FrameHeader) -> bytes | None:
+    """The frame with show_frame = 0, decoding to the same picture; ``None`` if not possible.
+
+    A key frame only needs its show_frame bit cleared. An inter frame also gains an
+    intra_only = 0 bit (coded only when show_frame is 0), so the rest of its uncompressed
+    header shifts by one bit and is re-padded; the compressed header and the tiles after it
+    are byte-aligned and stay as they are.
+    """
+    if header.show_existing_frame or not header.show_frame:
+        return None
+    show_bit = 7 if header.profile == 3 else 6
+    if header.key_frame:
+        out = bytearray(frame)
+        out[0] &= ~(0x80 >> show_bit) & 0xFF
+        return bytes(out)
+    if header.intra_only or header.header_bits is None:
+        return None
+    length = header.header_bits
+    header_bytes = (length + 7) // 8
+    bits = f"{int.from_bytes(frame[:header_bytes], 'big'):0{header_bytes * 8}b}"[:length]
+    flags_end = header.flags_end
+    rewritten = bits[:show_bit] + "0" + bits[show_bit + 1 : flags_end] + "0" + bits[flags_end:]
+    rewritten += "0" * (-len(rewritten) % 8)  # trailing_bits
+    return int(rewritten, 2).to_bytes(len(rewritten) // 8, "big") + frame[header_bytes:]
 
 
 def split_superframe(data: bytes) -> list[bytes]:
@@ -397,7 +568,27 @@ def build_superframe(frames: Sequence[bytes]) -> bytes:
 
 
 class Vp9Depacketizer(VideoDepacketizer):
+    """Joins layer frames into superframes and shows only the top layer of each picture.
+
+    libvpx codes every spatial layer with show_frame = 1: its own decoder shows only the last
+    frame of a superframe, but FFmpeg's shows them all, so a 3-layer stream would play each
+    picture three times at three sizes. Lower layers are therefore rewritten as hidden frames
+    (they still update the references the upper layers predict from). That needs the frame
+    size of every frame, so the sizes of the 8 reference slots are followed across pictures.
+    """
+
     codec_name = "vp9"
+
+    def __init__(self) -> None:
+        self.ref_sizes: list[tuple[int, int] | None] = [None] * 8
+
+    def _follow_references(self, header: Vp9FrameHeader | None) -> None:
+        if header is None:  # cannot tell which slots changed: forget them all
+            self.ref_sizes = [None] * 8
+        elif not header.show_existing_frame:
+            for slot in range(8):
+                if header.refresh_frame_flags >> slot & 1:
+                    self.ref_sizes[slot] = header.size
 
     def assemble(self, payloads: Sequence[bytes]) -> VideoFrame:
         check_payloads(payloads)
@@ -424,27 +615,50 @@ class Vp9Depacketizer(VideoDepacketizer):
                 current = None
         if current is not None:
             raise ValueError("VP9 layer frame without its end (E bit)")
+        frames = [part for layer in layer_frames for part in split_superframe(layer)]
+        headers = []
+        for frame in frames:
+            header = parse_frame_header(frame, self.ref_sizes)
+            headers.append(header)
+            self._follow_references(header)
         if len(layer_frames) == 1:
             data = layer_frames[0]
-            frames = split_superframe(data)
         else:
-            frames = [part for layer in layer_frames for part in split_superframe(layer)]
-            data = build_superframe(frames)
-        infos = [frame_info(frame) for frame in frames]
-        base = infos[0]
+            data = build_superframe(self._hide_lower_layers(frames, headers))
+        base = headers[0]
         base_layer = first.sid in (None, 0)
         if base is not None:
             keyframe = base_layer and base.key_frame
         else:  # not a parsable header: trust the descriptor's P bit
             keyframe = base_layer and not first.inter_picture
-        width = height = None
         size = ss.largest_resolution() if ss is not None else None
-        if size is not None:
-            width, height = size
-        elif infos[-1] is not None and infos[-1].width is not None:
-            # The last frame is the top spatial layer, the largest picture.
-            width, height = infos[-1].width, infos[-1].height
+        top = headers[-1]
+        if size is None and top is not None and top.explicit_size:
+            size = top.size  # the last frame is the top spatial layer, the largest picture
+        width, height = size if size is not None else (None, None)
         return VideoFrame(data, keyframe, width, height)
+
+    @staticmethod
+    def _hide_lower_layers(
+        frames: list[bytes], headers: Sequence[Vp9FrameHeader | None]
+    ) -> list[bytes]:
+        """Hide every shown frame but the last, where that leaves the decoding unchanged.
+
+        Hiding matters to the next frame in one way only: it may use the previous frame's
+        motion vectors if that frame was shown and has its size. Spatial layers differ in
+        size, so a frame is hidden only when the next one is known to have another size.
+        """
+        out = list(frames)
+        for index in range(len(frames) - 1):
+            header, following = headers[index], headers[index + 1]
+            if header is None or following is None:
+                continue
+            if header.size is None or following.size is None or header.size == following.size:
+                continue
+            hidden = hide_frame(frames[index], header)
+            if hidden is not None:
+                out[index] = hidden
+        return out
 
     def starts_picture(self, payload: bytes) -> bool | None:
         descriptor, _ = Vp9Descriptor.parse(payload)
