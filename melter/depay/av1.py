@@ -198,8 +198,8 @@ class Av1SequenceHeader:
         reader = BitReader(payload)
         try:
             return cls._parse(reader)
-        except ValueError as error:
-            raise ValueError(f"AV1 sequence header is cut ({error})") from None
+        except ValueError:
+            raise ValueError("AV1 sequence header is cut") from None
 
     @classmethod
     def _parse(cls, reader: BitReader) -> Av1SequenceHeader:

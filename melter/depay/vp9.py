@@ -6,6 +6,10 @@ spatial layer (the B and E bits mark where each begins and ends); decoders take 
 VP9 superframe (VP9 bitstream spec, Annex B), so the layer frames are joined and the superframe
 index is appended. A layer frame that is itself a superframe (a hidden alt-ref frame sent
 together with the frame showing it) is unpacked first, because superframes do not nest.
+
+Encoders mark every spatial layer frame as shown; libvpx's decoder then shows only the last
+frame of a superframe, FFmpeg's shows each. So the lower layers' headers are rewritten as
+hidden frames (see :func:`hide_frame`), and a picture decodes to one frame at the top size.
 """
 
 from __future__ import annotations
@@ -287,6 +291,7 @@ class Vp9Descriptor:
         return bytes((first,)) + bytes(out)
 
 
+#: Sizes of the 8 VP9 reference slots (``None``: not known yet).
 RefSizes = Sequence[tuple[int, int] | None]
 
 
