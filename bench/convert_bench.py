@@ -188,30 +188,43 @@ def build_recording(source: Source, target: Path, seconds: float) -> dict[str, A
 
 
 # -- measuring --------------------------------------------------------------------------------
-@dataclass
-class Run:
-    tool: str
+@dataclass(frozen=True)
+class Measurement:
     wall_s: float
+    cpu_s: float  # user + system
     max_rss_kb: int
     exit_code: int
-    order: int  # 0 = ran first in its pair, 1 = ran second
 
 
-def run_child(command: list[str], log: Path) -> tuple[float, int, int]:
-    """Run ``command``; return its wall time, peak RSS (KiB) and exit code.
+@dataclass(frozen=True)
+class Launcher:
+    """How to start one tool: the command's first words, and its environment."""
+
+    prefix: list[str]
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+
+
+def run_child(command: list[str], log: Path, launcher: Launcher | None = None) -> Measurement:
+    """Run ``command``; measure its wall time, CPU time, peak RSS (KiB) and exit code.
 
     ``os.wait4`` gives the rusage of exactly this child, so nothing else run by this script
-    (ffprobe, earlier runs) is mixed into the peak RSS.
+    (ffprobe, earlier runs) is mixed in. CPU time is reported besides wall time because it
+    moves less when other work shares the machine.
     """
+    env = launcher.env if launcher else None
+    cwd = launcher.cwd if launcher else None
     with log.open("ab") as sink:
         sink.write(("\n$ " + " ".join(command) + "\n").encode())
         sink.flush()
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL, env=env, cwd=cwd
+        )
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
-    return wall, usage.ru_maxrss, process.returncode
+    return Measurement(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, process.returncode)
 
 
 def ffprobe(path: Path) -> dict[str, Any]:
@@ -245,34 +258,60 @@ def ffprobe(path: Path) -> dict[str, Any]:
     }
 
 
-def melter_command() -> list[str]:
-    """The installed ``melter`` script itself (not a pyenv or other shim found on PATH)."""
+def melter_launcher(snapshot: Path | None = None) -> Launcher:
+    """The installed ``melter`` script itself (not a pyenv or other shim found on PATH).
+
+    With ``snapshot`` (a folder holding a copy of the ``melter`` package) the same entry point
+    runs from that copy instead, so edits made to the working tree meanwhile are not measured.
+    """
+    if snapshot is not None:
+        entry = "import sys; from melter.cli import main; sys.argv[0] = 'melter'; main()"
+        env = dict(os.environ, PYTHONPATH=str(snapshot))
+        return Launcher([sys.executable, "-c", entry], env=env, cwd=snapshot)
     beside = Path(sys.executable).parent / "melter"
     if beside.is_file():
-        return [str(beside)]
+        return Launcher([str(beside)])
     found = shutil.which("melter")
-    return [found] if found else [sys.executable, "-m", "melter.cli"]
+    return Launcher([found] if found else [sys.executable, "-m", "melter.cli"])
 
 
-def startup_cost(work: Path, runs: int = 3) -> dict[str, Any]:
-    """Median wall time and peak RSS of ``melter --version``: the fixed cost in every figure."""
-    samples = [
-        run_child([*melter_command(), "--version"], work / "startup.log") for _ in range(runs)
-    ]
+def take_snapshot(folder: Path) -> Path:
+    """Copy the imported ``melter`` package under ``folder``; return the folder to import from."""
+    import melter
+
+    package = Path(melter.__file__).resolve().parent
+    target = folder / "melter"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def startup_cost(work: Path, launcher: Launcher, runs: int = 3) -> dict[str, Any]:
+    """``melter --version``: the fixed start-up cost included in every melter figure."""
+    command = [*launcher.prefix, "--version"]
+    samples = [run_child(command, work / "startup.log", launcher) for _ in range(runs)]
     return {
-        "command": " ".join([*melter_command(), "--version"]),
-        "wall_s_median": round(_median([s[0] for s in samples]), 3),
-        "max_rss_kb_median": _median([s[1] for s in samples]),
+        "command": " ".join(command),
+        "wall_s_median": round(_median([s.wall_s for s in samples]), 3),
+        "cpu_s_median": round(_median([s.cpu_s for s in samples]), 3),
+        "max_rss_kb_median": _median([s.max_rss_kb for s in samples]),
     }
 
 
-def tool_commands(source: Path, output_dir: Path, kind: str) -> dict[str, tuple[list[str], Path]]:
+def tool_commands(
+    source: Path, output_dir: Path, kind: str, launcher: Launcher
+) -> dict[str, tuple[list[str], Path, Launcher | None]]:
     suffix = OUTPUT_SUFFIX[kind]
     janus_out = output_dir / f"{kind}.janus-pp-rec{suffix}"
     melter_out = output_dir / f"{kind}.melter{suffix}"
     return {
-        "janus-pp-rec": ([JANUS_PP_REC, str(source), str(janus_out)], janus_out),
-        "melter": ([*melter_command(), "convert", str(source), "-o", str(melter_out)], melter_out),
+        "janus-pp-rec": ([JANUS_PP_REC, str(source), str(janus_out)], janus_out, None),
+        "melter": (
+            [*launcher.prefix, "convert", str(source), "-o", str(melter_out)],
+            melter_out,
+            launcher,
+        ),
     }
 
 
@@ -295,25 +334,29 @@ def _version_of(command: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
-def melter_source_state() -> dict[str, Any]:
+def melter_source_state(package: Path | None = None) -> dict[str, Any]:
     """Which melter code was measured: commit, local changes, and a hash of the sources.
 
     The package is installed in editable mode, so uncommitted edits are what runs.
     """
     import melter
 
-    package = Path(melter.__file__).resolve().parent
+    repo_package = Path(melter.__file__).resolve().parent
+    package = package or repo_package
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
 
     def git(*args: str) -> str:
         result = subprocess.run(
-            ["git", "-C", str(package.parent), *args], capture_output=True, text=True, check=False
+            ["git", "-C", str(repo_package.parent), *args],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         return result.stdout.rstrip("\n") if result.returncode == 0 else ""
 
-    changed = git("status", "--porcelain", "--", package.name).splitlines()
+    changed = git("status", "--porcelain", "--", repo_package.name).splitlines()
     return {
         "commit": git("rev-parse", "--short", "HEAD") or None,
         "changed_files": [line[3:] for line in changed],
@@ -338,21 +381,31 @@ def _mb(kib: float) -> str:
 
 def print_table(cases: list[dict[str, Any]]) -> None:
     head = (
-        f"{'length':>6} {'kind':<5} {'runs':>4} | {'janus s':>8} {'melter s':>8} {'ratio':>6} | "
-        f"{'janus MB':>8} {'melter MB':>9} {'ratio':>6} | {'janus dur':>9} {'melter dur':>10}"
+        f"{'length':>6} {'kind':<5} {'runs':>4} | {'wall s: janus':>13} {'melter':>7} {'ratio':>6}"
+        f" | {'cpu s: janus':>12} {'melter':>7} {'ratio':>6} | {'RSS MB: janus':>13} "
+        f"{'melter':>7} {'ratio':>6} | {'dur s: janus':>12} {'melter':>9}"
     )
     print(head)
     print("-" * len(head))
     for case in cases:
         j, m = case["tools"]["janus-pp-rec"], case["tools"]["melter"]
+        if not case["ok"]:
+            failed = [t for t, v in case["tools"].items() if any(v["exit_codes"])]
+            print(
+                f"{case['minutes']:>3g}min {case['kind']:<5} {case['runs']:>4} | "
+                f"FAILED: {', '.join(failed)} (see the log in the work folder)"
+            )
+            continue
         print(
             f"{case['minutes']:>3g}min {case['kind']:<5} {case['runs']:>4} | "
-            f"{j['wall_s_median']:>8.2f} {m['wall_s_median']:>8.2f} "
-            f"{case['ratio_wall']:>6.2f} | "
-            f"{_mb(j['max_rss_kb_median']):>8} {_mb(m['max_rss_kb_median']):>9} "
+            f"{j['wall_s_median']:>13.2f} {m['wall_s_median']:>7.2f} "
+            f"{case['ratio_wall']:>6.1f} | "
+            f"{j['cpu_s_median']:>12.2f} {m['cpu_s_median']:>7.2f} "
+            f"{case['ratio_cpu']:>6.1f} | "
+            f"{_mb(j['max_rss_kb_median']):>13} {_mb(m['max_rss_kb_median']):>7} "
             f"{case['ratio_rss']:>6.2f} | "
-            f"{j['output'].get('duration_s') or float('nan'):>9.3f} "
-            f"{m['output'].get('duration_s') or float('nan'):>10.3f}"
+            f"{j['output'].get('duration_s') or float('nan'):>12.3f} "
+            f"{m['output'].get('duration_s') or float('nan'):>9.3f}"
         )
 
 
@@ -360,7 +413,9 @@ def flatness(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Peak RSS at the longest length against the shortest, per tool and kind."""
     result: dict[str, Any] = {}
     for kind in ("audio", "video"):
-        of_kind = sorted((c for c in cases if c["kind"] == kind), key=lambda c: c["minutes"])
+        of_kind = sorted(
+            (c for c in cases if c["kind"] == kind and c["ok"]), key=lambda c: c["minutes"]
+        )
         if len(of_kind) < 2:
             continue
         short, long = of_kind[0], of_kind[-1]
@@ -396,15 +451,23 @@ def main(argv: list[str] | None = None) -> int:
         "--short-runs", type=int, default=1, help="runs per tool at the shorter lengths"
     )
     parser.add_argument("--keep", action="store_true", help="keep generated media afterwards")
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="run melter from a copy of its package taken at the start, so edits made to the "
+        "working tree during the run are not measured",
+    )
     args = parser.parse_args(argv)
 
-    out_dir: Path = args.out
-    work: Path = args.work or out_dir / "work"
+    out_dir: Path = args.out.resolve()
+    work: Path = (args.work or out_dir / "work").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     lengths = sorted({m for m in SHORTER_LENGTHS if m < args.minutes} | {args.minutes})
 
-    code_before = melter_source_state()
+    snapshot = take_snapshot(work / "snapshot") if args.snapshot else None
+    launcher = melter_launcher(snapshot)
+    code_before = melter_source_state(snapshot / "melter" if snapshot else None)
     sources = {kind: load_source(path) for kind, path in SOURCES.items()}
     for kind, source in sources.items():
         print(
@@ -412,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{source.period_s:.3f} s per repetition, {source.seq_step} sequence numbers"
         )
 
-    startup = startup_cost(work)
+    startup = startup_cost(work, launcher)
     print(
         f"melter --version alone: {startup['wall_s_median']:.2f} s, "
         f"{startup['max_rss_kb_median'] / 1024:.1f} MB"
@@ -436,54 +499,63 @@ def main(argv: list[str] | None = None) -> int:
                 f"{info['bytes'] / 1e6:.1f} MB) in {info['build_s']} s"
             )
             _warm_cache(recording)
-            commands = tool_commands(recording, work / label, kind)
+            commands = tool_commands(recording, work / label, kind, launcher)
+            load_before = os.getloadavg()[0]
             log = work / label / f"{kind}.log"
             log.unlink(missing_ok=True)
-            results: dict[str, list[Run]] = {"janus-pp-rec": [], "melter": []}
+            results: dict[str, list[tuple[Measurement, int]]] = {"janus-pp-rec": [], "melter": []}
             for run in range(runs):
                 order = ["janus-pp-rec", "melter"]
                 if pair_index % 2:
                     order.reverse()
                 pair_index += 1
                 for position, tool in enumerate(order):
-                    command, output = commands[tool]
+                    command, output, tool_launcher = commands[tool]
                     output.unlink(missing_ok=True)
-                    wall, rss, code = run_child(command, log)
-                    results[tool].append(Run(tool, wall, rss, code, position))
+                    measured = run_child(command, log, tool_launcher)
+                    results[tool].append((measured, position))
                     print(
-                        f"  run {run + 1}/{runs} {tool:<12} {wall:7.2f} s  "
-                        f"{rss / 1024:7.1f} MB  exit {code}"
+                        f"  run {run + 1}/{runs} {tool:<12} {measured.wall_s:7.2f} s wall "
+                        f"{measured.cpu_s:7.2f} s cpu {measured.max_rss_kb / 1024:7.1f} MB"
+                        f"  exit {measured.exit_code}"
                     )
-                    if code != 0:
+                    if measured.exit_code != 0:
                         print(f"  {tool} failed; see {log}", file=sys.stderr)
             tools: dict[str, Any] = {}
             for tool, tool_runs in results.items():
                 output = commands[tool][1]
                 probe = ffprobe(output) if output.exists() else {"error": "no output"}
+                measures = [r for r, _ in tool_runs]
                 tools[tool] = {
                     "command": " ".join(commands[tool][0]),
-                    "wall_s": [round(r.wall_s, 3) for r in tool_runs],
-                    "max_rss_kb": [r.max_rss_kb for r in tool_runs],
-                    "ran_first": [r.order == 0 for r in tool_runs],
-                    "exit_codes": [r.exit_code for r in tool_runs],
-                    "wall_s_median": round(_median([r.wall_s for r in tool_runs]), 3),
-                    "max_rss_kb_median": _median([r.max_rss_kb for r in tool_runs]),
+                    "wall_s": [round(r.wall_s, 3) for r in measures],
+                    "cpu_s": [round(r.cpu_s, 3) for r in measures],
+                    "max_rss_kb": [r.max_rss_kb for r in measures],
+                    "ran_first": [position == 0 for _, position in tool_runs],
+                    "exit_codes": [r.exit_code for r in measures],
+                    "wall_s_median": round(_median([r.wall_s for r in measures]), 3),
+                    "cpu_s_median": round(_median([r.cpu_s for r in measures]), 3),
+                    "max_rss_kb_median": _median([r.max_rss_kb for r in measures]),
                     "output": probe,
                 }
             j, m = tools["janus-pp-rec"], tools["melter"]
+            ok = not any(code for tool in tools.values() for code in tool["exit_codes"])
             j_dur, m_dur = j["output"].get("duration_s"), m["output"].get("duration_s")
             case = {
                 "minutes": minutes,
                 "kind": kind,
                 "codec": source.codec,
                 "runs": runs,
+                "ok": ok,
                 "input": info,
                 "tools": tools,
                 "ratio_wall": round(m["wall_s_median"] / j["wall_s_median"], 2),
+                "ratio_cpu": round(m["cpu_s_median"] / max(j["cpu_s_median"], 1e-3), 2),
                 "ratio_rss": round(m["max_rss_kb_median"] / j["max_rss_kb_median"], 2),
                 "duration_difference_s": (
                     round(m_dur - j_dur, 3) if j_dur is not None and m_dur is not None else None
                 ),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             }
             cases.append(case)
             print(
@@ -492,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({m['output'].get('packets')} packets)"
             )
 
-    code_after = melter_source_state()
+    code_after = melter_source_state(snapshot / "melter" if snapshot else None)
+    working_tree_after = melter_source_state() if snapshot else code_after
     if code_after["sources_sha256"] != code_before["sources_sha256"]:
         print(
             "\nwarning: melter's sources changed during the run; figures mix two versions",
@@ -518,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             "melter": melter_version,
             "melter_code": code_before,
             "melter_code_changed_during_run": code_after != code_before,
+            "melter_run_from_snapshot": snapshot is not None,
+            "melter_working_tree_after_run": working_tree_after,
             "janus_pp_rec": _janus_version(),
             "ffprobe": _version_of(["ffprobe", "-version"]),
         },
@@ -543,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         for minutes in lengths:
             shutil.rmtree(work / f"{minutes:g}min", ignore_errors=True)
         (work / "startup.log").unlink(missing_ok=True)
+        if snapshot is not None:
+            shutil.rmtree(snapshot, ignore_errors=True)
         if not any(work.iterdir()):
             work.rmdir()
     return (

@@ -11,6 +11,7 @@ are complete: a failed conversion never leaves a half file or replaces a good on
 
 from __future__ import annotations
 
+import heapq
 import os
 import tempfile
 from collections.abc import Iterator
@@ -161,25 +162,21 @@ class _AudioPlacer:
         return fill, self.position + fill
 
 
-def _mux_audio(
-    container: OutputContainer,
-    stream: Stream,
-    analysis: TrackAnalysis,
-    origin_us: int,
-    report: ConvertReport,
-) -> None:
+def _audio_packets(
+    stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport
+) -> Iterator[av.Packet]:
     placer = _AudioPlacer(analysis, origin_us)
     depay = placer.depay
     scale = 1_000_000 / placer.rate
     written = 0
 
-    def mux(data: bytes, pts: int, samples: int) -> None:
-        packet = av.Packet(data)
-        packet.stream = stream
-        packet.time_base = MICROSECONDS
-        packet.pts = packet.dts = round(pts * scale)
-        packet.duration = round(samples * scale)
-        container.mux_one(packet)
+    def packet(data: bytes, pts: int, samples: int) -> av.Packet:
+        out = av.Packet(data)
+        out.stream = stream
+        out.time_base = MICROSECONDS
+        out.pts = out.dts = round(pts * scale)
+        out.duration = round(samples * scale)
+        return out
 
     for frame in timed_frames(analysis):
         placed = placer.place(frame.wall_us, frame.samples)
@@ -188,10 +185,10 @@ def _mux_audio(
         fill, _ = placed
         if fill:
             for data, samples in depay.silence(fill):
-                mux(data, placer.position, samples)
+                yield packet(data, placer.position, samples)
                 placer.position += samples
                 placer.silence_samples += samples
-        mux(frame.data, placer.position, frame.samples)
+        yield packet(frame.data, placer.position, frame.samples)
         placer.position += frame.samples
         written += 1
     report.frames_written[analysis.kind] = written
@@ -199,13 +196,9 @@ def _mux_audio(
     report.dropped_audio += placer.dropped
 
 
-def _mux_video(
-    container: OutputContainer,
-    stream: Stream,
-    analysis: TrackAnalysis,
-    origin_us: int,
-    report: ConvertReport,
-) -> None:
+def _video_packets(
+    stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport
+) -> Iterator[av.Packet]:
     last_pts = -1
     written = 0
     pending: av.Packet | None = None
@@ -213,7 +206,7 @@ def _mux_video(
         pts = max(frame.wall_us - origin_us, last_pts + 1)
         if pending is not None:
             pending.duration = pts - int(pending.pts or 0)
-            container.mux_one(pending)
+            yield pending
         packet = av.Packet(frame.data)
         packet.stream = stream
         packet.time_base = MICROSECONDS
@@ -226,14 +219,38 @@ def _mux_video(
         # The track ends at its last picture (as janus-pp-rec measures it), so that picture
         # gets no duration of its own rather than a guessed frame interval.
         pending.duration = 1
-        container.mux_one(pending)
+        yield pending
     report.frames_written["video"] = written
+
+
+def _mux(
+    container: OutputContainer,
+    streams: list[Stream],
+    analyses: list[TrackAnalysis],
+    origin_us: int,
+    report: ConvertReport,
+) -> None:
+    """Interleave the tracks' packets by time ourselves, so the muxer buffers next to nothing
+    (whole tracks written one after the other would sit in its interleaving queue)."""
+    sources = [
+        (_video_packets if a.kind == "video" else _audio_packets)(s, a, origin_us, report)
+        for a, s in zip(analyses, streams, strict=True)
+    ]
+    for packet in heapq.merge(*sources, key=lambda p: int(p.dts or 0)):
+        container.mux_one(packet)
 
 
 def convert(inputs: list[Path], output: Path) -> ConvertReport:
     """Convert one track, or merge one participant's audio and video, into ``output``."""
+    return convert_tracks([analyze(path) for path in inputs], output)
+
+
+def convert_tracks(
+    analyses: list[TrackAnalysis], output: Path, origin_us: int | None = None
+) -> ConvertReport:
+    """Write analysed tracks into ``output``; time zero is ``origin_us`` (default: earliest)."""
     suffix = output.suffix.lower()
-    analyses = [analyze(path) for path in inputs]
+    analyses = list(analyses)
     kinds = [a.kind for a in analyses]
     if len(analyses) > 2 or len(set(kinds)) != len(kinds):
         raise UnsupportedError(
@@ -249,8 +266,10 @@ def convert(inputs: list[Path], output: Path) -> ConvertReport:
         report.frames_written["data"] = analyses[0].frames
         return report
     if "data" in kinds:
-        raise UnsupportedError(f"{inputs[kinds.index('data')]}: a data recording converts to .srt")
-    origin_us = min(a.start_us for a in analyses)
+        raise UnsupportedError(f"{analyses[kinds.index('data')].path}: a data recording "
+                               "converts to .srt")
+    if origin_us is None:
+        origin_us = min(a.start_us for a in analyses)
     end_us = max(a.end_us for a in analyses)
     report.start_us = origin_us
     report.duration_us = end_us - origin_us
@@ -277,11 +296,7 @@ def convert(inputs: list[Path], output: Path) -> ConvertReport:
             options = {"movflags": "+faststart"} if format_name == "mp4" else {}
             with av.open(str(temp), "w", format=format_name, options=options) as container:
                 streams = [_open_stream(container, a) for a in analyses]
-                for analysis, stream in zip(analyses, streams, strict=True):
-                    if analysis.kind == "video":
-                        _mux_video(container, stream, analysis, origin_us, report)
-                    else:
-                        _mux_audio(container, stream, analysis, origin_us, report)
+                _mux(container, streams, analyses, origin_us, report)
     for analysis in analyses:
         report.warnings.extend(analysis.warnings)
     return report

@@ -487,6 +487,11 @@ class Packet:
     extensions: dict[int, bytes] = field(default_factory=dict)
     two_byte: bool = False
     padding: int = 0
+    sent_us: int = -1  # when the sender sent it on the receiver's clock (arrival sans delay)
+
+    def __post_init__(self) -> None:
+        if self.sent_us < 0:
+            self.sent_us = self.arrival_us
 
     def to_bytes(self) -> bytes:
         return rtp_bytes(
@@ -634,14 +639,19 @@ class Stream:
         return min(p.arrival_us for p in self.packets)
 
     @property
+    def first_sent_us(self) -> int:
+        return min(p.sent_us for p in self.packets)
+
+    @property
     def wall_end_us(self) -> int:
         """Arrival of the last-sent packet plus its media duration (audio) or frame interval."""
         last = max(self.packets, key=lambda p: p.index)
-        return last.arrival_us + round(last.duration * 1_000_000 / self.clock_rate)
+        return last.sent_us + round(last.duration * 1_000_000 / self.clock_rate)
 
     @property
     def wall_span_us(self) -> int:
-        return self.wall_end_us - self.first_arrival_us
+        """Wall-clock span of the media: first sent to the end of the last one."""
+        return self.wall_end_us - self.first_sent_us
 
     # -- edits -------------------------------------------------------------------------------
     def drop(self, *indices: int) -> Stream:
@@ -650,47 +660,52 @@ class Stream:
         self.packets = [p for p in self.packets if p.index not in gone]
         return self
 
+    def _settle(self) -> None:
+        """Arrival times rise in file order: a packet overtaken by later ones arrives after
+        them (it is delayed, never early)."""
+        latest = -(1 << 62)
+        for packet in self.packets:
+            latest = max(latest, packet.arrival_us)
+            packet.arrival_us = latest
+
     def duplicate(self, index: int, later: int = 1) -> Stream:
         """A second copy of a packet, arriving ``later`` packets after the first."""
         position = self._position(index)
         twin = copy.deepcopy(self.packets[position])
-        target = min(len(self.packets), position + 1 + later)
-        twin.arrival_us = self.packets[target - 1].arrival_us
-        self.packets.insert(target, twin)
-        return self
-
-    def swap(self, first: int, second: int) -> Stream:
-        """Exchange two packets' places in arrival order; arrival times stay with the places."""
-        a, b = self._position(first), self._position(second)
-        pa, pb = self.packets[a], self.packets[b]
-        pa.arrival_us, pb.arrival_us = pb.arrival_us, pa.arrival_us
-        self.packets[a], self.packets[b] = pb, pa
-        return self
-
-    def delay(self, index: int, by: int) -> Stream:
-        """Packet ``index`` arrives after the ``by`` packets that follow it."""
-        position = self._position(index)
-        packet = self.packets.pop(position)
-        target = min(len(self.packets), position + by)
-        arrivals = [p.arrival_us for p in self.packets[position:target]] + [packet.arrival_us]
-        self.packets.insert(target, packet)
-        # keep the arrival column rising through the moved stretch
-        for offset, arrival in enumerate(sorted(arrivals)):
-            self.packets[position + offset].arrival_us = arrival
+        self.packets.insert(min(len(self.packets), position + 1 + later), twin)
+        self._settle()
         return self
 
     def permute(self, order: Sequence[int]) -> Stream:
-        """Put the packets in ``order`` (positions into the current list); arrivals stay put."""
-        arrivals = [p.arrival_us for p in self.packets]
+        """Put the packets in ``order`` (positions into the current list)."""
+        assert sorted(order) == list(range(len(self.packets)))
         self.packets = [self.packets[i] for i in order]
-        for packet, arrival in zip(self.packets, arrivals, strict=True):
-            packet.arrival_us = arrival
+        self._settle()
         return self
 
-    def shuffle(self, rng: random.Random, window: int) -> Stream:
-        """Reorder within a window: each packet moves at most ``window - 1`` places."""
-        keys = [position + rng.uniform(0, window) for position in range(len(self.packets))]
-        return self.permute(sorted(range(len(keys)), key=keys.__getitem__))
+    def swap(self, first: int, second: int) -> Stream:
+        """Exchange the arrival places of two packets (send indices)."""
+        order = list(range(len(self.packets)))
+        a, b = self._position(first), self._position(second)
+        order[a], order[b] = order[b], order[a]
+        return self.permute(order)
+
+    def delay(self, index: int, by: int) -> Stream:
+        """Packet ``index`` arrives after the ``by`` packets that follow it."""
+        order = list(range(len(self.packets)))
+        position = self._position(index)
+        order.insert(min(len(order) - 1, position + by), order.pop(position))
+        return self.permute(order)
+
+    def shuffle(self, rng: random.Random, window: int, keep_first: bool = True) -> Stream:
+        """Reorder within a window: each packet moves fewer than ``window`` places.
+
+        ``keep_first`` leaves the first packet first (the track's reference).
+        """
+        start = 1 if keep_first else 0
+        keys = [p + rng.uniform(0, window) for p in range(len(self.packets) - start)]
+        rest = sorted(range(len(keys)), key=keys.__getitem__)
+        return self.permute(list(range(start)) + [start + i for i in rest])
 
     def ssrc_change(
         self, at: int, ssrc: int, seq: int | None = None, ts: int | None = None
@@ -737,15 +752,19 @@ class Stream:
         shift = round(seconds * 1_000_000)
         for packet in self._from(at):
             packet.arrival_us += shift
+            packet.sent_us += shift
             if ts_runs:
                 packet.ts = (packet.ts + round(seconds * self.clock_rate)) & 0xFFFFFFFF
+        self._settle()
         return self
 
     def skew(self, ppm: float) -> Stream:
         """The receiving host's clock runs ``ppm`` faster than the sender's media clock."""
-        origin = self.first_arrival_us
+        origin = self.first_sent_us
+        factor = 1 + ppm * 1e-6
         for packet in self.packets:
-            packet.arrival_us = origin + round((packet.arrival_us - origin) * (1 + ppm * 1e-6))
+            packet.arrival_us = origin + round((packet.arrival_us - origin) * factor)
+            packet.sent_us = origin + round((packet.sent_us - origin) * factor)
         return self
 
     def jitter(self, rng: random.Random, max_ms: float) -> Stream:

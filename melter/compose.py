@@ -1,0 +1,173 @@
+"""From a meeting to a render: the plan's inputs, the speaker timeline, and timed media files.
+
+Kept apart from the engine so the CLI, the farm and the API all call the same three steps:
+:func:`plan_meeting` (seconds, no media written), :func:`prepare_media` (each participant
+segment remuxed once into a Matroska file that starts on an output-frame boundary), and the
+engine's render.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from melter.convert import convert_tracks
+from melter.layout.model import Layout, load_layout
+from melter.layout.speaker import (
+    LevelTrack,
+    levels_from_audio,
+    levels_from_extension,
+    speaker_timeline,
+)
+from melter.meeting import Meeting, Segment
+from melter.plan import (
+    VIDEO_OFF_US,
+    ParticipantInfo,
+    Plan,
+    SegmentInfo,
+    Span,
+    SpeakerChange,
+    build_plan,
+)
+from melter.track import TrackAnalysis
+
+
+def _video_spans(video: TrackAnalysis | None, origin_us: int) -> tuple[Span, ...]:
+    """Where a segment has pictures: its video track minus stretches without any."""
+    if video is None:
+        return ()
+    spans = []
+    cursor = video.start_us
+    for gap in video.gaps:
+        if gap.length_us >= VIDEO_OFF_US:
+            spans.append(Span(cursor - origin_us, gap.start_us - origin_us))
+            cursor = gap.start_us + gap.length_us
+    spans.append(Span(cursor - origin_us, video.end_us - origin_us))
+    return tuple(s for s in spans if s.end_us > s.start_us)
+
+
+def participants_for_plan(meeting: Meeting) -> list[ParticipantInfo]:
+    origin = meeting.start_us
+    infos = []
+    for participant in meeting.participants:
+        segments = tuple(
+            SegmentInfo(
+                id=segment.id,
+                start_us=segment.start_us - origin,
+                end_us=segment.end_us - origin,
+                has_audio=segment.audio is not None,
+                video_spans=_video_spans(segment.video, origin),
+                width=segment.video.max_width if segment.video else 0,
+                height=segment.video.max_height if segment.video else 0,
+            )
+            for segment in participant.segments
+        )
+        infos.append(ParticipantInfo(participant.id, participant.display, participant.kind,
+                                     segments))
+    return infos
+
+
+def needs_speaker(layout: Layout, layouts: dict[str, Layout]) -> bool:
+    all_layouts = [layout, *layouts.values()]
+    return any(r.role != "grid" for lay in all_layouts for r in lay.regions)
+
+
+def speaker_changes(meeting: Meeting, layout: Layout) -> list[SpeakerChange]:
+    """The active-speaker timeline from the recorded audio (RFC 6464 levels when present)."""
+    settings = layout.speaker
+    window_us = round(settings.window * 1e6)
+    origin = meeting.start_us
+    start_step = origin // window_us
+    tracks: list[LevelTrack] = []
+    for participant in meeting.participants:
+        merged = None
+        base = start_step * window_us
+        for segment in participant.segments:
+            if segment.audio is None:
+                continue
+            audio = segment.audio
+            if audio.audio_level_id is not None and audio.levels:
+                levels = levels_from_extension(audio, base, window_us)
+            else:
+                levels = levels_from_audio(audio, base, window_us)
+            merged = levels if merged is None else _maximum(merged, levels)
+        if merged is not None:
+            tracks.append(LevelTrack(participant.id, 0, window_us, merged))
+    return speaker_timeline(tracks, settings, meeting.duration_us)
+
+
+def _maximum(a, b):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    size = max(len(a), len(b))
+    out = np.full(size, -127.0)
+    out[: len(a)] = a
+    out[: len(b)] = np.maximum(out[: len(b)], b)
+    return out
+
+
+def rule_layouts(layout: Layout) -> dict[str, Layout]:
+    return {rule.layout: load_layout(rule.layout) for rule in layout.rules if rule.layout}
+
+
+def plan_meeting(meeting: Meeting, layout: Layout) -> tuple[Plan, list[SpeakerChange]]:
+    layouts = rule_layouts(layout)
+    pins = any(rule.pin for rule in layout.rules)
+    speakers = speaker_changes(meeting, layout) if needs_speaker(layout, layouts) or pins else []
+    plan = build_plan(participants_for_plan(meeting), meeting.duration_us, layout, speakers,
+                      layouts)
+    plan.warnings.extend(meeting.skipped)
+    return plan, speakers
+
+
+@dataclass(frozen=True)
+class PreparedSegment:
+    """A segment's media in one file, and where it sits on the output timeline (frames)."""
+
+    segment: str
+    path: Path
+    start_frame: int
+    frames: int
+    has_audio: bool
+    has_video: bool
+    width: int
+    height: int
+
+
+def _segment_key(segment: Segment, start_us: int) -> str:
+    digest = hashlib.sha256()
+    for track in segment.tracks:
+        stat = track.path.stat()
+        digest.update(f"{track.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    digest.update(str(start_us).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, PreparedSegment]:
+    """Remux each segment once, starting exactly on an output frame (cached in ``workdir``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    frame_us = 1_000_000 / fps
+    total_frames = math.ceil(meeting.duration_us / frame_us)
+    prepared: dict[str, PreparedSegment] = {}
+    for participant in meeting.participants:
+        for segment in participant.segments:
+            start_frame = math.floor((segment.start_us - meeting.start_us) / frame_us)
+            origin_us = meeting.start_us + round(start_frame * frame_us)
+            end_frame = min(total_frames, math.ceil((segment.end_us - meeting.start_us) / frame_us))
+            path = workdir / f"{participant.id}-{segment.index}-{_segment_key(segment, origin_us)}.mkv"
+            if not path.exists():
+                convert_tracks(segment.tracks, path, origin_us=origin_us)
+            video = segment.video
+            prepared[segment.id] = PreparedSegment(
+                segment.id,
+                path,
+                start_frame,
+                max(1, end_frame - start_frame),
+                segment.audio is not None,
+                video is not None,
+                video.max_width if video else 0,
+                video.max_height if video else 0,
+            )
+    return prepared
