@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per tool at the longest length")
     parser.add_argument(
-        "--short-runs", type=int, default=1, help="runs per tool at the shorter lengths"
+        "--short-runs", type=int, default=3, help="runs per tool at the shorter lengths"
     )
     parser.add_argument("--keep", action="store_true", help="keep generated media afterwards")
     parser.add_argument(

@@ -31,20 +31,27 @@ from melter.plan import (
     SpeakerChange,
     build_plan,
 )
-from melter.track import TrackAnalysis
 
 
-def _video_spans(video: TrackAnalysis | None, origin_us: int) -> tuple[Span, ...]:
-    """Where a segment has pictures: its video track minus stretches without any."""
+def _video_spans(segment: Segment, origin_us: int) -> tuple[Span, ...]:
+    """Where a segment shows pictures: its video track minus stretches without any.
+
+    Audio and video of one publisher start and stop a few frames apart; such edges hold the
+    first or last picture instead of flashing the placeholder card for a frame.
+    """
+    video = segment.video
     if video is None:
         return ()
     spans = []
     cursor = video.start_us
+    if cursor - segment.start_us < VIDEO_OFF_US:
+        cursor = segment.start_us
     for gap in video.gaps:
         if gap.length_us >= VIDEO_OFF_US:
             spans.append(Span(cursor - origin_us, gap.start_us - origin_us))
             cursor = gap.start_us + gap.length_us
-    spans.append(Span(cursor - origin_us, video.end_us - origin_us))
+    end = video.end_us if segment.end_us - video.end_us >= VIDEO_OFF_US else segment.end_us
+    spans.append(Span(cursor - origin_us, end - origin_us))
     return tuple(s for s in spans if s.end_us > s.start_us)
 
 
@@ -58,7 +65,7 @@ def participants_for_plan(meeting: Meeting) -> list[ParticipantInfo]:
                 start_us=segment.start_us - origin,
                 end_us=segment.end_us - origin,
                 has_audio=segment.audio is not None,
-                video_spans=_video_spans(segment.video, origin),
+                video_spans=_video_spans(segment, origin),
                 width=segment.video.max_width if segment.video else 0,
                 height=segment.video.max_height if segment.video else 0,
             )
@@ -156,7 +163,8 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             start_frame = math.floor((segment.start_us - meeting.start_us) / frame_us)
             origin_us = meeting.start_us + round(start_frame * frame_us)
             end_frame = min(total_frames, math.ceil((segment.end_us - meeting.start_us) / frame_us))
-            path = workdir / f"{participant.id}-{segment.index}-{_segment_key(segment, origin_us)}.mkv"
+            key = _segment_key(segment, origin_us)
+            path = workdir / f"{participant.id}-{segment.index}-{key}.mkv"
             if not path.exists():
                 convert_tracks(segment.tracks, path, origin_us=origin_us)
             video = segment.video

@@ -11,6 +11,7 @@ the speaker region's occupant.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,14 +164,16 @@ def grid_shape(count: int, width: int, height: int, max_rows: int, max_columns: 
             continue
         cell_w, cell_h = width / columns, height / rows
         area = min(cell_w, cell_h * aspect) * min(cell_h, cell_w / aspect)
-        if area > best_area + 1e-6:
+        if area > best_area * (1 + 1e-9) + 1e-9:
             best, best_area = (rows, columns), area
     if best_area < 0:
         return max_rows, max_columns
     return best
 
 
-def _cells(region: Region, count: int, canvas_w: int, canvas_h: int) -> list[Rect]:
+def _cells(
+    region: Region, count: int, canvas_w: int, canvas_h: int, aspect: float = 16 / 9
+) -> list[Rect]:
     x = parse_length(region.x, canvas_w)
     y = parse_length(region.y, canvas_h)
     width = parse_length(region.width, canvas_w)
@@ -179,7 +182,7 @@ def _cells(region: Region, count: int, canvas_w: int, canvas_h: int) -> list[Rec
     max_columns = region.max_columns or 16
     excluded = set(region.cells_excluded)
     needed = count + len(excluded)
-    rows, columns = grid_shape(max(1, needed), width, height, max_rows, max_columns)
+    rows, columns = grid_shape(max(1, needed), width, height, max_rows, max_columns, aspect)
     pad = region.padding
     cells = []
     for index in range(rows * columns):
@@ -235,7 +238,11 @@ def build_plan(
                 bounds.add(round(parse_time(value) * 1e6))
     for change in speakers:
         bounds.add(change.at_us)
-    times = sorted(t for t in bounds if 0 <= t <= duration_us)
+    # Changes happen on output frames: snap every boundary to the frame grid, so no scene is
+    # shorter than a frame and tests can check times to within one frame.
+    frame_us = 1_000_000 / canvas.fps
+    times = sorted({min(duration_us, round(round(t / frame_us) * frame_us))
+                    for t in bounds if 0 <= t <= duration_us})
 
     def speaker_at(t: int) -> str | None:
         current = None
@@ -246,7 +253,7 @@ def build_plan(
         return current
 
     scenes: list[Scene] = []
-    for start, end in zip(times, times[1:], strict=False):
+    for start, end in itertools.pairwise(times):
         if end <= start:
             continue
         mid = (start + end) // 2
@@ -334,10 +341,13 @@ def _place(
             candidates = [(p, s) for p, s in candidates if p.id != speaker]
         limit = capacity(region)
         if len(candidates) > limit:
-            candidates = candidates[-limit:] if region.reuse == "show_newest" else candidates[:limit]
+            newest = region.reuse == "show_newest"
+            candidates = candidates[-limit:] if newest else candidates[:limit]
         if not candidates:
             continue
-        cells = _cells(region, len(candidates), canvas_w, canvas_h)
+        sized = [s for _, s in candidates if s.width and s.height]
+        aspect = (sum(s.width / s.height for s in sized) / len(sized)) if sized else 16 / 9
+        cells = _cells(region, len(candidates), canvas_w, canvas_h, aspect)
         for (participant, segment), cell in zip(candidates, cells, strict=False):
             placed.add(participant.id)
             video = region.show_video and _has_video(segment, t)

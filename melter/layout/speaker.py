@@ -85,7 +85,7 @@ def speech_flags(levels: np.ndarray, settings: Speaker) -> np.ndarray:
     flags = np.zeros(len(levels), dtype=bool)
     speaking = False
     for index, level in enumerate(levels):
-        if speaking and level < settings.off_dbov or not speaking and level >= settings.on_dbov:
+        if (speaking and level < settings.off_dbov) or (not speaking and level >= settings.on_dbov):
             speaking = not speaking
         flags[index] = speaking
     return flags
@@ -120,12 +120,15 @@ def speaker_timeline(tracks: Sequence[LevelTrack], settings: Speaker,
         candidate: int | None = None
         if talking:
             loudest = max(talking, key=lambda row: level[row, step])
-            if current is None:
+            takes_floor = current is None or (
+                loudest != current
+                and (
+                    quiet_for > hold
+                    or level[loudest, step] >= level[current, step] + settings.hysteresis_db
+                )
+            )
+            if takes_floor:
                 candidate = loudest
-            elif loudest != current:
-                if quiet_for > hold or level[loudest, step] >= level[current, step] + \
-                        settings.hysteresis_db:
-                    candidate = loudest
         if candidate is not None and step - last_switch >= min_switch:
             current = candidate
             quiet_for = 0

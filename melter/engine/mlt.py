@@ -1,0 +1,361 @@
+"""The MLT engine: a scene plan becomes an MLT XML document, rendered by ``melt``.
+
+Document shape: track 0 is the background; each prepared segment is one track (a playlist
+with a blank up to the segment's first frame, then the segment's file); placeholder cards and
+name labels are tracks of ``color`` producers with a ``dynamictext`` filter. Every placement of
+every scene is a ``composite`` transition onto track 0 limited to the scene's frames
+(``crop_to_fill`` for crop fit, ``fill`` with centred alignment for letterbox); each audio track
+is mixed into track 0 with ``mix sum=1`` (without ``sum`` every step halves the level).
+
+melt's exit code means little (a missing input, a malformed document or an unknown codec all
+exit 0): inputs are checked before, stderr is scanned for the errors melt prints, and the
+caller checks the output file after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from melter.compose import PreparedSegment
+from melter.errors import MelterError
+from melter.plan import Plan, Rect
+
+_PROGRESS = re.compile(r"Current Frame:\s*(\d+),\s*percentage:\s*(\d+)")
+_ERRORS = (
+    re.compile(r"failed to load", re.IGNORECASE),
+    re.compile(r"requires a X11", re.IGNORECASE),
+    re.compile(r"\[error\]", re.IGNORECASE),
+    re.compile(r"Failed to open", re.IGNORECASE),
+    re.compile(r"Unable to (?:find|open)", re.IGNORECASE),
+)
+
+
+class RenderError(MelterError):
+    """melt failed, or produced something other than what was asked."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One rendition: a file and the avformat consumer's properties for it."""
+
+    path: Path
+    properties: dict[str, str]
+    width: int
+    height: int
+    audio_only: bool = False
+
+
+@dataclass
+class Document:
+    xml: str
+    frames: int
+    fps: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _frame(us: int, fps: int) -> int:
+    return round(us * fps / 1_000_000)
+
+
+def _scaled(rect: Rect, sx: float, sy: float) -> Rect:
+    x0, y0 = round(rect.x * sx), round(rect.y * sy)
+    x1, y1 = round((rect.x + rect.width) * sx), round((rect.y + rect.height) * sy)
+    return Rect(x0, y0, max(2, x1 - x0), max(2, y1 - y0))
+
+
+def _geometry(rect: Rect) -> str:
+    return f"{rect.x}/{rect.y}:{rect.width}x{rect.height}:100"
+
+
+def _initials(name: str) -> str:
+    words = [w for w in re.split(r"[\s._-]+", name) if w]
+    if not words:
+        return "?"
+    letters = (words[0][0] + (words[1][0] if len(words) > 1 else "")).upper()
+    return letters
+
+
+def mlt_colour(colour: str) -> str:
+    """``#RRGGBB`` or web-style ``#RRGGBBAA`` to MLT's ``#AARRGGBB``."""
+    if len(colour) == 9:
+        return "#" + colour[7:9] + colour[1:7]
+    return colour
+
+
+def _prop(parent: ET.Element, name: str, value: object) -> None:
+    ET.SubElement(parent, "property", name=name).text = str(value)
+
+
+def _escape_text(text: str) -> str:
+    # dynamictext expands #keyword# and treats backslashes specially.
+    return text.replace("\\", "/").replace("#", "")
+
+
+def build_document(
+    plan: Plan,
+    media: dict[str, PreparedSegment],
+    width: int,
+    height: int,
+    labels: bool = True,
+    placeholder_text: str = "initials",
+    placeholder_color: str = "#3a3a4a",
+    label_size: int = 20,
+    label_color: str = "#ffffff",
+    label_background: str = "#00000099",
+    placeholder_text_color: str = "#ffffff",
+    font: str = "DejaVu Sans",
+    background_image: str | None = None,
+    audio_only: bool = False,
+) -> Document:
+    """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas)."""
+    fps = plan.fps
+    frames = max(1, math.ceil(plan.duration_us * fps / 1_000_000))
+    sx, sy = width / plan.width, height / plan.height
+    root = ET.Element("mlt", LC_NUMERIC="C", producer="main")
+    ET.SubElement(
+        root, "profile", description="melter", width=str(width), height=str(height),
+        progressive="1", sample_aspect_num="1", sample_aspect_den="1",
+        display_aspect_num=str(width), display_aspect_den=str(height),
+        frame_rate_num=str(fps), frame_rate_den="1", colorspace="709",
+    )
+    background = ET.SubElement(root, "producer", id="background",
+                               attrib={"in": "0", "out": str(frames - 1)})
+    if background_image:
+        service = "qimage" if background_image.endswith(".svg") else "pixbuf"
+        _prop(background, "mlt_service", service)
+        _prop(background, "resource", background_image)
+    else:
+        _prop(background, "mlt_service", "color")
+        _prop(background, "resource", mlt_colour(plan.background))
+    _prop(background, "length", frames)
+    background_playlist = ET.SubElement(root, "playlist", id="track0")
+    ET.SubElement(background_playlist, "entry", producer="background",
+                  attrib={"in": "0", "out": str(frames - 1)})
+
+    tracks: list[str] = ["track0"]
+    transitions: list[dict[str, str]] = []
+    track_of: dict[str, int] = {}
+    used = sorted({p.segment for s in plan.scenes for p in s.placements if p.video}
+                  | {seg for s in plan.scenes for seg in s.audio})
+    for number, segment_id in enumerate(used):
+        prepared = media[segment_id]
+        producer_id = f"seg{number}"
+        producer = ET.SubElement(root, "producer", id=producer_id,
+                                 attrib={"in": "0", "out": str(prepared.frames - 1)})
+        _prop(producer, "mlt_service", "avformat-novalidate")
+        _prop(producer, "resource", str(prepared.path))
+        _prop(producer, "length", prepared.frames)
+        _prop(producer, "seekable", 1)
+        if not prepared.has_video or audio_only:
+            _prop(producer, "video_index", -1)
+        if not prepared.has_audio:
+            _prop(producer, "audio_index", -1)
+        playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
+        if prepared.start_frame > 0:
+            ET.SubElement(playlist, "blank", length=str(prepared.start_frame))
+        last = min(prepared.frames, frames - prepared.start_frame) - 1
+        ET.SubElement(playlist, "entry", producer=producer_id, attrib={"in": "0", "out": str(last)})
+        track_of[segment_id] = len(tracks)
+        tracks.append(playlist.get("id") or "")
+        if prepared.has_audio:
+            transitions.append({"mlt_service": "mix", "a_track": "0",
+                                "b_track": str(track_of[segment_id]), "sum": "1",
+                                "always_active": "1"})
+
+    def card_track(name: str, entries: list[tuple[int, int]], color: str) -> int:
+        """A track of colour cards, one entry per (first, last frame).
+
+        Producers go before the playlist that uses them: MLT resolves ids as it reads.
+        """
+        ids = []
+        for index, (first, last) in enumerate(entries):
+            producer_id = f"{name}{index}"
+            ids.append(producer_id)
+            producer = ET.SubElement(root, "producer", id=producer_id,
+                                     attrib={"in": "0", "out": str(last - first)})
+            _prop(producer, "mlt_service", "color")
+            _prop(producer, "resource", color)
+            _prop(producer, "length", last - first + 1)
+        playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
+        cursor = 0
+        for producer_id, (first, last) in zip(ids, entries, strict=True):
+            if first > cursor:
+                ET.SubElement(playlist, "blank", length=str(first - cursor))
+            ET.SubElement(playlist, "entry", producer=producer_id,
+                          attrib={"in": "0", "out": str(last - first)})
+            cursor = last + 1
+        tracks.append(playlist.get("id") or "")
+        return len(tracks) - 1
+
+    # Text is drawn by filters on the tractor, on the finished picture at 1:1 scale (a text
+    # card composited into a cell would be scaled with it), and only between in and out.
+    texts: list[dict[str, str]] = []
+    cards: dict[tuple[str, Rect], list[tuple[int, int]]] = {}
+    for scene in plan.scenes:
+        first = _frame(scene.start_us, fps)
+        last = min(frames, _frame(scene.end_us, fps)) - 1
+        if last < first:
+            continue
+        for placement in scene.placements:
+            cell = _scaled(placement.rect, sx, sy)
+            if audio_only:
+                continue
+            if placement.video:
+                transition = {
+                    "mlt_service": "composite", "a_track": "0",
+                    "b_track": str(track_of[placement.segment]),
+                    "in": str(first), "out": str(last),
+                    "geometry": _geometry(cell), "halign": "centre", "valign": "middle",
+                    "fill": "1", "aligned": "1", "progressive": "1",
+                }
+                if placement.fit == "crop":
+                    transition["crop_to_fill"] = "1"
+                transitions.append(transition)
+            else:
+                cards.setdefault((placement.segment, cell), []).append((first, last))
+                text = {"initials": _initials(placement.display), "name": placement.display,
+                        "none": ""}[placeholder_text]
+                if text:
+                    card_size = max(12, min(cell.height // 3, cell.width // 4))
+                    texts.append({
+                        "in": str(first), "out": str(last), "argument": _escape_text(text),
+                        "geometry": _geometry(cell), "size": str(card_size),
+                        "halign": "center", "valign": "middle",
+                        "fgcolour": mlt_colour(placeholder_text_color), "bgcolour": "#00000000",
+                    })
+            if labels and (placement.video or placeholder_text != "name"):
+                size = max(8, round(label_size * sy))
+                inset = Rect(cell.x + 4, cell.y, cell.width - 8, cell.height - 4)
+                texts.append({
+                    "in": str(first), "out": str(last),
+                    "argument": _escape_text(placement.display),
+                    "geometry": _geometry(inset), "size": str(size),
+                    "halign": "left", "valign": "bottom",
+                    "fgcolour": mlt_colour(label_color), "bgcolour": mlt_colour(label_background),
+                })
+    for (_, cell), spans in cards.items():
+        merged = _merge_spans(spans)
+        track = card_track(f"card{len(tracks)}", merged, mlt_colour(placeholder_color))
+        for first, last in merged:
+            transitions.append({
+                "mlt_service": "composite", "a_track": "0", "b_track": str(track),
+                "in": str(first), "out": str(last), "geometry": _geometry(cell),
+                "distort": "1", "progressive": "1",
+            })
+
+    tractor = ET.SubElement(root, "tractor", id="main", attrib={"in": "0", "out": str(frames - 1)})
+    multitrack = ET.SubElement(tractor, "multitrack")
+    for track_id in tracks:
+        ET.SubElement(multitrack, "track", producer=track_id)
+    for spec in transitions:
+        element = ET.SubElement(tractor, "transition")
+        for bound in ("in", "out"):
+            if bound in spec:
+                element.set(bound, spec.pop(bound))
+        for key, value in spec.items():
+            _prop(element, key, value)
+    for spec in _merge_texts(texts):
+        element = ET.SubElement(tractor, "filter", attrib={"in": spec.pop("in"), "out": spec.pop("out")})
+        _prop(element, "mlt_service", "dynamictext")
+        _prop(element, "family", font)
+        _prop(element, "pad", 6)
+        for key, value in spec.items():
+            _prop(element, key, value)
+    ET.indent(root)
+    xml = '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
+    return Document(xml, frames, fps)
+
+
+def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(spans):
+        if merged and merged[-1][1] + 1 >= first:
+            merged[-1] = (merged[-1][0], max(last, merged[-1][1]))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _merge_texts(texts: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One filter per text run: scenes that only differ elsewhere do not restart the text."""
+    merged: list[dict[str, str]] = []
+    open_runs: dict[tuple, dict[str, str]] = {}
+    for spec in sorted(texts, key=lambda t: int(t["in"])):
+        key = tuple(sorted((k, v) for k, v in spec.items() if k not in ("in", "out")))
+        run = open_runs.get(key)
+        if run is not None and int(run["out"]) + 1 >= int(spec["in"]):
+            run["out"] = str(max(int(run["out"]), int(spec["out"])))
+            continue
+        copy = dict(spec)
+        open_runs[key] = copy
+        merged.append(copy)
+    return merged
+
+
+def melt_binary() -> str:
+    path = shutil.which("melt") or shutil.which("melt-7")
+    if path is None:
+        raise RenderError("melt is not installed (Debian package 'melt')")
+    return path
+
+
+def melt_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # MLT 7.12 loads Qt-based services only with a display name set; offscreen needs none.
+    env.setdefault("DISPLAY", ":0")
+    env.setdefault("QT_QPA_PLATFORM", "offscreen")
+    env.setdefault("LC_ALL", "C.UTF-8")
+    return env
+
+
+def run_melt(
+    document_path: Path,
+    consumer: list[str],
+    frames: int,
+    progress: Callable[[int, int], None] | None = None,
+    extra: list[str] | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Run melt on a document; returns its stderr. Raises :class:`RenderError` on trouble."""
+    command = [melt_binary(), "-progress2", str(document_path), *(extra or []), *consumer]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=melt_environment(), bufsize=1,
+    )
+    lines: list[str] = []
+    assert process.stderr is not None
+    buffer = ""
+    try:
+        while True:
+            chunk = process.stderr.read(256)
+            if not chunk:
+                break
+            buffer += chunk
+            parts = re.split(r"[\r\n]", buffer)
+            buffer = parts.pop()
+            for line in parts:
+                match = _PROGRESS.search(line)
+                if match:
+                    if progress is not None:
+                        progress(int(match.group(1)), frames)
+                elif line.strip():
+                    lines.append(line)
+        process.wait(timeout=timeout)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    stderr = "\n".join(lines)
+    problems = [line for line in lines if any(p.search(line) for p in _ERRORS)]
+    if process.returncode != 0 or problems:
+        detail = "; ".join(problems[:3]) or f"exit code {process.returncode}"
+        raise RenderError(f"melt failed: {detail}")
+    return stderr
