@@ -590,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "melter": melter_version,
             "melter_code": code_before,
-            "melter_code_changed_during_run": code_after != code_before,
+            "melter_code_changed_during_run": (
+                code_after["sources_sha256"] != code_before["sources_sha256"]
+            ),
             "melter_run_from_snapshot": snapshot is not None,
             "melter_working_tree_after_run": working_tree_after,
             "janus_pp_rec": _janus_version(),

@@ -211,6 +211,168 @@ def convert(
     err.print(f"{output}: {written}{extra}, {report.duration_us / 1e6:.3f} s")
 
 
+layouts_app = typer.Typer(help="Built-in layouts and the layout file schema.", no_args_is_help=True)
+app.add_typer(layouts_app, name="layouts")
+
+RoomOption = Annotated[str | None, typer.Option("--room", help="the Janus room, when the folder "
+                                                 "holds several")]
+EventsOption = Annotated[Path | None, typer.Option("--events", help="Janus events file "
+                                                    "(JSON lines) for display names")]
+LayoutOption = Annotated[str, typer.Option("--layout", "-l", help="built-in layout name or a "
+                                           "layout YAML file")]
+
+
+@layouts_app.command("list")
+def layouts_list() -> None:
+    """The built-in layouts."""
+    from melter.layout.model import builtin_names, load_layout
+
+    for name in builtin_names():
+        out.print(f"{name:14} {load_layout(name).description}")
+
+
+@layouts_app.command("show")
+def layouts_show(name: Annotated[str, typer.Argument(help="built-in name or file")]) -> None:
+    """A layout as YAML, defaults filled in."""
+    import yaml
+
+    from melter.layout.model import load_layout
+
+    layout = load_layout(name)
+    data = layout.model_dump(mode="json", by_alias=True, exclude_none=True)
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+@layouts_app.command("schema")
+def layouts_schema() -> None:
+    """The JSON Schema of layout files."""
+    from melter.layout.model import schema
+
+    sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
+
+
+def _meeting(inputs: list[Path], room: str | None, events: Path | None):  # type: ignore[no-untyped-def]
+    from melter.meeting import discover
+
+    return discover(inputs, room=room, events=events)
+
+
+@app.command()
+def plan(
+    inputs: Annotated[list[Path], typer.Argument(help="meeting folder or MJR files")],
+    layout: LayoutOption = "grid",
+    room: RoomOption = None,
+    events: EventsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    speakers: Annotated[bool, typer.Option("--speakers", help="include the active-speaker "
+                                           "timeline")] = False,
+) -> None:
+    """The scene plan: who sits where during which interval (a dry run, no media written)."""
+    from melter.compose import plan_meeting
+    from melter.layout.model import load_layout
+
+    meeting = _meeting(inputs, room, events)
+    scene_plan, changes = plan_meeting(meeting, load_layout(layout))
+    data = scene_plan.to_json()
+    data["participants"] = [
+        {"id": p.id, "display": p.display, "kind": p.kind,
+         "segments": [{"id": s.id, "start_s": round((s.start_us - meeting.start_us) / 1e6, 3),
+                       "end_s": round((s.end_us - meeting.start_us) / 1e6, 3),
+                       "audio": s.audio is not None, "video": s.video is not None}
+                      for s in p.segments]}
+        for p in meeting.participants
+    ]
+    if speakers:
+        data["speakers"] = [{"at_s": round(c.at_us / 1e6, 3), "participant": c.participant}
+                            for c in changes]
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    table = Table(title=f"room {meeting.room} — {data['duration_s']} s, "
+                  f"{len(meeting.participants)} participants", title_justify="left")
+    for column in ("from", "to", "layout", "placements", "audio"):
+        table.add_column(column)
+    for scene in data["scenes"]:
+        places = "\n".join(
+            f"{p['display']} → {p['region']} {p['cell'][2]}x{p['cell'][3]}+{p['cell'][0]}+"
+            f"{p['cell'][1]}{'' if p['video'] else ' (card)'}" for p in scene["placements"])
+        table.add_row(str(scene["start_s"]), str(scene["end_s"]), scene["layout"], places,
+                      str(len(scene["audio"])))
+    out.print(table)
+    for warning in data["warnings"]:
+        err.print(f"warning: {warning}")
+
+
+@app.command()
+def render(
+    inputs: Annotated[list[Path], typer.Argument(help="meeting folder or MJR files")],
+    output: Annotated[list[Path], typer.Option("-o", "--output", help="output file; repeat for "
+                                               "several renditions")],
+    layout: LayoutOption = "grid",
+    preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="preset per output, "
+                      "in order (mp4, 720p, 1080p, 4k, webm, m4a, opus); default from the "
+                      "extension")] = None,
+    room: RoomOption = None,
+    events: EventsOption = None,
+    trim: Annotated[bool, typer.Option("--trim", help="drop stretches where nobody is "
+                                       "present")] = False,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="keep prepared media here "
+                                                 "(reused by later renders)")] = None,
+) -> None:
+    """Compose the meeting by a layout into finished video (through MLT's melt)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from melter.layout.model import load_layout
+    from melter.render import preset_for
+    from melter.render import render as run_render
+
+    presets = preset or []
+    if presets and len(presets) != len(output):
+        raise typer.BadParameter("give one --preset per --output, or none", param_hint="--preset")
+    targets = [(path, preset_for(path, presets[i] if presets else None))
+               for i, path in enumerate(output)]
+    meeting = _meeting(inputs, room, events)
+    chosen = load_layout(layout)
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())
+    with Progress(*columns,
+                  console=err, transient=True) as bar:
+        task = bar.add_task("rendering", total=1)
+
+        def progress(frame: int, frames: int) -> None:
+            bar.update(task, total=frames, completed=frame)
+
+        result = run_render(meeting, chosen, targets, workdir=workdir, trim=trim,
+                            progress=progress)
+    for warning in result.warnings:
+        err.print(f"warning: {warning}")
+    for path in result.outputs:
+        err.print(f"{path}: {result.duration_s} s, {len(meeting.participants)} participants")
+
+
+@app.command()
+def preview(
+    inputs: Annotated[list[Path], typer.Argument(help="meeting folder or MJR files")],
+    at: Annotated[str, typer.Option("--at", help="meeting time: HH:MM:SS, MM:SS or seconds")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file")],
+    layout: LayoutOption = "grid",
+    room: RoomOption = None,
+    events: EventsOption = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir")] = None,
+) -> None:
+    """One composed frame as a PNG, in seconds."""
+    from melter.layout.model import load_layout, parse_time
+    from melter.render import preview as run_preview
+
+    try:
+        seconds = parse_time(at)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--at") from None
+    meeting = _meeting(inputs, room, events)
+    run_preview(meeting, load_layout(layout), seconds, output, workdir=workdir)
+    err.print(f"{output}: frame at {seconds:.3f} s")
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="print the version")] = False,

@@ -31,6 +31,7 @@ from melter.plan import (
     SpeakerChange,
     build_plan,
 )
+from melter.track import TrackAnalysis
 
 
 def _video_spans(segment: Segment, origin_us: int) -> tuple[Span, ...]:
@@ -141,6 +142,9 @@ class PreparedSegment:
     has_video: bool
     width: int
     height: int
+    #: The video's typical frame interval (seconds): the engine needs it to show, at each
+    #: output frame, the latest picture taken before it.
+    frame_interval: float = 0.0
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -150,6 +154,12 @@ def _segment_key(segment: Segment, start_us: int) -> str:
         digest.update(f"{track.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     digest.update(str(start_us).encode())
     return digest.hexdigest()[:16]
+
+
+def _frame_interval(video: TrackAnalysis | None) -> float:
+    if video is None or video.frames < 2 or video.duration_us <= 0:
+        return 0.0
+    return video.duration_us / 1e6 / (video.frames - 1)
 
 
 def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, PreparedSegment]:
@@ -177,5 +187,6 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 video is not None,
                 video.max_width if video else 0,
                 video.max_height if video else 0,
+                _frame_interval(video),
             )
     return prepared

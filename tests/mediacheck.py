@@ -129,3 +129,43 @@ def pair_offsets(video: list[float], audio: list[float], max_apart: float = 0.5)
         if abs(nearest - flash) <= max_apart:
             offsets.append(nearest - flash)
     return offsets
+
+
+def tone_envelope(
+    audio: DecodedAudio, freq: float, window: float = 0.04, hop: float = 0.005,
+    start: float | None = None, end: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Amplitude of one frequency over time (Hann-windowed DFT bin, centred windows).
+
+    Returns ``(times, amplitude)`` where a full-scale sine at ``freq`` reads 1.0. Hann
+    windows keep a neighbour 50 Hz away (another participant's tone) out of the reading.
+    """
+    rate = audio.rate
+    size = int(window * rate)
+    step = max(1, int(hop * rate))
+    first = 0 if start is None else max(0, int((start - audio.start) * rate) - size // 2)
+    last = len(audio.samples) if end is None else min(
+        len(audio.samples), int((end - audio.start) * rate) + size // 2)
+    x = audio.samples[first:last].astype(np.float64)
+    if len(x) < size:
+        return np.zeros(0), np.zeros(0)
+    frames = np.lib.stride_tricks.sliding_window_view(x, size)[::step]
+    taper = np.hanning(size)
+    phase = np.exp(-2j * np.pi * freq * np.arange(size) / rate) * taper
+    amplitude = 2 * np.abs(frames @ phase) / taper.sum()
+    times = audio.start + (first + np.arange(len(frames)) * step + size / 2) / rate
+    return times, amplitude
+
+
+def rising_edges(times: np.ndarray, amplitude: np.ndarray, threshold: float,
+                 min_gap: float = 1.0) -> list[float]:
+    """Times where ``amplitude`` first crosses ``threshold`` upwards (interpolated)."""
+    above = amplitude >= threshold
+    edges = []
+    for index in np.nonzero(above[1:] & ~above[:-1])[0]:
+        a, b = amplitude[index], amplitude[index + 1]
+        frac = (threshold - a) / (b - a) if b != a else 0.0
+        when = float(times[index] + frac * (times[index + 1] - times[index]))
+        if not edges or when - edges[-1] >= min_gap:
+            edges.append(when)
+    return edges

@@ -397,9 +397,7 @@ def packetize_vp8(frame: bytes, picture_id: int | None = 0, mtu: int = 1200) -> 
     """A VP8 frame as RTP payloads: the first starts partition 0, the rest continue it."""
     size = mtu - len(vp8_descriptor(True, picture_id))
     chunks = [frame[pos : pos + size] for pos in range(0, len(frame), size)] or [b""]
-    return [
-        vp8_descriptor(index == 0, picture_id) + chunk for index, chunk in enumerate(chunks)
-    ]
+    return [vp8_descriptor(index == 0, picture_id) + chunk for index, chunk in enumerate(chunks)]
 
 
 def split_annexb(data: bytes) -> list[bytes]:
@@ -831,9 +829,7 @@ class Stream:
     def frames(self, first_us: int | None = None) -> list[tuple[int, bytes]]:
         """``(arrival ms since first_us, RTP bytes)`` in file order."""
         base = self.packets[0].arrival_us if first_us is None else first_us
-        return [
-            (max(0, (p.arrival_us - base) // 1000), p.to_bytes()) for p in self.packets
-        ]
+        return [(max(0, (p.arrival_us - base) // 1000), p.to_bytes()) for p in self.packets]
 
     def header(self, **fields: Any) -> dict[str, Any]:
         fields.setdefault("extensions", self.header_extensions or None)

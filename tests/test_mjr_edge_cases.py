@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from mjrwriter import (
     T0_US,
     URI_AUDIO_LEVEL,
     URI_MID,
-    URI_VIDEO_ORIENTATION,
     V1,
     V2,
     Stream,
@@ -228,7 +226,9 @@ def test_arrival_counter_wrap(tmp_path: Path) -> None:
     packets = Stream.opus(0.08).packets
     ms = [0xFFFF_FF00, 0xFFFF_FFF0, 0x10, 0x20]
     path = write_mjr(
-        tmp_path / "w.mjr", make_header(), [(m, p.to_bytes()) for m, p in zip(ms, packets)]
+        tmp_path / "w.mjr",
+        make_header(),
+        [(m, p.to_bytes()) for m, p in zip(ms, packets, strict=True)],
     )
     got = [f.arrival_ms for f in MjrReader(path).frames()]
     assert got == [0xFFFF_FF00, 0xFFFF_FFF0, (1 << 32) + 0x10, (1 << 32) + 0x20]
@@ -396,7 +396,7 @@ def test_random_bit_flips_in_frames_never_crash(opus2: Path, tmp_path: Path) -> 
     rng = random.Random(7)
     original = opus2.read_bytes()
     start = frame_offsets(opus2)[0]
-    for case in range(20):
+    for case in range(12):
         data = bytearray(original)
         for _ in range(8):
             bit = rng.randrange(start * 8, len(data) * 8)
@@ -404,8 +404,37 @@ def test_random_bit_flips_in_frames_never_crash(opus2: Path, tmp_path: Path) -> 
         path = tmp_path / f"flip{case}.mjr"
         path.write_bytes(bytes(data))
         analysis = analyze(path)  # the header is intact: something always survives
-        assert 80 <= analysis.frames <= 100
-        assert analysis.stats.packets + analysis.stats.invalid <= 100
+        stats = analysis.stats
+        assert 0 < analysis.frames == stats.packets
+        assert stats.packets + stats.late + stats.duplicates + stats.invalid <= 100
+        report = convert([path], tmp_path / f"flip{case}.opus")
+        assert report.frames_written["audio"] <= 100
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: order.ordered_packets drops every packet of an SSRC it has left as 'late' "
+    "(prev_ssrc straggler rule), so a switch back A->B->A loses the rest of the track",
+)
+def test_ssrc_switch_back_kept(tmp_path: Path) -> None:
+    stream = Stream.opus(3.0).ssrc_change(50, SSRC_B, seq=20_000)
+    stream.ssrc_change(100, 0x11223344, seq=51)
+    analysis = analyze(stream.write(tmp_path / "aba.mjr"))
+    assert (analysis.frames, analysis.stats.late) == (150, 0)
+    assert abs(analysis.duration_us - 3_000_000) <= TOL_US
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: one packet with a stray SSRC (a single bit flip is enough) makes every later "
+    "packet of the real SSRC count as 'late': 69 of 100 packets dropped",
+)
+def test_single_stray_ssrc_packet(tmp_path: Path) -> None:
+    stream = Stream.opus(2.0)
+    stream.by_index(30).ssrc ^= 0x0100  # one flipped bit
+    analysis = analyze(stream.write(tmp_path / "stray.mjr"))
+    assert analysis.frames >= 99
+    assert abs(analysis.duration_us - 2_000_000) <= TOL_US
 
 
 def _no_packet_files(tmp_path: Path) -> dict[str, tuple[Path, int]]:
@@ -455,8 +484,10 @@ CLI_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", ["inspect", "convert"])
-@pytest.mark.parametrize("case", list(CLI_CASES))
+@pytest.mark.parametrize(
+    ("case", "command"),
+    [(case, "convert") for case in CLI_CASES] + [("empty", "inspect"), ("garbage", "inspect")],
+)
 def test_cli_bad_input_one_line(tmp_path: Path, case: str, command: str) -> None:
     content, offset = CLI_CASES[case]
     path = tmp_path / f"{case}.mjr"
@@ -611,12 +642,12 @@ def test_video_rotation_written_as_display_matrix(
     convert([path], output)
     side = ffprobe_streams(output)[0].get("side_data_list", [])
     assert [abs(s["rotation"]) for s in side if "rotation" in s] == [abs(probe_rotation)]
-    assert [s["rotation"] for s in side if "rotation" in s][0] in (probe_rotation, -180, 180)
+    assert next(s["rotation"] for s in side if "rotation" in s) in (probe_rotation, -180, 180)
     # ffmpeg turns the picture upright: clockwise by ``degrees`` moves the red half to the top
     # (90), to the right (180) or to the bottom (270).
+    first_frame = ["-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     raw = subprocess.run(
-        ["ffmpeg", "-v", "error", "-i", str(output), "-frames:v", "1", "-f", "rawvideo"]
-        + ["-pix_fmt", "rgb24", "-"],
+        ["ffmpeg", "-v", "error", "-i", str(output), *first_frame],
         capture_output=True,
         timeout=60,
         check=True,
@@ -767,6 +798,24 @@ def test_ssrc_change_piece_reason(tmp_path: Path) -> None:
     assert [p.reason for p in analysis.pieces] == ["start", "ssrc-change"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: after an SSRC change the timeline is re-anchored only when arrival-minus-RTP "
+    "moves > 0.5 s, so a new sender's clock a few hundred ms off shifts its audio",
+)
+@pytest.mark.parametrize("offset_ms", [-400, 400])
+def test_ssrc_change_small_ts_offset_repaired(tmp_path: Path, offset_ms: int) -> None:
+    """The new sender's timestamps start 400 ms behind/ahead; arrivals are continuous."""
+    continuous = 100 * 960
+    stream = Stream.opus(4.0).ssrc_change(100, SSRC_B, seq=40_000, ts=continuous + offset_ms * 48)
+    path = stream.write(tmp_path / "near.mjr")
+    analysis = analyze(path)
+    assert abs(analysis.duration_us - 4_000_000) <= TOL_US
+    report = convert([path], tmp_path / "near.opus")
+    assert (report.frames_written, report.dropped_audio) == ({"audio": 200}, 0)
+    assert abs(decode_audio(tmp_path / "near.opus").duration - 4.0) < 0.04
+
+
 # -- timing repair -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "edit",
@@ -847,9 +896,7 @@ def test_dtx_gaps_filled(tmp_path: Path) -> None:
     analysis = analyze(path)
     assert analysis.duration_us == 4_000_000
     assert analysis.stats.lost == 0
-    assert gaps_rel(analysis) == [
-        (1_020_000 + 400_000 * k, 380_000, "pause", 0) for k in range(5)
-    ]
+    assert gaps_rel(analysis) == [(1_020_000 + 400_000 * k, 380_000, "pause", 0) for k in range(5)]
     output = tmp_path / "dtx.opus"
     report = convert([path], output)
     assert report.frames_written == {"audio": 105}
@@ -993,9 +1040,7 @@ def test_h264_single_stap_fu(tmp_path: Path, suffix: str) -> None:
         ("l16-48", 100, "l16-48", 48000),
     ],
 )
-def test_fixed_rate_audio_to_wav(
-    tmp_path: Path, codec: str, pt: int, kind: str, rate: int
-) -> None:
+def test_fixed_rate_audio_to_wav(tmp_path: Path, codec: str, pt: int, kind: str, rate: int) -> None:
     if kind in ("pcmu", "pcma"):
         payloads = g711_payloads(2.0, 1000.0, "mulaw" if kind == "pcmu" else "alaw")
         ticks = 160
@@ -1083,6 +1128,8 @@ def test_convert_refuses_wrong_container(
     assert isinstance(caught.value, UnsupportedError)
     assert words in str(caught.value)
     assert not output.exists()
+    if suffix != ".webm":
+        return  # the command line is checked on a few cases (each run costs a second)
     result = run_cli("convert", *inputs, "-o", output)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -143,32 +143,49 @@ def build_document(
     tracks: list[str] = ["track0"]
     transitions: list[dict[str, str]] = []
     track_of: dict[str, int] = {}
-    used = sorted({p.segment for s in plan.scenes for p in s.placements if p.video}
-                  | {seg for s in plan.scenes for seg in s.audio})
-    for number, segment_id in enumerate(used):
+    # Each segment is two tracks from one file: its audio for the whole segment (mixed), and
+    # its video only where a placement shows it. A track with a picture and no transition on
+    # a frame would otherwise cover the whole canvas (MLT shows the top track then).
+    shown: dict[str, list[tuple[int, int]]] = {}
+    for scene in plan.scenes:
+        first = _frame(scene.start_us, fps)
+        last = min(frames, _frame(scene.end_us, fps)) - 1
+        for placement in scene.placements:
+            if placement.video and not audio_only and last >= first:
+                shown.setdefault(placement.segment, []).append((first, last))
+    heard = {seg for s in plan.scenes for seg in s.audio}
+    for number, segment_id in enumerate(sorted(set(shown) | heard)):
         prepared = media[segment_id]
-        producer_id = f"seg{number}"
-        producer = ET.SubElement(root, "producer", id=producer_id,
-                                 attrib={"in": "0", "out": str(prepared.frames - 1)})
-        _prop(producer, "mlt_service", "avformat-novalidate")
-        _prop(producer, "resource", str(prepared.path))
-        _prop(producer, "length", prepared.frames)
-        _prop(producer, "seekable", 1)
-        if not prepared.has_video or audio_only:
-            _prop(producer, "video_index", -1)
-        if not prepared.has_audio:
-            _prop(producer, "audio_index", -1)
-        playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
-        if prepared.start_frame > 0:
-            ET.SubElement(playlist, "blank", length=str(prepared.start_frame))
-        last = min(prepared.frames, frames - prepared.start_frame) - 1
-        ET.SubElement(playlist, "entry", producer=producer_id, attrib={"in": "0", "out": str(last)})
-        track_of[segment_id] = len(tracks)
-        tracks.append(playlist.get("id") or "")
-        if prepared.has_audio:
+        end = min(prepared.frames, frames - prepared.start_frame) - 1
+        if segment_id in heard and prepared.has_audio:
+            producer_id = f"seg{number}a"
+            _media_producer(root, producer_id, prepared, audio=True)
+            playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
+            if prepared.start_frame > 0:
+                ET.SubElement(playlist, "blank", length=str(prepared.start_frame))
+            ET.SubElement(playlist, "entry", producer=producer_id,
+                          attrib={"in": "0", "out": str(end)})
             transitions.append({"mlt_service": "mix", "a_track": "0",
-                                "b_track": str(track_of[segment_id]), "sum": "1",
-                                "always_active": "1"})
+                                "b_track": str(len(tracks)), "sum": "1", "always_active": "1"})
+            tracks.append(playlist.get("id") or "")
+        if segment_id in shown and prepared.has_video:
+            producer_id = f"seg{number}v"
+            _media_producer(root, producer_id, prepared, audio=False)
+            playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
+            cursor = 0
+            for first, last in _merge_spans(shown[segment_id]):
+                first = max(first, prepared.start_frame)
+                last = min(last, prepared.start_frame + end)
+                if last < first:
+                    continue
+                if first > cursor:
+                    ET.SubElement(playlist, "blank", length=str(first - cursor))
+                ET.SubElement(playlist, "entry", producer=producer_id,
+                              attrib={"in": str(first - prepared.start_frame),
+                                      "out": str(last - prepared.start_frame)})
+                cursor = last + 1
+            track_of[segment_id] = len(tracks)
+            tracks.append(playlist.get("id") or "")
 
     def card_track(name: str, entries: list[tuple[int, int]], color: str) -> int:
         """A track of colour cards, one entry per (first, last frame).
@@ -208,7 +225,7 @@ def build_document(
             cell = _scaled(placement.rect, sx, sy)
             if audio_only:
                 continue
-            if placement.video:
+            if placement.video and placement.segment in track_of:
                 transition = {
                     "mlt_service": "composite", "a_track": "0",
                     "b_track": str(track_of[placement.segment]),
@@ -263,7 +280,8 @@ def build_document(
         for key, value in spec.items():
             _prop(element, key, value)
     for spec in _merge_texts(texts):
-        element = ET.SubElement(tractor, "filter", attrib={"in": spec.pop("in"), "out": spec.pop("out")})
+        bounds = {"in": spec.pop("in"), "out": spec.pop("out")}
+        element = ET.SubElement(tractor, "filter", attrib=bounds)
         _prop(element, "mlt_service", "dynamictext")
         _prop(element, "family", font)
         _prop(element, "pad", 6)
@@ -272,6 +290,23 @@ def build_document(
     ET.indent(root)
     xml = '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
     return Document(xml, frames, fps)
+
+
+def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegment,
+                    audio: bool) -> None:
+    producer = ET.SubElement(root, "producer", id=producer_id,
+                             attrib={"in": "0", "out": str(prepared.frames - 1)})
+    _prop(producer, "mlt_service", "avformat-novalidate")
+    _prop(producer, "resource", str(prepared.path))
+    _prop(producer, "length", prepared.frames)
+    _prop(producer, "seekable", 1)
+    # One decoder per producer: the audio track never decodes pictures and vice versa.
+    _prop(producer, "video_index" if audio else "audio_index", -1)
+    if not audio and prepared.frame_interval > 0.002:
+        # melt shows, at each output frame, the first picture at or after its time; delayed
+        # by one source frame interval that becomes the last picture taken before it (what a
+        # viewer of the live meeting saw), never a picture from the future.
+        _prop(producer, "video_delay", f"{prepared.frame_interval - 0.001:.4f}")
 
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

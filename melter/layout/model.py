@@ -140,7 +140,7 @@ class Speaker(_Strict):
     on_dbov: float = Field(-35.0, le=0, description="louder than this starts speech")
     off_dbov: float = Field(-45.0, le=0, description="quieter than this ends speech")
     hold: float = Field(0.5, ge=0, description="seconds the speaker keeps the floor in silence")
-    min_switch: float = Field(1.5, ge=0, description="seconds between two switches at least")
+    min_switch: float = Field(1.0, ge=0, description="seconds between two switches at least")
     hysteresis_db: float = Field(
         6.0, ge=0, description="a challenger must be this much louder than a speaking speaker"
     )

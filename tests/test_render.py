@@ -1,0 +1,230 @@
+"""Rendered meetings, measured: tile colours, tones, sync markers and duration.
+
+Truth comes from the fixtures' manifests (what each participant sent, and when Janus got its
+first and last packet), never from Melter's own plan — except to know which cell to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from mediacheck import DecodedAudio, decode_audio, rising_edges, tone_envelope
+
+from melter.layout.model import load_layout
+from melter.meeting import Meeting, discover
+from melter.plan import Plan
+from melter.render import PRESETS, RenderResult, render
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MEETINGS = ["dev-three-party-vp8", "dev-two-party-h264", "dev-turn-taking-vp8"]
+FPS = 30
+FRAME = 1 / FPS
+
+
+@dataclass
+class Person:
+    name: str
+    pid: str
+    colour: np.ndarray
+    tone: float
+    join: float  # meeting seconds
+    leave: float
+    clock_t0: float  # meeting seconds of the participant's media clock zero
+    pauses: list[tuple[float, float]]
+
+
+@dataclass
+class Rendered:
+    meeting_name: str
+    meeting: Meeting
+    result: RenderResult
+    path: Path
+    people: list[Person]
+    span: float
+    audio: DecodedAudio
+
+    @property
+    def plan(self) -> Plan:
+        return self.result.plan
+
+
+def truth(meeting_name: str) -> tuple[list[Person], float]:
+    """Participants' presence from the manifest (first and last packet Janus got)."""
+    data = json.loads((FIXTURES / meeting_name / "manifest.json").read_text())
+    files = data["files"]
+    start_us = min(f["mjr_first_packet_us"] for f in files)
+    end_us = max(f["mjr_first_packet_us"] + f["rtp"]["file_offset_ms_last"] * 1000 for f in files)
+    people = []
+    for person in data["participants"]:
+        mine = [f for f in files if f["participant"] == person["name"]]
+        join = min(f["mjr_first_packet_us"] for f in mine)
+        # The last audio packet plays for 20 ms after it arrived.
+        leave = max(f["mjr_first_packet_us"] + f["rtp"]["file_offset_ms_last"] * 1000
+                    for f in mine) + 20_000
+        t0 = person["actual"]["media_clock_t0_epoch"] * 1e6
+        pauses = [((t0 + a * 1e6 - start_us) / 1e6, (t0 + b * 1e6 - start_us) / 1e6)
+                  for a, b in person.get("audio_gaps_s", [])]
+        people.append(Person(
+            person["name"], str(person["id"]), np.array(person["color_rgb"], dtype=float),
+            float(person["tone_hz"]), (join - start_us) / 1e6, (leave - start_us) / 1e6,
+            (t0 - start_us) / 1e6, pauses,
+        ))
+    return people, (end_us - start_us) / 1e6
+
+
+@pytest.fixture(scope="module", params=MEETINGS)
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    name = request.param
+    meeting = discover([FIXTURES / name])
+    out = tmp_path_factory.mktemp(name) / "grid.mp4"
+    result = render(meeting, load_layout("grid"), [(out, PRESETS["mp4"])])
+    people, span = truth(name)
+    return Rendered(name, meeting, result, out, people, span, decode_audio(out))
+
+
+def frames_at(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+    """RGB pictures of the given output frame numbers."""
+    pictures: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            number = round(float(frame.pts * frame.time_base) * FPS)
+            if number in wanted:
+                pictures[number] = frame.to_ndarray(format="rgb24")
+            if len(pictures) == len(wanted):
+                break
+    return pictures
+
+
+def cell_of(plan: Plan, participant: str, t: float) -> tuple[int, int] | None:
+    """Where to look for a participant in the output frame that starts at ``t``."""
+    at = (t + FRAME / 2) * 1e6  # the frame's middle: scene bounds lie on frame starts
+    for scene in plan.scenes:
+        if scene.start_us <= at < scene.end_us:
+            for placement in scene.placements:
+                if placement.participant == participant:
+                    # Below the picture's centred text, above its barcode.
+                    rect = placement.rect
+                    return rect.x + rect.width // 2, rect.y + rect.height * 4 // 5
+    return None
+
+
+def centre_colour(picture: np.ndarray, centre: tuple[int, int]) -> np.ndarray:
+    x, y = centre
+    return picture[y - 4 : y + 4, x - 4 : x + 4].reshape(-1, 3).mean(axis=0)
+
+
+def in_flash(person: Person, t: float) -> bool:
+    phase = (t - person.clock_t0) % 5.0
+    return phase < 0.2 or phase > 4.9
+
+
+def test_duration_is_the_meeting_span(rendered: Rendered) -> None:
+    with av.open(str(rendered.path)) as container:
+        video = container.streams.video[0]
+        frames = sum(1 for _ in container.demux(video) if _.size)
+    # Span: first packet to last packet (+ the last audio packet's 20 ms).
+    expected = rendered.span + 0.020
+    assert abs(frames / FPS - expected) <= 2 * FRAME, (frames, expected)
+    assert abs(rendered.audio.duration - expected) <= 2 * FRAME
+
+
+def test_tiles_show_each_participant_while_present(rendered: Rendered) -> None:
+    plan = rendered.plan
+    checks: list[tuple[int, Person, bool]] = []
+    for person in rendered.people:
+        # Well inside the presence, and one frame either side of joining and leaving.
+        inside = [person.join + 0.5, (person.join + person.leave) / 2, person.leave - 0.5]
+        for t in inside:
+            frame = round(t * FPS)
+            if not in_flash(person, frame / FPS):
+                checks.append((frame, person, True))
+        checks.append((math.ceil(person.join * FPS) + 1, person, True))
+        if person.join > 2 * FRAME:
+            checks.append((math.floor(person.join * FPS) - 1, person, False))
+        if person.leave < rendered.span - 2 * FRAME:
+            checks.append((math.ceil(person.leave * FPS) + 1, person, False))
+        checks.append((math.floor(person.leave * FPS) - 1, person, True))
+    pictures = frames_at(rendered.path, {frame for frame, _, _ in checks})
+    for frame, person, present in checks:
+        t = frame / FPS
+        picture = pictures[frame]
+        cell = cell_of(plan, person.pid, t)
+        if present:
+            assert cell is not None, f"{person.name} has no tile at {t:.3f} s"
+            colour = centre_colour(picture, cell)
+            if in_flash(person, t):
+                continue
+            assert np.abs(colour - person.colour).max() < 30, (person.name, t, colour)
+        else:
+            assert cell is None, f"{person.name} has a tile at {t:.3f} s, outside presence"
+            # Nobody's tile shows this participant's colour.
+            for other in rendered.people:
+                where = cell_of(plan, other.pid, t)
+                if where is not None:
+                    colour = centre_colour(picture, where)
+                    assert np.abs(colour - person.colour).max() > 30, (person.name, t)
+
+
+def test_each_tone_is_audible_only_while_present(rendered: Rendered) -> None:
+    audio = rendered.audio
+    for person in rendered.people:
+        times, amplitude = tone_envelope(audio, person.tone, window=0.08, hop=0.02)
+        present = (times > person.join + 0.3) & (times < person.leave - 0.3)
+        for a, b in person.pauses:
+            present &= ~((times > a - 0.1) & (times < b + 0.1))
+        absent = (times < person.join - 0.3) | (times > person.leave + 0.3)
+        # Any tone starting or stopping abruptly splashes a click over every frequency.
+        # So does every sync marker's frequency switch (every 5 s of each media clock).
+        edges = [p.join for p in rendered.people] + [p.leave for p in rendered.people]
+        for other in rendered.people:
+            marks = np.arange(0, rendered.span + 5, 5.0) + other.clock_t0
+            edges += list(marks) + list(marks + 0.1)
+        for edge in edges:
+            absent &= np.abs(times - edge) > 0.15
+        absent &= times < audio.start + audio.duration - 0.15
+        # In the turn-taking meeting a participant between turns sends the tone at -50 dBFS
+        # (0.003): quiet but present; absence is true silence.
+        assert np.median(amplitude[present]) > 0.002, person.name
+        if absent.any():
+            assert amplitude[absent].max() < 0.0005, (person.name, amplitude[absent].max())
+
+
+def test_flash_and_tone_doubling_stay_within_one_frame(rendered: Rendered) -> None:
+    plan = rendered.plan
+    brightness: dict[str, list[tuple[float, float]]] = {p.pid: [] for p in rendered.people}
+    with av.open(str(rendered.path)) as container:
+        for frame in container.decode(container.streams.video[0]):
+            t = float(frame.pts * frame.time_base)
+            picture = frame.to_ndarray(format="rgb24")
+            for person in rendered.people:
+                cell = cell_of(plan, person.pid, t)
+                if cell is not None:
+                    brightness[person.pid].append((t, float(centre_colour(picture, cell).min())))
+    paired = 0
+    for person in rendered.people:
+        samples = brightness[person.pid]
+        flashes = [t for (t, b), (_, prev) in zip(samples[1:], samples, strict=False)
+                   if b > 200 >= prev]
+        for flash in flashes:
+            if any(a - 0.2 < flash < b + 0.2 for a, b in person.pauses):
+                continue  # no audio then: the edge found would be the pause's click
+            # 80 ms Hann windows keep a neighbour's tone 50 Hz away out; the centred window's
+            # half-height crossing marks the onset.
+            times, amplitude = tone_envelope(rendered.audio, 2 * person.tone, window=0.08,
+                                             hop=0.001, start=flash - 0.4, end=flash + 0.4)
+            if len(amplitude) == 0 or amplitude.max() < 0.05:
+                continue  # no doubled tone: a marker outside a speaking turn
+            edges = rising_edges(times, amplitude, amplitude.max() / 2)
+            near = [d for d in edges if abs(d - flash) < 0.3]
+            assert near, (person.name, flash)
+            offset = near[0] - flash
+            assert abs(offset) <= FRAME + 0.002, (person.name, flash, offset)
+            paired += 1
+    assert paired >= len(rendered.people)
