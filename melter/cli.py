@@ -205,7 +205,7 @@ def convert(
         raise typer.BadParameter(f"unknown output type {suffix!r}", param_hint="--output")
     report = run_convert(files, output)
     for warning in report.warnings:
-        err.print(f"warning: {warning}")
+        _warn(warning)
     written = ", ".join(f"{n} {kind} frames" for kind, n in report.frames_written.items())
     extra = f", {report.silence_ms:.0f} ms of silence filled" if report.silence_ms else ""
     err.print(f"{output}: {written}{extra}, {report.duration_us / 1e6:.3f} s")
@@ -300,7 +300,7 @@ def plan(
                       str(len(scene["audio"])))
     out.print(table)
     for warning in data["warnings"]:
-        err.print(f"warning: {warning}")
+        _warn(warning)
 
 
 @app.command()
@@ -345,7 +345,7 @@ def render(
         result = run_render(meeting, chosen, targets, workdir=workdir, trim=trim,
                             progress=progress)
     for warning in result.warnings:
-        err.print(f"warning: {warning}")
+        _warn(warning)
     for path in result.outputs:
         err.print(f"{path}: {result.duration_s} s, {len(meeting.participants)} participants")
 
@@ -380,6 +380,11 @@ def _root(
     if version:
         out.print(f"melter {__version__}")
         raise typer.Exit(0)
+
+
+def _warn(message: str) -> None:
+    """One line on stderr per warning, unwrapped, so it can be grepped."""
+    sys.stderr.write(f"warning: {' '.join(message.split())}\n")
 
 
 def _fail(message: str) -> None:

@@ -86,12 +86,10 @@ def speaker_changes(meeting: Meeting, layout: Layout) -> list[SpeakerChange]:
     """The active-speaker timeline from the recorded audio (RFC 6464 levels when present)."""
     settings = layout.speaker
     window_us = round(settings.window * 1e6)
-    origin = meeting.start_us
-    start_step = origin // window_us
+    base = meeting.start_us
     tracks: list[LevelTrack] = []
     for participant in meeting.participants:
         merged = None
-        base = start_step * window_us
         for segment in participant.segments:
             if segment.audio is None:
                 continue
@@ -145,6 +143,7 @@ class PreparedSegment:
     #: The video's typical frame interval (seconds): the engine needs it to show, at each
     #: output frame, the latest picture taken before it.
     frame_interval: float = 0.0
+    codec: str = ""
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -188,5 +187,6 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 video.max_width if video else 0,
                 video.max_height if video else 0,
                 _frame_interval(video),
+                video.codec if video else "",
             )
     return prepared

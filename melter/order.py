@@ -5,6 +5,11 @@ numbers that wrap and SSRCs that change when a sender restarts or renegotiates. 
 extends sequence numbers to one track-wide counter (an SSRC change starts a new segment that
 continues the counter, so nothing is lost — janus-pp-rec drops such packets), drops duplicates
 and restores order with a bounded buffer, so memory stays flat for any length.
+
+A new SSRC must show twice in a row before the track switches to it: a single packet with a
+damaged SSRC is dropped as invalid instead of cutting the track. Switching back to an SSRC
+seen before continues that SSRC's numbering; its stragglers (numbers it already passed) are
+late.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from melter.mjr.reader import MjrReader
+from melter.mjr.reader import MjrFrame, MjrReader
 from melter.mjr.rtp import RtpPacket
 
 #: Packets held back to restore order. Reordering on real networks spans a few packets; a
@@ -22,6 +27,8 @@ from melter.mjr.rtp import RtpPacket
 REORDER_WINDOW = 256
 #: A sequence jump larger than this (without an SSRC change) is a sender restart, not loss.
 SEQ_RESTART = 3000
+#: Packets of a new SSRC needed in a row before the track switches to it.
+SSRC_CONFIRM = 2
 _RECENT = 2048
 
 
@@ -47,8 +54,126 @@ class OrderStats:
     ssrcs: list[int] = field(default_factory=list)
     ssrc_changes: int = 0
     seq_restarts: int = 0
+    stray_ssrc: int = 0
     invalid_offsets: list[int] = field(default_factory=list)
     first_invalid_reason: str | None = None
+
+
+@dataclass
+class _SsrcState:
+    """Sequence-number extension of one SSRC."""
+
+    first_seq: int
+    highest: int = 0  # relative to first_seq, extended
+
+    def relative(self, seq: int) -> int:
+        highest16 = (self.first_seq + self.highest) & 0xFFFF
+        delta = (seq - highest16) & 0xFFFF
+        if delta >= 0x8000:
+            delta -= 0x10000
+        return self.highest + delta
+
+
+class _Orderer:
+    def __init__(self, stats: OrderStats, window: int) -> None:
+        self.stats = stats
+        self.window = window
+        self.heap: list[tuple[int, int, OrderedPacket]] = []
+        self.in_heap: set[int] = set()
+        self.recent: deque[int] = deque(maxlen=_RECENT)
+        self.recent_set: set[int] = set()
+        self.last_emitted = -1
+        self.last_segment = -1
+        self.max_pushed = -1
+        self.segment = -1
+        self.ssrc: int | None = None
+        self.states: dict[int, _SsrcState] = {}
+        # Track-wide index of relative sequence 0 in the current segment. New segments start
+        # a window above the last index, so an early packet arriving late still fits.
+        self.base = 0
+        self.counter = 0
+
+    def _emit_one(self) -> OrderedPacket:
+        ext, _, item = heapq.heappop(self.heap)
+        self.in_heap.discard(ext)
+        if item.segment == self.last_segment and ext > self.last_emitted + 1:
+            self.stats.lost += ext - self.last_emitted - 1
+        self.last_emitted = ext
+        self.last_segment = item.segment
+        if len(self.recent) == self.recent.maxlen:
+            self.recent_set.discard(self.recent[0])
+        self.recent.append(ext)
+        self.recent_set.add(ext)
+        return item
+
+    def flush(self) -> Iterator[OrderedPacket]:
+        while self.heap:
+            yield self._emit_one()
+
+    def _new_segment(
+        self, ssrc: int, state: _SsrcState, continuing: bool
+    ) -> Iterator[OrderedPacket]:
+        yield from self.flush()
+        if self.ssrc is not None and ssrc != self.ssrc:
+            self.stats.ssrc_changes += 1
+        if ssrc not in self.stats.ssrcs:
+            self.stats.ssrcs.append(ssrc)
+        self.segment += 1
+        self.ssrc = ssrc
+        start = self.last_emitted + 1 + self.window
+        # Relative numbers already used by this SSRC come before the new segment's base.
+        self.base = start - (state.highest + 1 if continuing else 0)
+        self.max_pushed = self.last_emitted
+
+    def push(
+        self, packet: RtpPacket, frame: MjrFrame, arrival: int | None
+    ) -> Iterator[OrderedPacket]:
+        stats = self.stats
+        state = self.states.get(packet.ssrc)
+        if packet.ssrc != self.ssrc:
+            if state is None:
+                state = _SsrcState(packet.sequence_number)
+                self.states[packet.ssrc] = state
+                yield from self._new_segment(packet.ssrc, state, continuing=False)
+                relative = 0
+            else:
+                relative = state.relative(packet.sequence_number)
+                if relative <= state.highest:
+                    stats.late += 1  # a straggler of an SSRC the track has left
+                    return
+                yield from self._new_segment(packet.ssrc, state, continuing=True)
+        else:
+            assert state is not None
+            relative = state.relative(packet.sequence_number)
+            if abs(relative - state.highest) > SEQ_RESTART:
+                stats.seq_restarts += 1
+                state = _SsrcState(packet.sequence_number)
+                self.states[packet.ssrc] = state
+                self.ssrc = None  # no "change" to count: same SSRC, new numbering
+                yield from self._new_segment(packet.ssrc, state, continuing=False)
+                relative = 0
+        if relative > state.highest:
+            state.highest = relative
+        ext = self.base + relative
+        if ext <= self.last_emitted or ext in self.in_heap:
+            if ext in self.in_heap or ext in self.recent_set:
+                stats.duplicates += 1
+            else:
+                stats.late += 1
+            return
+        if ext < self.max_pushed:
+            stats.reordered += 1
+        else:
+            self.max_pushed = ext
+        stats.packets += 1
+        self.counter += 1
+        # Published indices run on without the room left between segments.
+        index = ext - self.window * (self.segment + 1)
+        item = OrderedPacket(index, frame.offset, arrival, packet, self.segment)
+        heapq.heappush(self.heap, (ext, self.counter, item))
+        self.in_heap.add(ext)
+        if len(self.heap) > self.window:
+            yield self._emit_one()
 
 
 def ordered_packets(
@@ -56,32 +181,9 @@ def ordered_packets(
 ) -> Iterator[OrderedPacket]:
     """Yield the recording's valid RTP packets in sequence order, deduplicated."""
     base_us = reader.header.first_packet_us or reader.header.created_us or 0
-    heap: list[tuple[int, OrderedPacket]] = []
-    in_heap: set[int] = set()
-    recent: deque[int] = deque(maxlen=_RECENT)
-    recent_set: set[int] = set()
-    last_emitted = -1
-    max_pushed = -1
-    segment = -1
-    seg_ssrc: int | None = None
-    prev_ssrc: int | None = None
-    seg_base = 0
-    seg_first_seq = 0
-    seg_highest = 0
-
-    def emit_one() -> OrderedPacket:
-        nonlocal last_emitted
-        ext, item = heapq.heappop(heap)
-        in_heap.discard(ext)
-        if last_emitted >= 0 and ext > last_emitted + 1:
-            stats.lost += ext - last_emitted - 1
-        last_emitted = ext
-        if len(recent) == recent.maxlen:
-            recent_set.discard(recent[0])
-        recent.append(ext)
-        recent_set.add(ext)
-        return item
-
+    orderer = _Orderer(stats, window)
+    # Packets of an SSRC not yet confirmed (see module docstring).
+    pending: list[tuple[RtpPacket, MjrFrame, int | None]] = []
     for frame in reader.frames():
         try:
             packet = RtpPacket.parse(frame.data)
@@ -93,51 +195,25 @@ def ordered_packets(
                 stats.first_invalid_reason = f"byte {frame.offset}: {exc}"
             continue
         arrival = None if frame.arrival_ms is None else base_us + frame.arrival_ms * 1000
-        new_segment = seg_ssrc is None or packet.ssrc != seg_ssrc
-        if not new_segment:
-            highest16 = (seg_first_seq + seg_highest) & 0xFFFF
-            delta = (packet.sequence_number - highest16) & 0xFFFF
-            if delta >= 0x8000:
-                delta -= 0x10000
-            if abs(delta) > SEQ_RESTART:
-                stats.seq_restarts += 1
-                new_segment = True
-        elif seg_ssrc is not None and packet.ssrc == prev_ssrc:
-            # A straggler of the SSRC we just left: too late to place.
-            stats.late += 1
+        known = packet.ssrc == orderer.ssrc or orderer.ssrc is None
+        if pending:
+            if packet.ssrc == pending[0][0].ssrc:
+                pending.append((packet, frame, arrival))
+                if len(pending) >= SSRC_CONFIRM:
+                    for item in pending:
+                        yield from orderer.push(*item)
+                    pending.clear()
+                continue
+            # The unconfirmed SSRC did not last: a damaged packet, not a new sender.
+            stats.stray_ssrc += len(pending)
+            stats.invalid += len(pending)
+            pending.clear()
+        if not known and packet.ssrc not in orderer.states:
+            pending.append((packet, frame, arrival))
             continue
-        if new_segment:
-            while heap:
-                yield emit_one()
-            if seg_ssrc is not None and packet.ssrc != seg_ssrc:
-                stats.ssrc_changes += 1
-                prev_ssrc = seg_ssrc
-            if packet.ssrc not in stats.ssrcs:
-                stats.ssrcs.append(packet.ssrc)
-            segment += 1
-            seg_ssrc = packet.ssrc
-            seg_base = last_emitted + 1
-            seg_first_seq = packet.sequence_number
-            seg_highest = 0
-            delta = 0
-            max_pushed = last_emitted
-        ext = seg_base + seg_highest + delta
-        if delta > 0:
-            seg_highest += delta
-        if ext <= last_emitted or ext in in_heap:
-            if ext in in_heap or ext in recent_set:
-                stats.duplicates += 1
-            else:
-                stats.late += 1
-            continue
-        if ext < max_pushed:
-            stats.reordered += 1
-        else:
-            max_pushed = ext
-        stats.packets += 1
-        heapq.heappush(heap, (ext, OrderedPacket(ext, frame.offset, arrival, packet, segment)))
-        in_heap.add(ext)
-        if len(heap) > window:
-            yield emit_one()
-    while heap:
-        yield emit_one()
+        yield from orderer.push(packet, frame, arrival)
+    if pending:
+        # A new SSRC in the very last packet: keep it, nothing contradicts it.
+        for item in pending:
+            yield from orderer.push(*item)
+    yield from orderer.flush()

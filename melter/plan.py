@@ -226,7 +226,10 @@ def build_plan(
         if rule.layout and rule.layout not in layouts:
             plan.warnings.append(f"rule layout {rule.layout!r} is unknown; the rule is ignored")
 
-    bounds = {0, duration_us}
+    frame_us = 1_000_000 / canvas.fps
+    # The output has whole frames: the span rounded to the frame grid (as every boundary is).
+    end_us = round(max(1, round(duration_us / frame_us)) * frame_us)
+    bounds = {0, end_us}
     for participant in participants:
         for segment in participant.segments:
             bounds.update((segment.start_us, segment.end_us))
@@ -240,9 +243,8 @@ def build_plan(
         bounds.add(change.at_us)
     # Changes happen on output frames: snap every boundary to the frame grid, so no scene is
     # shorter than a frame and tests can check times to within one frame.
-    frame_us = 1_000_000 / canvas.fps
-    times = sorted({min(duration_us, round(round(t / frame_us) * frame_us))
-                    for t in bounds if 0 <= t <= duration_us})
+    times = sorted({min(end_us, round(round(t / frame_us) * frame_us))
+                    for t in bounds if 0 <= t <= end_us})
 
     def speaker_at(t: int) -> str | None:
         current = None

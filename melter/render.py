@@ -148,7 +148,8 @@ def render(
             document = Path(scratch) / f"{path.stem}.mlt"
             document.write_text(xml)
             with atomic_output(path) as temp:
-                consumer = ["-consumer", f"avformat:{temp}", "real_time=-2",
+                # One render thread: on a small machine a second costs more than it gains.
+                consumer = ["-consumer", f"avformat:{temp}", "real_time=-1",
                             *(f"{k}={v}" for k, v in preset.properties.items())]
                 run_melt(document, consumer, frames, progress)
                 check_output(temp, frames / fps, preset.audio_only)
@@ -177,7 +178,7 @@ def preview(
     """One frame of the composition at ``at_s`` seconds, as a PNG."""
     plan, _ = plan_meeting(meeting, layout)
     fps = layout.canvas.fps
-    frame = min(max(0, round(at_s * fps)), max(0, math.ceil(plan.duration_us * fps / 1e6) - 1))
+    frame = min(max(0, round(at_s * fps)), max(0, round(plan.duration_us * fps / 1e6) - 1))
     with tempfile.TemporaryDirectory(prefix="melter-") as scratch:
         media = prepare_media(meeting, workdir or Path(scratch) / "media", fps)
         xml, _ = _document_text(plan, media, layout, layout.canvas.width, layout.canvas.height,

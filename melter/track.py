@@ -20,7 +20,6 @@ pause) needs no piece: it is a gap in RTP time and becomes silence on output.
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,11 @@ JUMP_TOLERANCE_S = 0.5
 JUMP_CONFIRM_S = 1.0
 #: Without arrival times (old variants) only a jump this large is taken for a reset.
 NO_ARRIVAL_JUMP_S = 300.0
+#: A packet later than this behind the envelope has a damaged timestamp, not a slow network.
+MAX_DELAY_S = 10.0
+#: Envelope windows with fewer packets than this are not used (a lone packet after a pause
+#: says little about the clock).
+MIN_WINDOW_PACKETS = 5
 #: Window over which the lower envelope is taken for the skew fit.
 ENVELOPE_WINDOW_S = 2.0
 #: Skew is estimated only over a span at least this long; shorter tracks get 0.
@@ -83,6 +87,7 @@ class Piece:
     reason: str
     offset_us: float = 0.0
     minima: list[tuple[float, float]] = field(default_factory=list)  # (t, arrival - t)
+    lowest: tuple[float, float] | None = None  # the piece's least-delayed packet
 
 
 @dataclass
@@ -109,6 +114,7 @@ class TrackAnalysis:
     audio_level_id: int | None = None
     orientation_id: int | None = None
     levels: dict[int, int] = field(default_factory=dict)  # -dBov -> packet count
+    outliers: set[int] = field(default_factory=set)  # indices of packets left out
     extradata: bytes | None = None
     channels: int = 0
     sample_rate: int = 0
@@ -241,33 +247,30 @@ def analyze(path: str | Path) -> TrackAnalysis:
     last_index = -1
     last_rot: tuple[int, bool] | None = None
 
-    for item in ordered_packets(reader, stats):
+    last_segment = -1
+    piece_starts: dict[int, tuple[int, float]] = {}  # piece first index -> previous (index, end)
+
+    def consume(item: OrderedPacket, t: float) -> None:
+        nonlocal last_end_t, last_index, last_rot, last_segment
         packet = item.packet
-        if depay is None:
-            codec = resolve_codec(header.codec, packet.payload_type)
-            analysis.codec = codec
-            analysis.clock_rate = timeline.clock = CLOCK_RATES.get(codec, analysis.clock_rate)
-            try:
-                depay = _make_depacketizer(codec)
-            except UnsupportedError as exc:
-                raise InputError(path, str(exc)) from None
-        if packet.extensions:
-            census.add(packet.extensions)
-        t = timeline.add(item)
-        lost = item.index - last_index - 1 if last_index >= 0 else 0
+        same_segment = item.segment == last_segment
+        lost = item.index - last_index - 1 if last_index >= 0 and same_segment else 0
+        if item.index in timeline.piece_indices and last_end_t is not None:
+            piece_starts[item.index] = (last_index, last_end_t)
         last_index = item.index
+        last_segment = item.segment
         if isinstance(depay, AudioDepacketizer):
             payload = packet.payload
             if header.red_pt is not None and packet.payload_type == header.red_pt:
                 try:
                     _, payload = parse_red(payload)
                 except ValueError:
-                    continue
+                    return
             try:
                 samples = depay.samples(payload)
             except ValueError:
                 samples = 0
-            if last_end_t is not None:
+            if last_end_t is not None and item.index not in timeline.piece_indices:
                 gap = t - last_end_t
                 if gap > 0.0025 and (gap > 0.015 or lost):
                     cause = "loss" if lost else "pause"
@@ -280,21 +283,42 @@ def analyze(path: str | Path) -> TrackAnalysis:
                 level, _ = audio_level(packet.extensions[ext_level])
                 analysis.levels[level] = analysis.levels.get(level, 0) + 1
         else:
-            assert video_groups is not None
+            assert video_groups is not None and isinstance(depay, VideoDepacketizer)
             for group in video_groups.add(item, t):
                 _scan_picture(group, depay, analysis, keyframes_t, res_t)
+            last_end_t = t
             if ext_orient is not None and ext_orient in packet.extensions:
                 rotation = video_rotation(packet.extensions[ext_orient])
                 if rotation != last_rot:
                     rot_t.append((item.index, t, *rotation))
                     last_rot = rotation
+
+    for item in ordered_packets(reader, stats):
+        packet = item.packet
+        if depay is None:
+            codec = resolve_codec(header.codec, packet.payload_type)
+            analysis.codec = codec
+            analysis.clock_rate = timeline.clock = CLOCK_RATES.get(codec, analysis.clock_rate)
+            try:
+                depay = _make_depacketizer(codec)
+            except UnsupportedError as exc:
+                raise InputError(path, str(exc), offset=header.frames_offset) from None
+        if packet.extensions:
+            census.add(packet.extensions)
+        for resolved, t, outlier in timeline.add(item):
+            if not outlier:
+                consume(resolved, t)
     if depay is None:
         problem = stats.first_invalid_reason
         raise InputError(
             path,
             "recording holds no valid RTP packets"
             + (f" (first problem at {problem})" if problem else ""),
+            offset=stats.invalid_offsets[0] if stats.invalid_offsets else header.frames_offset,
         )
+    for resolved, t, outlier in timeline.finish():
+        if not outlier:
+            consume(resolved, t)
     if video_groups is not None:
         assert isinstance(depay, VideoDepacketizer)
         for group in video_groups.flush():
@@ -302,8 +326,13 @@ def analyze(path: str | Path) -> TrackAnalysis:
         raw_gaps.extend(video_groups.gaps)
         # A video track spans first to last picture, as janus-pp-rec and players measure it.
         last_end_t = video_groups.last_t
-    timeline.finish()
+    timeline.fit()
     analysis.warnings.extend(reader.warnings)
+    if analysis.outliers:
+        analysis.warnings.append(
+            f"{path}: left out {len(analysis.outliers)} packets whose RTP timestamps contradict "
+            "their arrival times (damaged)"
+        )
     if stats.invalid:
         analysis.warnings.append(
             f"{path}: {stats.invalid} frames are not valid RTP "
@@ -311,7 +340,7 @@ def analyze(path: str | Path) -> TrackAnalysis:
         )
     locate = PieceLocator(analysis)
     starts = {piece.first_index for piece in analysis.pieces}
-    analysis.start_us = locate.wall(0, 0.0)
+    analysis.start_us = locate.wall(analysis.pieces[0].first_index, 0.0)
     analysis.end_us = locate.wall(last_index, last_end_t or 0.0)
     gaps = [
         Gap(locate.wall(index, t), round(length * 1e6), cause, lost)
@@ -319,7 +348,13 @@ def analyze(path: str | Path) -> TrackAnalysis:
         if index not in starts
     ]
     for piece in analysis.pieces[1:]:
-        gaps.append(Gap(locate.wall(piece.first_index, piece.t_start), 0, piece.reason))
+        start = locate.wall(piece.first_index, piece.t_start)
+        if piece.first_index in piece_starts:
+            prev_index, prev_end = piece_starts[piece.first_index]
+            before = locate.wall(prev_index, prev_end)
+            gaps.append(Gap(before, max(0, start - before), piece.reason))
+        else:
+            gaps.append(Gap(start, 0, piece.reason))
     gaps.sort(key=lambda gap: gap.start_us)
     analysis.gap_count = len(gaps)
     analysis.gaps = gaps[:MAX_LISTED]
@@ -439,15 +474,14 @@ class _TimelineBuilder:
         self.clock = analysis.clock_rate
         self.last_ts32: int | None = None
         self.ts_ext = 0
-        self.repair = 0  # added to extended timestamps after a jump
-        self.pending: list[tuple[int, float, float]] = []
-        self.window: deque[tuple[float, float]] = deque()
+        self.pending: list[tuple[OrderedPacket, float, float]] = []
         self.window_start = 0.0
         self.window_min: tuple[float, float] | None = None
         self.ref: float | None = None
-        self.last_arrival_t: float | None = None
         self.last_t = 0.0
         self.segment = 0
+        self.window_count = 0
+        self.piece_indices: set[int] = set()
 
     def extended(self, ts: int) -> int:
         if self.last_ts32 is None:
@@ -462,14 +496,18 @@ class _TimelineBuilder:
         self.ts_ext += delta
         return self.ts_ext
 
-    def add(self, item: OrderedPacket) -> float:
-        """RTP time (s since the track's first timestamp) of a packet; pieces as they show."""
+    def add(self, item: OrderedPacket) -> list[tuple[OrderedPacket, float, bool]]:
+        """Packets resolved so far as ``(packet, RTP seconds, outlier)``, in order.
+
+        A packet off the envelope is held until it is clear whether the clock jumped (a new
+        piece), the packet was delayed (kept), or its timestamp is damaged (an outlier).
+        """
         analysis = self.analysis
         ts = self.extended(item.packet.timestamp)
         t = (ts - analysis.first_ts) / self.clock
         pieces = analysis.pieces
         if not pieces:
-            pieces.append(Piece(item.index, 0.0, "start"))
+            self._new_piece(item.index, 0.0, "start")
             if item.arrival_us is None:
                 base = analysis.header.first_packet_us or analysis.header.created_us or 0
                 pieces[0].offset_us = float(base)
@@ -478,67 +516,113 @@ class _TimelineBuilder:
         if item.arrival_us is None or not self.has_arrivals:
             if abs(t - self.last_t) > NO_ARRIVAL_JUMP_S or t < self.last_t - JUMP_TOLERANCE_S:
                 prev = pieces[-1]
-                new = Piece(item.index, t, "clock-jump")
+                new = self._new_piece(item.index, t, "ssrc-change" if new_ssrc else "clock-jump")
                 new.offset_us = prev.offset_us + (self.last_t + 0.02 - t) * 1e6
-                pieces.append(new)
             self.last_t = t
-            return t
+            return [(item, t, False)]
         d = item.arrival_us / 1e6 - t
-        moved = abs(d - self.ref) if self.ref is not None else 0.0
         if self.ref is None:
+            return [self._normal(item, t, d)]
+        if new_ssrc:
+            # A new sender's clock owes nothing to the old one: anchor it afresh.
+            out = self._resolve(self.pending)
+            self.pending = []
+            self._close_window()
+            self._new_piece(item.index, t, "ssrc-change")
             self.ref = d
-        elif moved > JUMP_TOLERANCE_S or self.pending:
-            if moved <= JUMP_TOLERANCE_S:
-                # Back on the old envelope: what was pending was jitter after a stall.
-                for _, pt, pd in self.pending:
-                    self._envelope(pt, pd)
-                self.pending.clear()
-            else:
-                self.pending.append((item.index, t, d))
-                spread = max(p[2] for p in self.pending) - min(p[2] for p in self.pending)
-                if spread > JUMP_TOLERANCE_S:
-                    self.pending = [self.pending[-1]]
-                elif t - self.pending[0][1] >= JUMP_CONFIRM_S or len(self.pending) >= 200:
-                    self._start_piece("ssrc-change" if new_ssrc else "clock-jump")
-                self.last_t = t
-                return t
-        if d < self.ref:
+            out.append(self._normal(item, t, d))
+            return out
+        moved = abs(d - self.ref)
+        if moved <= JUMP_TOLERANCE_S:
+            out = self._resolve(self.pending)
+            self.pending = []
+            out.append(self._normal(item, t, d))
+            return out
+        self.pending.append((item, t, d))
+        spread = max(p[2] for p in self.pending) - min(p[2] for p in self.pending)
+        if spread > JUMP_TOLERANCE_S:
+            # Not one consistent new offset: settle the older ones, keep the newest.
+            out = self._resolve(self.pending[:-1])
+            self.pending = self.pending[-1:]
+            return out
+        if t - self.pending[0][1] >= JUMP_CONFIRM_S or len(self.pending) >= 200:
+            return self._start_piece("clock-jump")
+        return []
+
+    def _new_piece(self, index: int, t: float, reason: str) -> Piece:
+        piece = Piece(index, t, reason)
+        self.analysis.pieces.append(piece)
+        self.piece_indices.add(index)
+        return piece
+
+    def _normal(self, item: OrderedPacket, t: float, d: float) -> tuple[OrderedPacket, float, bool]:
+        if self.ref is None or d < self.ref:
             self.ref = d
         else:
             # Follow a slow upward drift (skew) without letting one late packet move it.
             self.ref += min(d - self.ref, 0.0005)
         self._envelope(t, d)
         self.last_t = t
-        return t
+        return item, t, False
 
-    def _start_piece(self, reason: str) -> None:
-        first_index, first_t, _ = self.pending[0]
+    def _resolve(
+        self, pending: list[tuple[OrderedPacket, float, float]]
+    ) -> list[tuple[OrderedPacket, float, bool]]:
+        """Held packets that turned out not to start a new piece."""
+        out = []
+        for item, t, d in pending:
+            deviation = d - (self.ref or 0.0)
+            # Arriving before its own timestamp, or later than any jitter buffer holds:
+            # the timestamp is wrong, not the network.
+            damaged = deviation < -JUMP_TOLERANCE_S or deviation > MAX_DELAY_S
+            if damaged:
+                self.analysis.outliers.add(item.index)
+            out.append((item, t, damaged))
+        return out
+
+    def _start_piece(self, reason: str) -> list[tuple[OrderedPacket, float, bool]]:
+        first_item, first_t, _ = self.pending[0]
         self._close_window()
-        piece = Piece(first_index, first_t, reason)
-        self.analysis.pieces.append(piece)
+        self._new_piece(first_item.index, first_t, reason)
         pending, self.pending = self.pending, []
         self.ref = min(p[2] for p in pending)
-        for _, t, d in pending:
+        out = []
+        for item, t, d in pending:
             self._envelope(t, d)
+            self.last_t = t
+            out.append((item, t, False))
+        return out
 
     def _envelope(self, t: float, d: float) -> None:
+        piece = self.analysis.pieces[-1]
+        if piece.lowest is None or d < piece.lowest[1]:
+            piece.lowest = (t, d)
         if self.window_min is None or t - self.window_start >= ENVELOPE_WINDOW_S:
             self._close_window()
             self.window_start = t
             self.window_min = (t, d)
+            self.window_count = 0
         elif d < self.window_min[1]:
             self.window_min = (t, d)
+        self.window_count += 1
 
     def _close_window(self) -> None:
-        if self.window_min is not None:
+        if self.window_min is not None and self.window_count >= MIN_WINDOW_PACKETS:
             self.analysis.pieces[-1].minima.append(self.window_min)
-            self.window_min = None
+        self.window_min = None
 
-    def finish(self) -> None:
-        if self.pending:
-            # An unconfirmed jump at the very end still moves those packets: place them by
-            # their own arrival times rather than on the old clock.
-            self._start_piece("clock-jump")
+    def finish(self) -> list[tuple[OrderedPacket, float, bool]]:
+        """Settle packets still held at the end of the file."""
+        if not self.pending:
+            return []
+        if self.pending[-1][1] - self.pending[0][1] >= JUMP_CONFIRM_S / 2:
+            return self._start_piece("clock-jump")
+        out = self._resolve(self.pending)
+        self.pending = []
+        return out
+
+    def fit(self) -> None:
+        """The skew and each piece's offset, once every packet has been seen."""
         self._close_window()
         analysis = self.analysis
         if not self.has_arrivals:
@@ -548,28 +632,39 @@ class _TimelineBuilder:
         for piece in analysis.pieces:
             if piece.minima:
                 piece.offset_us = 1e6 * min(d - analysis.skew * t for t, d in piece.minima)
-        # A piece that saw no packets with arrivals keeps the previous piece's offset.
-        for index, piece in enumerate(analysis.pieces[1:], start=1):
+        # A piece too short for envelope windows uses its least-delayed packet.
+        for index, piece in enumerate(analysis.pieces):
             if not piece.minima:
-                piece.offset_us = analysis.pieces[index - 1].offset_us
+                if piece.lowest is not None:
+                    t, d = piece.lowest
+                    piece.offset_us = 1e6 * (d - analysis.skew * t)
+                elif index:
+                    piece.offset_us = analysis.pieces[index - 1].offset_us
 
 
 def _fit_skew(pieces: list[Piece]) -> float:
-    """Common slope of ``arrival - t`` over ``t`` across pieces (each with its own intercept)."""
-    numerator = denominator = 0.0
+    """Common slope of the envelope ``arrival - t`` over ``t`` across pieces.
+
+    Theil–Sen (the median of pairwise slopes within each piece): a few windows whose lowest
+    packet was still delayed cannot tilt it, as they would a least-squares line.
+    """
+    slopes: list[float] = []
     span = 0.0
     for piece in pieces:
         points = piece.minima
         if len(points) < 3:
             continue
-        mean_t = sum(t for t, _ in points) / len(points)
-        mean_d = sum(d for _, d in points) / len(points)
-        numerator += sum((t - mean_t) * (d - mean_d) for t, d in points)
-        denominator += sum((t - mean_t) ** 2 for t, _ in points)
         span += points[-1][0] - points[0][0]
-    if span < MIN_SKEW_SPAN_S or denominator <= 0:
+        step = max(1, len(points) // 300)  # bounded work for very long pieces
+        sample = points[::step]
+        for i, (t1, d1) in enumerate(sample):
+            for t2, d2 in sample[i + 1 :]:
+                if t2 - t1 > 1e-6:
+                    slopes.append((d2 - d1) / (t2 - t1))
+    if span < MIN_SKEW_SPAN_S or not slopes:
         return 0.0
-    skew = numerator / denominator
+    slopes.sort()
+    skew = slopes[len(slopes) // 2]
     # Beyond 0.5 % the "skew" is something else (a stall pattern); do not bend time by it.
     return skew if abs(skew) < 5e-3 else 0.0
 
@@ -622,13 +717,19 @@ def timed_frames(analysis: TrackAnalysis) -> Iterator[TimedFrame]:
     stats = OrderStats()
     if isinstance(depay, AudioDepacketizer):
         last_index = -1
+        last_segment = -1
         last_end_ts: int | None = None
+        outliers = analysis.outliers
         for item in ordered_packets(reader, stats):
             packet = item.packet
             ts = timeline.extended(packet.timestamp)
+            if item.index in outliers:
+                continue
             payload = packet.payload
-            lost = item.index - last_index - 1 if last_index >= 0 else 0
+            same = item.segment == last_segment
+            lost = item.index - last_index - 1 if last_index >= 0 and same else 0
             last_index = item.index
+            last_segment = item.segment
             if header.red_pt is not None and packet.payload_type == header.red_pt:
                 try:
                     blocks, payload = parse_red(payload)
@@ -690,6 +791,8 @@ def timed_frames(analysis: TrackAnalysis) -> Iterator[TimedFrame]:
 
     for item in ordered_packets(reader, stats):
         ts = timeline.extended(item.packet.timestamp)
+        if item.index in analysis.outliers:
+            continue
         yield from pictures(grouper.add(item, (ts - first_ts) / timeline.clock))
     yield from pictures(grouper.flush())
     if dropped:

@@ -405,17 +405,12 @@ def test_random_bit_flips_in_frames_never_crash(opus2: Path, tmp_path: Path) -> 
         path.write_bytes(bytes(data))
         analysis = analyze(path)  # the header is intact: something always survives
         stats = analysis.stats
-        assert 0 < analysis.frames == stats.packets
+        assert 0 < analysis.frames == stats.packets - len(analysis.outliers)
         assert stats.packets + stats.late + stats.duplicates + stats.invalid <= 100
         report = convert([path], tmp_path / f"flip{case}.opus")
         assert report.frames_written["audio"] <= 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: order.ordered_packets drops every packet of an SSRC it has left as 'late' "
-    "(prev_ssrc straggler rule), so a switch back A->B->A loses the rest of the track",
-)
 def test_ssrc_switch_back_kept(tmp_path: Path) -> None:
     stream = Stream.opus(3.0).ssrc_change(50, SSRC_B, seq=20_000)
     stream.ssrc_change(100, 0x11223344, seq=51)
@@ -424,11 +419,6 @@ def test_ssrc_switch_back_kept(tmp_path: Path) -> None:
     assert abs(analysis.duration_us - 3_000_000) <= TOL_US
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: one packet with a stray SSRC (a single bit flip is enough) makes every later "
-    "packet of the real SSRC count as 'late': 69 of 100 packets dropped",
-)
 def test_single_stray_ssrc_packet(tmp_path: Path) -> None:
     stream = Stream.opus(2.0)
     stream.by_index(30).ssrc ^= 0x0100  # one flipped bit
@@ -453,18 +443,14 @@ def _no_packet_files(tmp_path: Path) -> dict[str, tuple[Path, int]]:
     return out
 
 
-NO_OFFSET = pytest.mark.xfail(
-    strict=True,
-    reason="bug: 'recording holds no valid RTP packets' InputError has offset=None",
-)
 
 
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("header-only", marks=NO_OFFSET),
-        pytest.param("only-frame-absurd-length", marks=NO_OFFSET),
-        pytest.param("only-frame-not-rtp", marks=NO_OFFSET),
+        "header-only",
+        "only-frame-absurd-length",
+        "only-frame-not-rtp",
     ],
 )
 def test_no_usable_packet_error_names_offset(tmp_path: Path, name: str) -> None:
@@ -517,11 +503,6 @@ def test_cli_truncated_file_salvaged(opus2: Path, tmp_path: Path) -> None:
     assert any(f"at byte {cut_at}" in w for w in report["warnings"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cli.convert prints warnings through rich Console(stderr), which wraps them "
-    "at 80 columns when stderr is not a terminal",
-)
 def test_cli_warning_is_one_line(opus2: Path, tmp_path: Path) -> None:
     cut_at = frame_offsets(opus2)[40]
     path = tmp_path / "a-fairly-long-recording-name-as-janus-writes-them-audio-0.mjr"
@@ -733,11 +714,6 @@ def test_reordering_restored(tmp_path: Path) -> None:
     assert [f.wall_us - T0_US for f in frames] == [20_000 * i for i in range(100)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: order.ordered_packets drops a segment's first packet as 'late' when it "
-    "arrives after its successor (ext seq < 0 at segment start)",
-)
 @pytest.mark.parametrize("where", ["track-start", "after-ssrc-change"])
 def test_first_packet_of_segment_reordered(tmp_path: Path, where: str) -> None:
     stream = Stream.opus(2.0)
@@ -787,22 +763,12 @@ def test_ssrc_change_kept(tmp_path: Path, new_ts: int | None) -> None:
     assert rms(second) > 0.1  # the second sender's packets are in the output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: track._TimelineBuilder labels the piece 'clock-jump' because new_ssrc is "
-    "taken from the packet that confirms the jump, not the one that started it",
-)
 def test_ssrc_change_piece_reason(tmp_path: Path) -> None:
     stream = Stream.opus(4.0).ssrc_change(100, SSRC_B, seq=40_000, ts=123_456_789)
     analysis = analyze(stream.write(tmp_path / "ssrc.mjr"))
     assert [p.reason for p in analysis.pieces] == ["start", "ssrc-change"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after an SSRC change the timeline is re-anchored only when arrival-minus-RTP "
-    "moves > 0.5 s, so a new sender's clock a few hundred ms off shifts its audio",
-)
 @pytest.mark.parametrize("offset_ms", [-400, 400])
 def test_ssrc_change_small_ts_offset_repaired(tmp_path: Path, offset_ms: int) -> None:
     """The new sender's timestamps start 400 ms behind/ahead; arrivals are continuous."""
@@ -871,11 +837,6 @@ def test_pause_keeps_wall_clock_length(tmp_path: Path, ts_runs: bool) -> None:
     assert abs(tone_hz(part(4.2, 5.8), rate) - 440) < 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a stop/resume pause (frozen RTP ts) is listed as Gap(start=resume, length=0, "
-    "cause='clock-jump') instead of a 2 s gap where the media stopped",
-)
 def test_stop_resume_gap_listed(tmp_path: Path) -> None:
     stream = Stream.opus(4.0).pause(100, 2.0, ts_runs=False)
     analysis = analyze(stream.write(tmp_path / "stop.mjr"))
@@ -941,11 +902,6 @@ def test_clock_skew_estimated(tmp_path: Path, ppm: int) -> None:
     assert len(analysis.pieces) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: one packet with a wild RTP timestamp (stays 'pending', then is fed to the "
-    "envelope as jitter) drags the track offset by hours: hours of silence written",
-)
 def test_single_corrupt_timestamp_does_not_stretch_output(tmp_path: Path) -> None:
     stream = Stream.opus(4.0)
     stream.by_index(100).ts = (stream.by_index(100).ts + 48000 * 3600) & 0xFFFFFFFF

@@ -14,7 +14,6 @@ caller checks the output file after.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -117,14 +116,18 @@ def build_document(
 ) -> Document:
     """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas)."""
     fps = plan.fps
-    frames = max(1, math.ceil(plan.duration_us * fps / 1_000_000))
+    frames = max(1, round(plan.duration_us * fps / 1_000_000))
     sx, sy = width / plan.width, height / plan.height
+    # MLT takes SD sources as BT.601; a 709 profile would convert every source picture's
+    # matrix on every frame. Match the sources when they are all SD.
+    heights = [m.height for m in media.values() if m.has_video]
+    colorspace = 601 if heights and max(heights) <= 576 else 709
     root = ET.Element("mlt", LC_NUMERIC="C", producer="main")
     ET.SubElement(
         root, "profile", description="melter", width=str(width), height=str(height),
         progressive="1", sample_aspect_num="1", sample_aspect_den="1",
         display_aspect_num=str(width), display_aspect_den=str(height),
-        frame_rate_num=str(fps), frame_rate_den="1", colorspace="709",
+        frame_rate_num=str(fps), frame_rate_den="1", colorspace=str(colorspace),
     )
     background = ET.SubElement(root, "producer", id="background",
                                attrib={"in": "0", "out": str(frames - 1)})
@@ -300,6 +303,10 @@ def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegmen
     _prop(producer, "resource", str(prepared.path))
     _prop(producer, "length", prepared.frames)
     _prop(producer, "seekable", 1)
+    _prop(producer, "threads", 1)
+    if prepared.codec == "vp8" and not audio:
+        # MLT 7.12 otherwise decodes VP8 with libvpx, slower than FFmpeg's own decoder.
+        _prop(producer, "vcodec", "vp8")
     # One decoder per producer: the audio track never decodes pictures and vice versa.
     _prop(producer, "video_index" if audio else "audio_index", -1)
     if not audio and prepared.frame_interval > 0.002:
@@ -348,6 +355,8 @@ def melt_environment() -> dict[str, str]:
     env.setdefault("DISPLAY", ":0")
     env.setdefault("QT_QPA_PLATFORM", "offscreen")
     env.setdefault("LC_ALL", "C.UTF-8")
+    # Without this the avformat producer builds three swscale contexts per frame and source.
+    env.setdefault("MLT_AVFORMAT_SLICED_PIXFMT_DISABLE", "1")
     return env
 
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from melter.errors import InputError
 
@@ -25,6 +33,14 @@ _TIME = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$|^(\d+(?:\.\d+)?)
 
 Kind = Literal["camera", "screen"]
 KINDS: tuple[Kind, ...] = ("camera", "screen")
+
+def check_colour(value: str) -> str:
+    if not _COLOR.match(value):
+        raise ValueError(f"{value!r} is not a colour (use #RRGGBB or #RRGGBBAA)")
+    return value
+
+
+Colour = Annotated[str, AfterValidator(check_colour)]
 
 Length = Annotated[
     int | float | str,
@@ -46,12 +62,16 @@ def parse_length(value: int | float | str, total: int) -> int:
 def parse_time(value: str | int | float) -> float:
     """Seconds from ``HH:MM:SS(.s)``, ``MM:SS`` or a number of seconds."""
     if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{value!r} is negative")
         return float(value)
     match = _TIME.match(value.strip())
     if not match:
         raise ValueError(f"{value!r} is not a time (use HH:MM:SS, MM:SS or seconds)")
     if match.group(4) is not None:
         return float(match.group(4))
+    if (int(match.group(2)) >= 60 and match.group(1) is not None) or float(match.group(3)) >= 60:
+        raise ValueError(f"{value!r} is not a time (minutes and seconds run to 59)")
     hours = int(match.group(1) or 0)
     return hours * 3600 + int(match.group(2)) * 60 + float(match.group(3))
 
@@ -64,15 +84,8 @@ class Canvas(_Strict):
     width: int = Field(1280, ge=16, le=7680, description="pixels")
     height: int = Field(720, ge=16, le=4320, description="pixels")
     fps: int = Field(30, ge=1, le=120, description="frames per second")
-    background: str = Field("#000000", description="colour as #RRGGBB")
+    background: Colour = Field("#000000", description="colour as #RRGGBB")
     background_image: str | None = Field(None, description="image file drawn under everything")
-
-    @field_validator("background")
-    @classmethod
-    def _colour(cls, value: str) -> str:
-        if not _COLOR.match(value):
-            raise ValueError(f"{value!r} is not a colour (use #RRGGBB)")
-        return value
 
     @model_validator(mode="after")
     def _even(self) -> Canvas:
@@ -111,27 +124,35 @@ class Region(_Strict):
     padding: int = Field(4, ge=0, le=200, description="pixels between cells")
     show_video: bool = Field(True, description="false: always the placeholder card (audio-only)")
 
-    @field_validator("x", "y", "width", "height")
+    @field_validator("x", "y")
     @classmethod
-    def _length(cls, value: int | float | str) -> int | float | str:
-        parse_length(value, 100)
+    def _position(cls, value: int | float | str) -> int | float | str:
+        if parse_length(value, 10_000) < 0:
+            raise ValueError(f"{value!r} is negative")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, value: int | float | str) -> int | float | str:
+        if parse_length(value, 10_000) <= 0:
+            raise ValueError(f"{value!r} is not a positive size")
         return value
 
 
 class Labels(_Strict):
     enabled: bool = True
     size: int = Field(20, ge=6, le=200, description="font size in pixels")
-    color: str = "#ffffff"
-    background: str = "#00000099"
+    color: Colour = "#ffffff"
+    background: Colour = "#00000099"
     font: str = "DejaVu Sans"
 
 
 class Placeholder(_Strict):
     """The card shown for a participant without video."""
 
-    color: str = "#3a3a4a"
+    color: Colour = "#3a3a4a"
     text: Literal["initials", "name", "none"] = "initials"
-    text_color: str = "#ffffff"
+    text_color: Colour = "#ffffff"
 
 
 class Speaker(_Strict):
@@ -174,6 +195,9 @@ class Rule(_Strict):
             raise ValueError("a rule needs layout, regions or pin")
         if self.when is None and self.start is None and self.end is None:
             raise ValueError("a rule needs when, from or to")
+        if self.start is not None and self.end is not None and \
+                parse_time(self.start) >= parse_time(self.end):
+            raise ValueError(f"from ({self.start}) must come before to ({self.end})")
         return self
 
 
@@ -225,7 +249,18 @@ def load_layout(name_or_path: str | Path) -> Layout:
         raise InputError(path, exc.strerror or str(exc)) from None
     except yaml.YAMLError as exc:
         raise InputError(path, f"not valid YAML ({exc})") from None
-    return parse_layout(data, str(path))
+    layout = parse_layout(data, str(path))
+    for number, rule in enumerate(layout.rules):
+        if rule.layout is not None:
+            target = Path(rule.layout)
+            found = (BUILTIN_DIR / f"{rule.layout}.yaml").exists() or target.exists() or (
+                path.parent / target).exists()
+            if not found:
+                raise InputError(
+                    path, f"rules.{number}.layout: no layout named {rule.layout!r} "
+                    f"(built-ins: {', '.join(builtin_names())})"
+                )
+    return layout
 
 
 def parse_layout(data: object, source: str = "layout") -> Layout:
