@@ -96,6 +96,9 @@ class _Orderer:
     def _emit_one(self) -> OrderedPacket:
         ext, _, item = heapq.heappop(self.heap)
         self.in_heap.discard(ext)
+        return self._emitted(ext, item)
+
+    def _emitted(self, ext: int, item: OrderedPacket) -> OrderedPacket:
         if item.segment == self.last_segment and ext > self.last_emitted + 1:
             self.stats.lost += ext - self.last_emitted - 1
         self.last_emitted = ext
@@ -106,14 +109,14 @@ class _Orderer:
         self.recent_set.add(ext)
         return item
 
-    def flush(self) -> Iterator[OrderedPacket]:
+    def flush(self, out: list[OrderedPacket]) -> None:
         while self.heap:
-            yield self._emit_one()
+            out.append(self._emit_one())
 
     def _new_segment(
-        self, ssrc: int, state: _SsrcState, continuing: bool
-    ) -> Iterator[OrderedPacket]:
-        yield from self.flush()
+        self, ssrc: int, state: _SsrcState, continuing: bool, out: list[OrderedPacket]
+    ) -> None:
+        self.flush(out)
         if self.ssrc is not None and ssrc != self.ssrc:
             self.stats.ssrc_changes += 1
         if ssrc not in self.stats.ssrcs:
@@ -126,22 +129,23 @@ class _Orderer:
         self.max_pushed = self.last_emitted
 
     def push(
-        self, packet: RtpPacket, frame: MjrFrame, arrival: int | None
-    ) -> Iterator[OrderedPacket]:
+        self, packet: RtpPacket, frame: MjrFrame, arrival: int | None, out: list[OrderedPacket]
+    ) -> None:
+        """Take one packet; append what can be released, in order, to ``out``."""
         stats = self.stats
         state = self.states.get(packet.ssrc)
         if packet.ssrc != self.ssrc:
             if state is None:
                 state = _SsrcState(packet.sequence_number)
                 self.states[packet.ssrc] = state
-                yield from self._new_segment(packet.ssrc, state, continuing=False)
+                self._new_segment(packet.ssrc, state, False, out)
                 relative = 0
             else:
                 relative = state.relative(packet.sequence_number)
                 if relative <= state.highest:
                     stats.late += 1  # a straggler of an SSRC the track has left
                     return
-                yield from self._new_segment(packet.ssrc, state, continuing=True)
+                self._new_segment(packet.ssrc, state, True, out)
         else:
             assert state is not None
             relative = state.relative(packet.sequence_number)
@@ -150,7 +154,7 @@ class _Orderer:
                 state = _SsrcState(packet.sequence_number)
                 self.states[packet.ssrc] = state
                 self.ssrc = None  # no "change" to count: same SSRC, new numbering
-                yield from self._new_segment(packet.ssrc, state, continuing=False)
+                self._new_segment(packet.ssrc, state, False, out)
                 relative = 0
         if relative > state.highest:
             state.highest = relative
@@ -166,14 +170,20 @@ class _Orderer:
         else:
             self.max_pushed = ext
         stats.packets += 1
-        self.counter += 1
         # Published indices run on without the room left between segments.
         index = ext - self.window * (self.segment + 1)
         item = OrderedPacket(index, frame.offset, arrival, packet, self.segment)
+        if ext == self.last_emitted + 1 and not self.heap:
+            # In order, nothing waiting: straight through (the common case).
+            out.append(self._emitted(ext, item))
+            return
+        self.counter += 1
         heapq.heappush(self.heap, (ext, self.counter, item))
         self.in_heap.add(ext)
-        if len(self.heap) > self.window:
-            yield self._emit_one()
+        # Release what is now contiguous; hold the rest until the window is full.
+        heap = self.heap
+        while heap and (heap[0][0] == self.last_emitted + 1 or len(heap) > self.window):
+            out.append(self._emit_one())
 
 
 def ordered_packets(
@@ -182,11 +192,13 @@ def ordered_packets(
     """Yield the recording's valid RTP packets in sequence order, deduplicated."""
     base_us = reader.header.first_packet_us or reader.header.created_us or 0
     orderer = _Orderer(stats, window)
+    out: list[OrderedPacket] = []
     # Packets of an SSRC not yet confirmed (see module docstring).
     pending: list[tuple[RtpPacket, MjrFrame, int | None]] = []
+    parse = RtpPacket.parse
     for frame in reader.frames():
         try:
-            packet = RtpPacket.parse(frame.data)
+            packet = parse(frame.data)
         except ValueError as exc:
             stats.invalid += 1
             if len(stats.invalid_offsets) < 20:
@@ -195,25 +207,31 @@ def ordered_packets(
                 stats.first_invalid_reason = f"byte {frame.offset}: {exc}"
             continue
         arrival = None if frame.arrival_ms is None else base_us + frame.arrival_ms * 1000
-        known = packet.ssrc == orderer.ssrc or orderer.ssrc is None
-        if pending:
-            if packet.ssrc == pending[0][0].ssrc:
+        if packet.ssrc == orderer.ssrc and not pending:
+            orderer.push(packet, frame, arrival, out)
+        else:
+            known = orderer.ssrc is None or packet.ssrc in orderer.states
+            if pending:
+                if packet.ssrc == pending[0][0].ssrc:
+                    pending.append((packet, frame, arrival))
+                    if len(pending) >= SSRC_CONFIRM:
+                        for item in pending:
+                            orderer.push(*item, out)
+                        pending.clear()
+                    continue
+                # The unconfirmed SSRC did not last: a damaged packet, not a new sender.
+                stats.stray_ssrc += len(pending)
+                stats.invalid += len(pending)
+                pending.clear()
+                known = packet.ssrc == orderer.ssrc or packet.ssrc in orderer.states
+            if known:
+                orderer.push(packet, frame, arrival, out)
+            else:
                 pending.append((packet, frame, arrival))
-                if len(pending) >= SSRC_CONFIRM:
-                    for item in pending:
-                        yield from orderer.push(*item)
-                    pending.clear()
-                continue
-            # The unconfirmed SSRC did not last: a damaged packet, not a new sender.
-            stats.stray_ssrc += len(pending)
-            stats.invalid += len(pending)
-            pending.clear()
-        if not known and packet.ssrc not in orderer.states:
-            pending.append((packet, frame, arrival))
-            continue
-        yield from orderer.push(packet, frame, arrival)
-    if pending:
-        # A new SSRC in the very last packet: keep it, nothing contradicts it.
-        for item in pending:
-            yield from orderer.push(*item)
-    yield from orderer.flush()
+        if out:
+            yield from out
+            out.clear()
+    for item in pending:  # a new SSRC in the very last packets: nothing contradicts it
+        orderer.push(*item, out)
+    orderer.flush(out)
+    yield from out

@@ -199,12 +199,19 @@ class _ExtensionCensus:
 
     def __init__(self) -> None:
         self.values: dict[int, set[bytes]] = {}
+        # Level histogram (RFC 6464 reading) of every one-byte element, so that whichever id
+        # turns out to be the audio level, its levels are already counted.
+        self.histograms: dict[int, dict[int, int]] = {}
 
     def add(self, extensions: dict[int, bytes]) -> None:
         for ext_id, value in extensions.items():
             seen = self.values.setdefault(ext_id, set())
             if len(seen) < 16:
                 seen.add(value)
+            if len(value) == 1:
+                histogram = self.histograms.setdefault(ext_id, {})
+                level = value[0] & 0x7F
+                histogram[level] = histogram.get(level, 0) + 1
 
     def guess(self, kind: str) -> int | None:
         candidates = []
@@ -374,22 +381,10 @@ def analyze(path: str | Path) -> TrackAnalysis:
         analysis.channels = depay.channels
         analysis.sample_rate = depay.sample_rate
         if analysis.audio_level_id is not None and ext_level is None:
-            analysis.levels = _levels_second_look(path, analysis.audio_level_id)
+            analysis.levels = census.histograms.get(analysis.audio_level_id, {})
     else:
         analysis.extradata = depay.extradata()
     return analysis
-
-
-def _levels_second_look(path: str | Path, ext_id: int) -> dict[int, int]:
-    """Audio levels once the extension id is known (it was guessed after the first pass)."""
-    levels: dict[int, int] = {}
-    reader = MjrReader(path)
-    for item in ordered_packets(reader, OrderStats()):
-        value = item.packet.extensions.get(ext_id)
-        if value:
-            level, _ = audio_level(value)
-            levels[level] = levels.get(level, 0) + 1
-    return levels
 
 
 def _scan_picture(
@@ -402,7 +397,7 @@ def _scan_picture(
     assert isinstance(depay, VideoDepacketizer)
     analysis.frames += 1
     try:
-        picture = depay.assemble([p.packet.payload for p in group.packets])
+        picture = depay.describe([p.packet.payload for p in group.packets])
     except ValueError:
         return
     if picture.keyframe:

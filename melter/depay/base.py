@@ -31,6 +31,10 @@ class VideoDepacketizer(ABC):
     def assemble(self, payloads: Sequence[bytes]) -> VideoFrame:
         """Join the payloads of one picture (sequence order) into its bitstream."""
 
+    def describe(self, payloads: Sequence[bytes]) -> VideoFrame:
+        """Key frame and size of a picture, for analysis (formats may skip the joining)."""
+        return self.assemble(payloads)
+
     def extradata(self) -> bytes | None:
         """Stream-level configuration learnt from the frames seen so far (H.264 SPS/PPS)."""
         return None

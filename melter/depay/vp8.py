@@ -103,16 +103,24 @@ class Vp8Depacketizer(VideoDepacketizer):
 
     def assemble(self, payloads: Sequence[bytes]) -> VideoFrame:
         check_payloads(payloads)
-        parts = []
-        for payload in payloads:
-            _, rest = Vp8Descriptor.parse(payload)
-            parts.append(rest)
-        data = b"".join(parts)
-        first, _ = Vp8Descriptor.parse(payloads[0])
+        first, rest = Vp8Descriptor.parse(payloads[0])
         if not (first.start_of_partition and first.partition_id == 0):
             raise ValueError("VP8 picture does not start with partition 0")
+        parts = [rest]
+        for payload in payloads[1:]:
+            parts.append(Vp8Descriptor.parse(payload)[1])
+        data = b"".join(parts)
         keyframe, width, height = keyframe_info(data)
         return VideoFrame(data, keyframe, width, height)
+
+    def describe(self, payloads: Sequence[bytes]) -> VideoFrame:
+        """Key frame and size from the first payload alone (the frame header is there)."""
+        check_payloads(payloads)
+        first, rest = Vp8Descriptor.parse(payloads[0])
+        if not (first.start_of_partition and first.partition_id == 0):
+            raise ValueError("VP8 picture does not start with partition 0")
+        keyframe, width, height = keyframe_info(rest)
+        return VideoFrame(b"", keyframe, width, height)
 
     def starts_picture(self, payload: bytes) -> bool | None:
         descriptor, _ = Vp8Descriptor.parse(payload)
