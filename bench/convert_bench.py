@@ -41,7 +41,7 @@ from typing import Any
 from melter import __version__ as melter_version
 from melter.mjr.reader import MjrReader, Variant
 
-RECORDINGS = Path("/work/shared/recordings/dev-three-party-vp8")
+RECORDINGS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dev-three-party-vp8"
 SOURCES = {
     "audio": RECORDINGS / "videoroom-2001-user-501-1795700513534356-audio-0.mjr",
     "video": RECORDINGS / "videoroom-2001-user-501-1795700513534447-video-1.mjr",
