@@ -104,7 +104,7 @@ def test_rejoin_and_audio_only_render(rejoin_folder: Path, tmp_path: Path) -> No
 def test_room_must_be_picked_when_a_folder_holds_several(tmp_path: Path) -> None:
     write_files(tmp_path, Person("401", RED, 440, 0, 2), room="7001")
     write_files(tmp_path, Person("402", GREEN, 660, 0, 2), room="7002")
-    with pytest.raises(MelterError, match="2 rooms.*7001, 7002.*--room"):
+    with pytest.raises(MelterError, match=r"2 rooms.*7001, 7002.*--room"):
         discover([tmp_path])
     meeting = discover([tmp_path], room="7002")
     assert meeting.room == "7002"
