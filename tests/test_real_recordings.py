@@ -158,3 +158,39 @@ def test_merged_participant_is_in_sync(
     # Every 5 s marker in the media clock that had sound must pair up.
     assert len(offsets) >= len(tones) - 1
     assert max(abs(o) for o in offsets) < 0.020, [round(o * 1000, 1) for o in offsets]
+
+
+def test_inspect_reports_the_sync_facts_of_a_real_meeting() -> None:
+    """The per-track report: offsets between tracks, gaps with causes, key frames, skew."""
+    import sys
+
+    folder = FIXTURES / "dev-three-party-vp8"
+    files = sorted(folder.glob("*-501-*.mjr"))
+    result = subprocess.run(
+        [sys.executable, "-m", "melter.cli", "inspect", "--json", *map(str, files)],
+        capture_output=True, text=True, check=True,
+    )
+    audio, video = json.loads(result.stdout)
+    data = manifest("dev-three-party-vp8")
+    truth = {f["mjr"]: f for f in data["files"]}
+    for report in (audio, video):
+        entry = truth[Path(report["file"]).name]
+        assert report["packets"] == entry["packets"]
+        assert report["header"]["first_packet_us"] == entry["mjr_first_packet_us"]
+        # The track starts within 25 ms before its first packet arrived (network delay of
+        # the first packet against the least-delayed ones).
+        assert -25 <= report["start_minus_u_ms"] <= 0
+        assert report["lost"] == 0 and report["duplicates"] == 0
+        assert abs(report["skew_ppm"]) < 100
+    # X's 2 s audio pause at 10 s of its clock, with its cause.
+    assert [(g["cause"], round(g["length_ms"] / 1000, 1)) for g in audio["gaps"]] == [
+        ("pause", 2.0)]
+    assert abs(audio["gaps"][0]["start_s"] - 10.0) < 0.05
+    assert audio["audio_level_extension"] == 2 and "-13" in audio["audio_levels_dbov"]
+    # Key frames as the manifest lists them (offsets in the file's arrival clock).
+    expected = [k / 1000 for k in truth[Path(video["file"]).name]["rtp"]["keyframe_offsets_ms"]]
+    assert len(video["keyframes_s"]) == len(expected)
+    assert all(abs(a - b) < 0.1 for a, b in zip(video["keyframes_s"], expected, strict=True))
+    assert video["resolutions"] == [{"at_s": 0.0, "width": 320, "height": 240}]
+    # Audio and video of one participant start within a frame of each other.
+    assert abs(audio["start_us"] - video["start_us"]) < 34_000
