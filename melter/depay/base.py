@@ -9,7 +9,7 @@ bytes out, ``ValueError`` naming the field when a payload is malformed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -75,6 +75,42 @@ class AudioDepacketizer(ABC):
     def is_pcm(self) -> bool:
         """Whether the output must be decoded to PCM (formats no container carries well)."""
         return False
+
+
+def join_nal_units(
+    payloads: Sequence[bytes],
+    split: Callable[[bytes], tuple[list[bytes], bool, bool]],
+    is_fragment: Callable[[bytes], bool],
+    name: str,
+) -> list[bytes]:
+    """NAL units of one picture from H.264/H.265 payloads (single, aggregated, fragmented).
+
+    ``split`` gives a payload's units (or its fragment) with the fragment's start and end
+    flags; a fragmented unit must arrive whole, start to end, or the picture is refused.
+    """
+    units: list[bytes] = []
+    fragment: bytearray | None = None
+    for payload in payloads:
+        parts, start, end = split(payload)
+        if is_fragment(payload):
+            if start:
+                if fragment is not None:
+                    raise ValueError(f"{name} fragmented unit without its end")
+                fragment = bytearray(parts[0])
+            elif fragment is None:
+                raise ValueError(f"{name} fragment without its start")
+            else:
+                fragment += parts[0]
+            if end:
+                units.append(bytes(fragment))
+                fragment = None
+        else:
+            if fragment is not None:
+                raise ValueError(f"{name} fragmented unit without its end")
+            units.extend(parts)
+    if fragment is not None:
+        raise ValueError(f"{name} fragmented unit without its end")
+    return units
 
 
 def check_payloads(payloads: Sequence[bytes]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
-from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads
+from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads, join_nal_units
 from melter.depay.bitreader import BitReader, unescape_rbsp
 
 START_CODE = b"\x00\x00\x00\x01"
@@ -116,26 +116,9 @@ class H264Depacketizer(VideoDepacketizer):
 
     def assemble(self, payloads: Sequence[bytes]) -> VideoFrame:
         check_payloads(payloads)
-        units: list[bytes] = []
-        fragment: bytearray | None = None
-        for payload in payloads:
-            parts, start, end = split_payload(payload)
-            if (payload[0] & 0x1F) == FU_A:
-                if start:
-                    fragment = bytearray(parts[0])
-                elif fragment is None:
-                    raise ValueError("FU-A fragment without its start")
-                else:
-                    fragment += parts[0]
-                if end and fragment is not None:
-                    units.append(bytes(fragment))
-                    fragment = None
-            else:
-                if fragment is not None:
-                    raise ValueError("FU-A unit without its end")
-                units.extend(parts)
-        if fragment is not None:
-            raise ValueError("FU-A unit without its end")
+        units = join_nal_units(
+            payloads, split_payload, lambda p: (p[0] & 0x1F) == FU_A, "H.264 FU-A"
+        )
         keyframe = False
         width = height = None
         for unit in units:

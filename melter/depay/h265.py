@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads
+from melter.depay.base import VideoDepacketizer, VideoFrame, check_payloads, join_nal_units
 from melter.depay.bitreader import BitReader, unescape_rbsp
 
 START_CODE = b"\x00\x00\x00\x01"
@@ -173,28 +173,12 @@ class H265Depacketizer(VideoDepacketizer):
 
     def assemble(self, payloads: Sequence[bytes]) -> VideoFrame:
         check_payloads(payloads)
-        units: list[bytes] = []
-        fragment: bytearray | None = None
-        for payload in payloads:
-            parts, start, end = split_payload(payload)
-            if (payload[0] >> 1) & 0x3F == FRAGMENTATION_UNIT:
-                if start:
-                    if fragment is not None:
-                        raise ValueError("H.265 FU without its end")
-                    fragment = bytearray(parts[0])
-                elif fragment is None:
-                    raise ValueError("H.265 FU fragment without its start")
-                else:
-                    fragment += parts[0]
-                if end:
-                    units.append(bytes(fragment))
-                    fragment = None
-            else:
-                if fragment is not None:
-                    raise ValueError("H.265 FU without its end")
-                units.extend(parts)
-        if fragment is not None:
-            raise ValueError("H.265 FU without its end")
+        units = join_nal_units(
+            payloads,
+            split_payload,
+            lambda p: (p[0] >> 1) & 0x3F == FRAGMENTATION_UNIT,
+            "H.265 FU",
+        )
         keyframe = False
         width = height = None
         for unit in units:
