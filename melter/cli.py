@@ -211,6 +211,15 @@ def convert(
     err.print(f"{output}: {written}{extra}, {report.duration_us / 1e6:.3f} s")
 
 
+def _mount_farm() -> None:
+    """The farm's commands (submit, status, jobs, cancel, retry, worker, flower) at top level."""
+    from melter.farm.cli import farm_app
+
+    app.registered_commands.extend(farm_app.registered_commands)
+
+
+_mount_farm()
+
 layouts_app = typer.Typer(help="Built-in layouts and the layout file schema.", no_args_is_help=True)
 app.add_typer(layouts_app, name="layouts")
 

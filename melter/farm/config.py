@@ -1,0 +1,134 @@
+"""The farm's settings: environment variables, over an optional TOML file, over defaults.
+
+``MELTER_CONFIG`` names the file (else ``/etc/melter/farm.toml`` when it exists); its keys are
+the field names below (``broker_url = "redis://…"``). Each field can be set in the environment
+as ``MELTER_`` + its name in capitals (``MELTER_BROKER_URL``, ``MELTER_STORAGE_ROOT``, …), which
+wins over the file.
+
+Timing fields hang together: the Redis visibility timeout must exceed the hard time limit (a
+message still unacknowledged after it is delivered again), the hard limit exceeds the soft one
+(the soft one stops melt cleanly), and the lease is much shorter than all of them — it is what
+brings a job back within a minute or two when its worker dies, instead of after the visibility
+timeout's hours.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from melter.errors import MelterError
+
+DEFAULT_FILE = Path("/etc/melter/farm.toml")
+ENV_PREFIX = "MELTER_"
+
+
+class FarmConfig(BaseModel):
+    """Everything a submitter, a worker and Flower need to agree on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker_url: str | None = Field(
+        None, description="Redis URL of the broker and of Melter's job state; unset: no farm")
+    storage_root: Path = Field(
+        Path("/srv/melter"), description="inputs must lie under this folder (shared by workers)")
+    output_root: Path | None = Field(
+        None, description="outputs must lie under this folder (default: the storage root)")
+    key_prefix: str = Field("melter", min_length=1, description="prefix of Melter's Redis keys")
+    queue_prefix: str = Field(
+        "", description="prefix of the Celery queue names (farms sharing one Redis database)")
+    broker_key_prefix: str = Field(
+        "", description="prefix of every key Celery's Redis transport writes (kombu's "
+        "global_keyprefix): farms sharing one Redis database")
+    lease_seconds: float = Field(
+        60.0, gt=0, description="a running attempt's lease; lost when its worker stops renewing")
+    heartbeat_seconds: float = Field(
+        1.0, gt=0, description="how often a running attempt renews its lease and checks cancel")
+    sweep_seconds: float = Field(
+        10.0, gt=0, description="how often each worker looks for expired leases and due retries")
+    dispatch_grace_seconds: float = Field(
+        30.0, gt=0, description="a dispatch not confirmed within this is sent again by a sweeper")
+    max_attempts: int = Field(3, ge=1, description="attempts of one unit before the job fails")
+    retry_backoff_seconds: float = Field(
+        10.0, ge=0, description="delay before a failed attempt's retry (doubles each time)")
+    soft_time_limit: float = Field(
+        6 * 3600.0, gt=0, description="an attempt is stopped (melt killed) after this")
+    hard_time_limit: float = Field(
+        6 * 3600.0 + 300, gt=0, description="the worker process is killed after this")
+    visibility_timeout: float = Field(
+        8 * 3600.0, gt=0, description="Redis transport: unacknowledged messages redelivered after")
+    max_memory_per_child: int = Field(
+        2_000_000, gt=0, description="KiB; a pool process above it is replaced after its task")
+    chunk_seconds: float = Field(
+        600.0, ge=0, description="long meetings render in video chunks of about this length "
+        "(0: never); a meeting is chunked from twice this length on")
+    cache_dir: Path | None = Field(
+        None, description="per-worker cache of prepared media (default: a temporary folder)")
+    job_ttl_days: float = Field(
+        30.0, gt=0, description="how long finished jobs' state is kept in Redis")
+    callback_timeout: float = Field(10.0, gt=0, description="seconds per callback POST")
+    flower_user: str = Field("melter", min_length=1)
+    flower_password: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FarmConfig:
+        if self.hard_time_limit <= self.soft_time_limit:
+            raise ValueError("hard_time_limit must exceed soft_time_limit")
+        if self.visibility_timeout <= self.hard_time_limit:
+            raise ValueError(
+                "visibility_timeout must exceed hard_time_limit (else a running job's message "
+                "is delivered to a second worker)")
+        if self.lease_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError("lease_seconds must be more than twice heartbeat_seconds")
+        return self
+
+    @property
+    def outputs_root(self) -> Path:
+        return self.output_root or self.storage_root
+
+    def queue(self, priority: str) -> str:
+        return f"{self.queue_prefix}{priority}"
+
+
+def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in FarmConfig.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in environ and environ[key] != "":
+            values[name] = environ[key]
+    return values
+
+
+def load_config(environ: dict[str, str] | None = None, path: Path | None = None) -> FarmConfig:
+    """The farm's configuration from the environment (and the optional file)."""
+    env = dict(os.environ if environ is None else environ)
+    file = path or (Path(env["MELTER_CONFIG"]) if env.get("MELTER_CONFIG") else None)
+    data: dict[str, Any] = {}
+    if file is None and DEFAULT_FILE.exists():
+        file = DEFAULT_FILE
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text())
+        except OSError as exc:
+            raise MelterError(f"{file}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise MelterError(f"{file}: not valid TOML ({exc})") from None
+    data.update(_from_environment(env))
+    try:
+        return FarmConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise MelterError(f"farm configuration: {problems}") from None
+
+
+def require_broker(config: FarmConfig) -> str:
+    if not config.broker_url:
+        raise MelterError(
+            "no farm configured: set MELTER_BROKER_URL (a Redis URL such as "
+            "redis://127.0.0.1:6379/0), or render in-process with `melter render`")
+    return config.broker_url

@@ -1,0 +1,496 @@
+"""What a unit does: plan (and maybe split) a job, render, render a chunk, join, commit.
+
+Long meetings are split into video chunks at scene boundaries, each rendered by melt with an
+``in``/``out`` frame range and no audio (``an=1``) as a fresh encode (so each starts on a key
+frame); the audio is rendered in one piece (``vn=1``) from the audio-only document; the join
+concatenates the chunks without re-encoding (FFmpeg's concat demuxer, ``-c copy``) and muxes
+the audio in. Video frames are counted at every step, so the joined file has exactly the
+frames of a single-pass render, and its audio is the single pass's audio, sample for sample.
+
+Outputs are rendered under a temporary name in ``.melter-tmp/<job>/`` beside the output, then
+committed only while the attempt holds its lease: the manifest is written, and the media file
+hard-linked onto its name, which fails rather than overwrite anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from melter.engine.mlt import RenderError, run_melt
+from melter.errors import MelterError
+from melter.farm.manifest import (
+    count_video_frames,
+    describe_inputs,
+    file_mode,
+    measure,
+    tool_versions,
+    write_json_atomic,
+)
+from melter.farm.procs import REGISTRY
+from melter.farm.service import JobRecord, iso, manifest_path, remove_tmp
+from melter.farm.tasks import Attempt
+
+#: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.
+AUDIO_WEIGHT = 0.25
+JOIN_WEIGHT = 0.05
+
+
+@dataclass
+class Planned:
+    meeting: Any
+    layout: Any
+    plan: Any
+    fps: int
+    frames: int
+
+
+def run(attempt: Attempt) -> None:
+    record = attempt.farm.record(attempt.job)
+    unit = attempt.unit
+    if record.spec.stand_in is not None:
+        _stand_in(attempt, record)
+    elif unit == "main":
+        _main(attempt, record)
+    elif unit.startswith("r"):
+        _render_outputs(attempt, record, [int(unit[1:])], _planned(attempt, record))
+    elif unit.startswith("v"):
+        _video_chunk(attempt, record)
+    elif unit.startswith("a"):
+        _audio(attempt, record, int(unit[1:]))
+    elif unit.startswith("j"):
+        _join(attempt, record, int(unit[1:]))
+    else:
+        raise MelterError(f"unknown unit {unit!r}")
+
+
+# -- planning ----------------------------------------------------------------------------------
+def resolve_layout(value: str | dict[str, Any]) -> Any:
+    from melter.layout.model import load_layout, parse_layout
+
+    if isinstance(value, dict):
+        return parse_layout(value, "job layout")
+    return load_layout(value)
+
+
+def _planned(attempt: Attempt, record: JobRecord) -> Planned:
+    from melter.compose import plan_meeting
+    from melter.meeting import discover
+    from melter.render import trim_spans
+
+    attempt.stage("planning")
+    meeting = discover(record.inputs, room=record.spec.room)
+    layout = resolve_layout(record.spec.layout)
+    plan, _ = plan_meeting(meeting, layout)
+    fps = layout.canvas.fps
+    if record.spec.trim:
+        frames = sum(b - a + 1 for a, b in trim_spans(plan))
+    else:
+        frames = max(1, round(plan.duration_us * fps / 1e6))
+    attempt.check()
+    return Planned(meeting, layout, plan, fps, frames)
+
+
+def plan_chunks(plan: Any, frames: int, fps: int, seconds: float,
+                scene_cuts: bool = True) -> list[tuple[int, int]]:
+    """Frame ranges (first, last) of about ``seconds`` each, cut at scene boundaries when one
+    lies within a quarter chunk of the ideal cut."""
+    target = max(1, round(seconds * fps))
+    candidates = sorted({round(scene.start_us * fps / 1e6) for scene in plan.scenes}
+                        if scene_cuts else set())
+    cuts = [0]
+    while frames - cuts[-1] > target * 1.5:
+        ideal = cuts[-1] + target
+        window = [c for c in candidates
+                  if abs(c - ideal) <= target // 4 and c > cuts[-1] + fps and c < frames - fps]
+        cuts.append(min(window, key=lambda c: (abs(c - ideal), c)) if window else ideal)
+    cuts.append(frames)
+    return [(a, b - 1) for a, b in pairwise(cuts)]
+
+
+def _main(attempt: Attempt, record: JobRecord) -> None:
+    from melter.render import PRESETS
+
+    planned = _planned(attempt, record)
+    config = attempt.config
+    seconds = record.spec.chunk_seconds
+    if seconds is None:
+        seconds = config.chunk_seconds
+    duration = planned.frames / planned.fps
+    video = [k for k, o in enumerate(record.outputs) if not PRESETS[o.preset].audio_only]
+    attempt.stage("hashing inputs")
+    inputs = describe_inputs(record.inputs)
+    meeting = {"room": planned.meeting.room, "duration_s": round(duration, 3),
+               "participants": [p.display for p in planned.meeting.participants],
+               "frames": planned.frames, "fps": planned.fps}
+    shared = {"inputs_info": json.dumps(inputs), "meeting": json.dumps(meeting),
+              "frames": str(planned.frames), "fps": str(planned.fps)}
+    attempt.store.set_fields(record.id, shared)
+    if not (seconds > 0 and duration >= 2 * seconds and video):
+        _render_outputs(attempt, record, list(range(len(record.outputs))), planned)
+        return
+    units: list[dict[str, Any]] = []
+    chunks = 0
+    for k, output in enumerate(record.outputs):
+        if PRESETS[output.preset].audio_only:
+            units.append({"name": f"r{k}", "weight": planned.frames * AUDIO_WEIGHT, "output": k})
+            continue
+        ranges = plan_chunks(planned.plan, planned.frames, planned.fps, seconds,
+                             scene_cuts=not record.spec.trim)
+        chunks = max(chunks, len(ranges))
+        # The audio pass first: in one piece, it is often the longest unit of a long meeting.
+        names = [f"a{k}"]
+        units.append({"name": names[-1], "weight": planned.frames * AUDIO_WEIGHT, "output": k})
+        for i, (first, last) in enumerate(ranges):
+            names.append(f"v{k}.{i}")
+            units.append({"name": names[-1], "weight": last - first + 1, "first": first,
+                          "last": last, "output": k})
+        units.append({"name": f"j{k}", "weight": planned.frames * JOIN_WEIGHT,
+                      "deps": ",".join(names), "output": k})
+    attempt.begin_commit()
+    attempt.finishing()
+    dispatches = attempt.store.expand(record.id, attempt.token, units,
+                                      config.dispatch_grace_seconds, {"chunks": str(chunks)})
+    attempt.farm.send(dispatches)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+def attempt_dir(attempt: Attempt, record: JobRecord, k: int) -> Path:
+    folder = record.tmp_dir(k) / f"{attempt.unit}-{attempt.token}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def cache_dir(attempt: Attempt) -> Path:
+    root = attempt.config.cache_dir or Path(tempfile.gettempdir()) / "melter-farm-cache"
+    folder = root / attempt.job / "media"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def drop_cache(attempt: Attempt) -> None:
+    """This worker's prepared media of a job that has ended."""
+    root = attempt.config.cache_dir or Path(tempfile.gettempdir()) / "melter-farm-cache"
+    shutil.rmtree(root / attempt.job, ignore_errors=True)
+
+
+def cleanup_attempt(attempt: Attempt) -> None:
+    """Remove this attempt's scratch folder (its committed files were linked elsewhere)."""
+    try:
+        record = attempt.farm.record(attempt.job)
+    except Exception:
+        return
+    for k in range(len(record.outputs)):
+        folder = record.tmp_dir(k) / f"{attempt.unit}-{attempt.token}"
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _render_outputs(attempt: Attempt, record: JobRecord, indices: list[int],
+                    planned: Planned) -> None:
+    from melter.render import PRESETS, render
+
+    rendered: list[tuple[int, Path]] = []
+    started = time.time()
+    for n, k in enumerate(indices):
+        output = record.outputs[k]
+        preset = PRESETS[output.preset]
+        temp = attempt_dir(attempt, record, k) / f"render{output.path.suffix}"
+        attempt.window(n / len(indices), 1 / len(indices))
+        attempt.stage(f"rendering {output.path.name}" if len(indices) > 1 else "rendering")
+        render(planned.meeting, planned.layout, [(temp, preset)], workdir=cache_dir(attempt),
+               trim=record.spec.trim, progress=attempt.progress)
+        rendered.append((k, temp))
+    commit_outputs(attempt, record, rendered, {"render_s": round(time.time() - started, 3)})
+
+
+def _chunk_props(preset: Any) -> list[str]:
+    return [f"{k}={v}" for k, v in preset.properties.items()]
+
+
+def _document(planned: Planned, record: JobRecord, k: int, audio_only: bool,
+              folder: Path) -> tuple[Path, int]:
+    from melter.compose import prepare_media
+    from melter.render import PRESETS, _document_text
+
+    preset = PRESETS[record.outputs[k].preset]
+    layout = planned.layout
+    width = preset.width or layout.canvas.width
+    height = preset.height or layout.canvas.height
+    media = prepare_media(planned.meeting, folder, planned.fps)
+    xml, frames = _document_text(planned.plan, media, layout, width, height, audio_only,
+                                 record.spec.trim)
+    handle, name = tempfile.mkstemp(prefix="melter-", suffix=".mlt")
+    with os.fdopen(handle, "w") as out:
+        out.write(xml)
+    return Path(name), frames
+
+
+def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
+    from melter.render import PRESETS
+
+    k_text, i_text = attempt.unit[1:].split(".")
+    k, i = int(k_text), int(i_text)
+    unit = attempt.store.unit(record.id, attempt.unit)
+    first, last = int(unit["first"]), int(unit["last"])
+    count = last - first + 1
+    planned = _planned(attempt, record)
+    output = record.outputs[k]
+    preset = PRESETS[output.preset]
+    attempt.stage("preparing media")
+    document, _ = _document(planned, record, k, False, cache_dir(attempt))
+    folder = record.tmp_dir(k)
+    temp = attempt_dir(attempt, record, k) / f"v{i}{output.path.suffix}"
+    try:
+        attempt.stage(f"rendering chunk {i + 1}")
+        consumer = ["-consumer", f"avformat:{temp}", "real_time=-1", *_chunk_props(preset),
+                    "an=1"]
+        run_melt(document, consumer, count, attempt.progress,
+                 extra=[f"in={first}", f"out={last}"])
+    finally:
+        document.unlink(missing_ok=True)
+    attempt.check()
+    frames = count_video_frames(temp)
+    if frames != count:
+        raise RenderError(f"chunk {i} (frames {first}-{last}) has {frames} frames, not {count}")
+    final = folder / f"v{i}.{attempt.token}{output.path.suffix}"
+    os.replace(temp, final)
+    attempt.begin_commit()
+    attempt.finishing()
+    _, ready = attempt.store.complete(record.id, attempt.unit, attempt.token, str(final),
+                                      attempt.config.dispatch_grace_seconds, attempt.farm.ttl)
+    attempt.farm.send(ready)
+
+
+def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
+    from melter.render import PRESETS
+
+    planned = _planned(attempt, record)
+    output = record.outputs[k]
+    preset = PRESETS[output.preset]
+    attempt.stage("preparing media")
+    document, frames = _document(planned, record, k, True, cache_dir(attempt))
+    temp = attempt_dir(attempt, record, k) / f"audio{output.path.suffix}"
+    try:
+        attempt.stage("rendering audio")
+        consumer = ["-consumer", f"avformat:{temp}", "real_time=-1", *_chunk_props(preset),
+                    "vn=1"]
+        run_melt(document, consumer, frames, attempt.progress)
+    finally:
+        document.unlink(missing_ok=True)
+    attempt.check()
+    info = measure(temp)
+    audio = info.get("audio") or {}
+    expected = frames / planned.fps
+    if not audio or not math.isclose(audio.get("duration_s") or info["duration_s"], expected,
+                                     abs_tol=max(0.2, expected * 0.01)):
+        raise RenderError(f"audio pass lasts {info['duration_s']:.2f} s, not {expected:.2f} s")
+    final = record.tmp_dir(k) / f"a.{attempt.token}{output.path.suffix}"
+    os.replace(temp, final)
+    attempt.begin_commit()
+    attempt.finishing()
+    _, ready = attempt.store.complete(record.id, attempt.unit, attempt.token, str(final),
+                                      attempt.config.dispatch_grace_seconds, attempt.farm.ttl)
+    attempt.farm.send(ready)
+
+
+def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
+    from melter.render import PRESETS, check_output
+
+    output = record.outputs[k]
+    preset = PRESETS[output.preset]
+    units = attempt.store.all_units(record.id)
+    chunks = sorted(
+        ((int(name.split(".")[1]), u) for name, u in units.items()
+         if name.startswith(f"v{k}.")), key=lambda item: item[0])
+    audio = units[f"a{k}"]["file"]
+    frames = sum(int(u["last"]) - int(u["first"]) + 1 for _, u in chunks)
+    fps = int(record.fields.get("fps") or attempt.store.job(record.id).get("fps") or 30)
+    folder = attempt_dir(attempt, record, k)
+    listing = folder / "chunks.txt"
+    listing.write_text("".join(
+        "file '" + u["file"].replace("'", "'\\''") + "'\n" for _, u in chunks))
+    temp = folder / f"joined{output.path.suffix}"
+    fmt = preset.properties.get("f", "mp4")
+    command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+               "-f", "concat", "-safe", "0", "-i", str(listing), "-i", audio,
+               "-map", "0:v:0", "-map", "1:a:0", "-c", "copy"]
+    if fmt in ("mp4", "mov", "ipod"):
+        command += ["-movflags", "+faststart"]
+    command += ["-f", fmt, str(temp)]
+    attempt.stage("joining")
+    started = time.time()
+    _run_tracked(command)
+    attempt.check()
+    check_output(temp, frames / fps, False)
+    joined = count_video_frames(temp)
+    if joined != frames:
+        raise RenderError(f"joined video has {joined} frames, not {frames}")
+    pieces = [{"unit": f"v{k}.{i}", "frames": [int(u["first"]), int(u["last"])],
+               "worker": u.get("worker"), "attempts": int(u.get("attempts") or 0),
+               "seconds": _span(u)} for i, u in chunks]
+    audio_unit = units[f"a{k}"]
+    commit_outputs(attempt, record, [(k, temp)], {
+        "join_s": round(time.time() - started, 3),
+        "chunks": pieces,
+        "audio": {"worker": audio_unit.get("worker"), "seconds": _span(audio_unit)},
+    })
+
+
+def _span(unit: dict[str, str]) -> float | None:
+    try:
+        return round(float(unit["finished"]) - float(unit["started"]), 3)
+    except (KeyError, ValueError):
+        return None
+
+
+def _run_tracked(command: list[str]) -> None:
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+    except OSError as exc:
+        raise RenderError(f"{command[0]} could not start: {exc}") from None
+    REGISTRY.add(process)
+    try:
+        _, stderr = process.communicate()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        REGISTRY.discard(process)
+    if process.returncode != 0:
+        detail = "; ".join(stderr.strip().splitlines()[-3:]) or f"exit code {process.returncode}"
+        raise RenderError(f"{command[0]} failed: {detail}")
+
+
+def _stand_in(attempt: Attempt, record: JobRecord) -> None:
+    """A fixed-cost renderer for benchmarks: sleep or burn CPU, then commit a small file."""
+    stand_in = record.spec.stand_in
+    assert stand_in is not None
+    attempt.stage("rendering")
+    # Sleeping costs wall time; busy costs CPU time (as a render does: slower when shared).
+    clock = time.process_time if stand_in.busy else time.monotonic
+    began = clock()
+    end = began + stand_in.seconds
+    while True:
+        now = clock()
+        if now >= end:
+            break
+        if stand_in.busy:
+            stop = min(end, now + 0.05)
+            while clock() < stop:
+                pass
+        else:
+            time.sleep(min(0.05, end - now))
+        attempt.progress(round((clock() - began) * 1000), max(1, round(stand_in.seconds * 1000)))
+    written = []
+    for k, output in enumerate(record.outputs):
+        temp = attempt_dir(attempt, record, k) / f"stand-in{output.path.suffix}"
+        temp.write_bytes(b"melter stand-in output\n")
+        written.append((k, temp))
+    commit_outputs(attempt, record, written, {"stand_in": stand_in.model_dump()}, media=False)
+
+
+# -- commit ------------------------------------------------------------------------------------
+def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int, Path]],
+                   details: dict[str, Any], media: bool = True) -> None:
+    """Put finished files in place, once, and only while this attempt holds the lease."""
+    measured = {k: measure(temp) if media else {"bytes": temp.stat().st_size}
+                for k, temp in rendered}
+    attempt.begin_commit()
+    fields = attempt.store.job(record.id)
+    history = attempt.store.history(record.id)
+    for k, temp in rendered:
+        final = record.outputs[k].path
+        manifest = _manifest(attempt, record, k, fields, history, measured[k], details)
+        side = manifest_path(final)
+        if final.exists():
+            try:
+                owner = json.loads(side.read_text()).get("job")
+            except (OSError, ValueError):
+                owner = None
+            if owner != record.id:
+                raise MelterError(f"{final} exists and was not written by job {record.id}; "
+                                  "not overwriting it")
+            temp.unlink(missing_ok=True)
+            continue  # an earlier attempt of this job committed it before dying
+        write_json_atomic(side, manifest)
+        _link(temp, final)
+    attempt.finishing()
+    status, _ = attempt.store.complete(
+        record.id, attempt.unit, attempt.token, ",".join(str(record.outputs[k].path)
+                                                         for k, _ in rendered),
+        attempt.config.dispatch_grace_seconds, attempt.farm.ttl)
+    if status == "done":
+        for k in range(len(record.outputs)):
+            remove_tmp(record.tmp_dir(k))
+
+
+def _link(temp: Path, final: Path) -> None:
+    """Make ``temp`` appear as ``final`` in one step, never replacing an existing file."""
+    os.chmod(temp, file_mode())  # the temporary file was private to the worker
+    try:
+        os.link(temp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+            raise
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "output exists", str(final)) from None
+        os.replace(temp, final)
+        return
+    temp.unlink()
+
+
+def _manifest(attempt: Attempt, record: JobRecord, k: int, fields: dict[str, str],
+              history: list[dict[str, Any]], output: dict[str, Any],
+              details: dict[str, Any]) -> dict[str, Any]:
+    spec = record.spec
+    layout = resolve_layout(spec.layout) if spec.stand_in is None else None
+    now = time.time()
+    created = float(fields.get("created") or record.created)
+    started = float(fields.get("started") or attempt.started)
+    inputs = json.loads(fields.get("inputs_info") or "null")
+    if inputs is None:
+        inputs = describe_inputs(record.inputs)
+    target = record.outputs[k]
+    return {
+        "manifest": 1,
+        "job": record.id,
+        "output": {"path": str(target.path), "requested": target.requested,
+                   "preset": target.preset, **output},
+        "attempt": {"unit": attempt.unit, "number": attempt.number, "token": int(attempt.token),
+                    "worker": attempt.worker, "pid": os.getpid()},
+        "attempts": int(fields.get("attempts") or attempt.number),
+        "previous_attempts": [h for h in history if h.get("outcome") not in ("done", "planned")],
+        "layout": {
+            "source": spec.layout if isinstance(spec.layout, str) else "inline",
+            "document": layout.model_dump(mode="json") if layout is not None else None,
+        },
+        "inputs": inputs,
+        "meeting": json.loads(fields.get("meeting") or "null"),
+        "options": {"trim": spec.trim, "room": spec.room, "priority": spec.priority,
+                    "chunk_seconds": spec.chunk_seconds},
+        "tools": tool_versions(),
+        "timings": {
+            "submitted": iso(created),
+            "started": iso(started),
+            "finished": iso(now),
+            "queued_s": round(started - created, 3),
+            "running_s": round(now - started, 3),
+            "total_s": round(now - created, 3),
+            **details,
+        },
+        "metadata": spec.metadata,
+    }
+

@@ -1,0 +1,450 @@
+"""The farm as a library: submit, status, jobs, cancel, retry — and what workers share.
+
+:class:`Farm` ties one configuration to its Redis state (:class:`~melter.farm.store.Store`) and
+its Celery app. A message is only a wake-up call naming ``(job, unit, token)``; everything a
+worker needs is in Redis. Messages are sent at least once (a dispatch is written to Redis
+first, and the sweeper sends it again if its sender died before confirming); the token check
+when a worker takes the unit makes a duplicate start nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from melter.errors import MelterError
+from melter.farm.config import FarmConfig, load_config, require_broker
+from melter.farm.job import JobError, JobSpec, OutputSpec, parse_job, under_root
+from melter.farm.store import TERMINAL, Dispatch, Store
+
+log = logging.getLogger("melter.farm")
+
+TMP_DIR = ".melter-tmp"
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    path: Path
+    preset: str
+    requested: str
+
+
+@dataclass
+class JobRecord:
+    """A job as the workers see it: the spec, and the paths the submitter resolved."""
+
+    id: str
+    spec: JobSpec
+    inputs: list[Path]
+    outputs: list[OutputTarget]
+    created: float
+    fields: dict[str, str]
+
+    def tmp_dir(self, k: int) -> Path:
+        return self.outputs[k].path.parent / TMP_DIR / self.id
+
+
+def versioned(path: Path, version: int) -> Path:
+    """``out.mp4``, then ``out.v2.mp4``, ``out.v3.mp4``…"""
+    if version <= 1:
+        return path
+    return path.with_name(f"{path.stem}.v{version}{path.suffix}")
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+class Farm:
+    """One farm: a configuration, its Redis state and its Celery app."""
+
+    def __init__(self, config: FarmConfig | None = None) -> None:
+        self.config = config or load_config()
+        self.store = Store.from_url(require_broker(self.config), self.config.key_prefix)
+        self._celery: Any = None
+
+    @property
+    def celery(self) -> Any:
+        if self._celery is None:
+            from melter.farm.app import client_app
+
+            self._celery = client_app(self.config)
+        return self._celery
+
+    def use_celery(self, celery: Any) -> None:
+        self._celery = celery
+
+    @property
+    def ttl(self) -> int:
+        return int(self.config.job_ttl_days * 86400)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def send(self, items: Iterable[Dispatch]) -> None:
+        """Send the Celery messages for queued units, then confirm them."""
+        from melter.farm.app import TASK
+
+        queues: dict[str, str] = {}
+        for item in items:
+            if item.job not in queues:
+                queues[item.job] = self.store.r.hget(self.store.job_key(item.job), "queue") or (
+                    self.config.queue("auto"))
+            queue = queues[item.job]
+            result = self.celery.send_task(TASK, args=[item.job, item.unit, item.token],
+                                           queue=queue, routing_key=queue)
+            self.store.set_unit_fields(item.job, item.unit, {"task_id": result.id})
+            self.store.dispatched(item)
+
+    # -- submission --------------------------------------------------------------------------
+    def submit(self, spec: JobSpec | dict[str, Any]) -> str:
+        """Accept a job; its id (the first job's, for a repeated idempotency key)."""
+        job = spec if isinstance(spec, JobSpec) else parse_job(spec)
+        config = self.config
+        inputs = []
+        for item in job.inputs:
+            path = under_root(item, config.storage_root, "input", "MELTER_STORAGE_ROOT")
+            if not path.exists():
+                raise JobError(f"input {item}: no such file or folder under the storage root")
+            inputs.append(path)
+        layout_value = self._layout(job.layout)
+        from melter.render import preset_for
+
+        targets: list[tuple[Path, str, str]] = []
+        for output in job.outputs:
+            root_var = "MELTER_OUTPUT_ROOT" if config.output_root else "MELTER_STORAGE_ROOT"
+            label = "the output root" if config.output_root else "the storage root"
+            path = under_root(output.path, config.outputs_root, "output", root_var, label)
+            if path.is_dir():
+                raise JobError(f"output {output.path} is a folder; give a file name")
+            targets.append((path, preset_for(path, output.preset).name, output.path))
+        normal = job.model_copy(update={"layout": layout_value})
+        body = normal.model_dump(mode="json")
+        fingerprint = hashlib.sha256(json.dumps(
+            {k: v for k, v in body.items() if k != "idempotency_key"}, sort_keys=True).encode()
+        ).hexdigest()
+        job_id = secrets.token_hex(8)
+        if job.idempotency_key:
+            existing = self.store.idempotent(job.idempotency_key, job_id, self.ttl)
+            if existing:
+                return self._same_job(existing, fingerprint, job.idempotency_key)
+        try:
+            return self._create(job_id, job, body, inputs, targets, fingerprint)
+        except BaseException:
+            if job.idempotency_key:  # the key must not name a job that was never made
+                self.store.release_idempotency(job.idempotency_key, job_id)
+            raise
+
+    def _create(self, job_id: str, job: JobSpec, body: dict[str, Any], inputs: list[Path],
+                targets: list[tuple[Path, str, str]], fingerprint: str) -> str:
+        config = self.config
+        outputs = []
+        for path, preset_name, requested in targets:
+            final = self._reserve(path, job_id)
+            outputs.append({"path": str(final), "preset": preset_name, "requested": requested})
+        now = time.time()
+        fields = {
+            "spec": json.dumps(body),
+            "inputs": json.dumps([str(p) for p in inputs]),
+            "outputs": json.dumps(outputs),
+            "priority": job.priority,
+            "queue": config.queue(job.priority),
+            "max_attempts": str(job.max_attempts or config.max_attempts),
+            "fingerprint": fingerprint,
+        }
+        first = self.store.create(job_id, fields, now, config.dispatch_grace_seconds)
+        try:
+            self.send([first])
+        except Exception as exc:  # the job is stored: a sweeper sends its message later
+            log.warning("job %s: message not sent (%s); a worker's sweeper will send it",
+                        job_id, exc)
+        return job_id
+
+    def _same_job(self, existing: str, fingerprint: str, key: str) -> str:
+        deadline = time.monotonic() + 10
+        while True:
+            found = self.store.r.hget(self.store.job_key(existing), "fingerprint")
+            if found is not None:
+                break
+            if time.monotonic() > deadline:
+                return existing
+            time.sleep(0.05)
+        if found != fingerprint:
+            raise JobError(f"idempotency key {key!r} was already used for job {existing} "
+                           "with different parameters")
+        return existing
+
+    def _layout(self, layout: str | dict[str, Any]) -> str | dict[str, Any]:
+        from melter.layout.model import load_layout, parse_layout
+
+        if isinstance(layout, dict):
+            parse_layout(layout, "job layout")
+            return layout
+        looks_like_file = "/" in layout or layout.endswith((".yaml", ".yml"))
+        if not looks_like_file:
+            load_layout(layout)
+            return layout
+        path = under_root(layout, self.config.storage_root, "layout", "MELTER_STORAGE_ROOT")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise JobError(f"layout {layout}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise JobError(f"layout {layout}: not valid YAML ({exc})") from None
+        parse_layout(data, str(path))
+        if not isinstance(data, dict):
+            raise JobError(f"layout {layout}: not a layout document")
+        return data
+
+    def _reserve(self, path: Path, job_id: str) -> Path:
+        for version in range(1, 10_000):
+            candidate = versioned(path, version)
+            if candidate.exists() or manifest_path(candidate).exists():
+                continue
+            if self.store.reserve_output(str(candidate), job_id, self.ttl):
+                return candidate
+        raise JobError(f"output {path}: no free version name")
+
+    # -- reading -----------------------------------------------------------------------------
+    def record(self, job_id: str) -> JobRecord:
+        fields = self.store.job(job_id)
+        if not fields:
+            raise MelterError(f"no job {job_id}")
+        spec = JobSpec.model_validate_json(fields["spec"])
+        outputs = [OutputTarget(Path(o["path"]), o["preset"], o.get("requested", o["path"]))
+                   for o in json.loads(fields["outputs"])]
+        return JobRecord(job_id, spec, [Path(p) for p in json.loads(fields["inputs"])],
+                         outputs, float(fields.get("created", 0)), fields)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        fields = self.store.job(job_id)
+        if not fields:
+            raise MelterError(f"no job {job_id} (unknown, or its state expired)")
+        units = self.store.all_units(job_id)
+        history = self.store.history(job_id)
+        state = fields.get("state", "queued")
+        weight = sum(float(u.get("weight") or 0) for u in units.values())
+        done = sum(float(u.get("weight") or 0) * float(u.get("fraction") or 0)
+                   for u in units.values())
+        progress = 1.0 if state == "done" else (done / weight if weight else 0.0)
+        created = _float(fields.get("created"))
+        started = _float(fields.get("started"))
+        finished = _float(fields.get("finished"))
+        now = time.time()
+        eta = None
+        if state in ("running", "joining") and started and progress > 0.01:
+            elapsed = now - started
+            eta = round(elapsed * (1 - progress) / progress, 1)
+        outputs = json.loads(fields.get("outputs") or "[]")
+        spec = json.loads(fields.get("spec") or "{}")
+        lost = [h for h in history if h.get("outcome") == "lost"]
+        result: dict[str, Any] = {
+            "state": state,
+            "id": job_id,
+            "stage": fields.get("stage", state),
+            "progress": round(progress * 100, 1),
+            "eta_s": eta,
+            "attempts": int(fields.get("attempts") or 0),
+            "max_attempts": int(fields.get("max_attempts") or self.config.max_attempts),
+            "worker": fields.get("worker"),
+            "error": fields.get("error") if state in ("failed", "cancelled") else None,
+            "priority": fields.get("priority"),
+            "outputs": [o["path"] for o in outputs],
+            "manifests": [str(manifest_path(Path(o["path"]))) for o in outputs],
+            "requested_outputs": [o.get("requested") for o in outputs],
+            "timings": {
+                "submitted": iso(created),
+                "started": iso(started),
+                "finished": iso(finished),
+                "queued_s": round(started - created, 3) if started and created else None,
+                "running_s": round((finished or now) - started, 3) if started else None,
+                "total_s": round(finished - created, 3) if finished and created else None,
+            },
+            "lost_workers": [h.get("worker") for h in lost],
+            "history": [self._history_entry(h) for h in history],
+            "chunks": int(fields.get("chunks") or 0),
+            "units": {
+                name: {
+                    "state": u.get("state"),
+                    "attempts": int(u.get("attempts") or 0),
+                    "worker": u.get("worker"),
+                    "progress": round(float(u.get("fraction") or 0) * 100, 1),
+                    "stage": u.get("stage"),
+                    **({"frames": [int(u["first"]), int(u["last"])]}
+                       if u.get("first") else {}),
+                }
+                for name, u in units.items()
+            },
+            "callback": fields.get("callback"),
+            "metadata": spec.get("metadata", {}),
+            "spec": spec,
+        }
+        return result
+
+    @staticmethod
+    def _history_entry(entry: dict[str, Any]) -> dict[str, Any]:
+        out = dict(entry)
+        for key in ("started", "ended"):
+            if isinstance(out.get(key), (int, float)):
+                out[key] = iso(out[key])
+        return out
+
+    def jobs(self, limit: int = 50, state: str | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        gone = []
+        for job_id in self.store.job_ids(limit * 4 if state else limit):
+            try:
+                info = self.status(job_id)
+            except MelterError:
+                gone.append(job_id)
+                continue
+            if state and info["state"] != state:
+                continue
+            out.append(info)
+            if len(out) >= limit:
+                break
+        self.store.forget(gone)
+        return out
+
+    # -- control -----------------------------------------------------------------------------
+    def cancel(self, job_id: str, wait: float = 10.0) -> str:
+        """Cancel a job. Returns ``cancelled``; or ``committing`` when it was writing its output
+        for ``wait`` seconds; or ``already <state>`` for a job that had ended. Running attempts
+        stop (their melt killed) within a heartbeat."""
+        deadline = time.monotonic() + wait
+        while True:
+            result, detail = self.store.cancel(job_id)
+            if result == "gone":
+                raise MelterError(f"no job {job_id}")
+            if result == "committing" and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            break
+        if result == "ended":
+            return f"already {detail[0]}"
+        if result == "cancelled" and not detail:
+            self.finalize(job_id)
+        return result
+
+    def retry(self, job_id: str) -> str:
+        """Run a failed or cancelled job again (same id); a done job is rendered again as a new
+        job writing new versions of its outputs (its id is returned)."""
+        fields = self.store.job(job_id)
+        if not fields:
+            raise MelterError(f"no job {job_id}")
+        state = fields.get("state")
+        if state == "done":
+            spec = JobSpec.model_validate_json(fields["spec"])
+            outputs = [OutputSpec(path=o["requested"], preset=o["preset"])
+                       for o in json.loads(fields["outputs"])]
+            again = spec.model_copy(update={
+                "idempotency_key": None, "priority": "manual", "outputs": outputs,
+                "metadata": {**spec.metadata, "rerender_of": job_id}})
+            return self.submit(again)
+        result, token = self.store.reset(job_id, self.config.dispatch_grace_seconds, self.ttl)
+        if result == "busy":
+            raise MelterError(f"job {job_id} is still stopping an attempt ({token}); "
+                              "try again in a few seconds")
+        if result == "state":
+            raise MelterError(f"job {job_id} is {token}: only failed or cancelled jobs are "
+                              "retried, and done jobs rendered again")
+        if result != "ok":
+            raise MelterError(f"no job {job_id}")
+        for path in json.loads(fields["outputs"]):
+            self.store.reserve_output(path["path"], job_id, self.ttl)
+        self.send([Dispatch(job_id, "main", token)])
+        return job_id
+
+    # -- ending ------------------------------------------------------------------------------
+    def finalize(self, job_id: str) -> None:
+        """Once a job has ended and nothing of it runs: drop its scratch files, set its state
+        to expire, and call its callback."""
+        fields = self.store.job(job_id)
+        state = fields.get("state")
+        if state not in TERMINAL:
+            return
+        units = self.store.all_units(job_id)
+        if any(u.get("state") in ("running", "committing") for u in units.values()):
+            return
+        if not self.store.mark_once(job_id, f"final:{fields.get('finished')}", self.ttl):
+            return
+        try:
+            record = self.record(job_id)
+            for k in range(len(record.outputs)):
+                remove_tmp(record.tmp_dir(k))
+        except (OSError, MelterError, ValueError) as exc:
+            log.warning("job %s: could not remove scratch files: %s", job_id, exc)
+        self.store.expire_finished(job_id, self.ttl)
+        self.notify(job_id)
+
+    def notify(self, job_id: str) -> None:
+        fields = self.store.job(job_id)
+        spec = json.loads(fields.get("spec") or "{}")
+        url = spec.get("callback_url")
+        if not url:
+            return
+        body = json.dumps(self.status(job_id)).encode()
+        outcome = ""
+        for attempt in range(3):
+            request = urllib.request.Request(url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.config.callback_timeout) as r:
+                    outcome = f"{r.status}"
+                    break
+            except urllib.error.HTTPError as exc:
+                outcome = f"HTTP {exc.code}"
+                if exc.code < 500:
+                    break
+            except (OSError, ValueError) as exc:
+                outcome = f"error: {exc}"
+            time.sleep(0.5 * (attempt + 1))
+        self.store.set_fields(job_id, {"callback": outcome})
+
+
+def remove_tmp(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    if parent.name == TMP_DIR:
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+_FARMS: dict[int, Farm] = {}
+
+
+def farm_for(config: FarmConfig | None = None) -> Farm:
+    """A Farm for this process (rebuilt after a fork: connections are not shared)."""
+    key = os.getpid()
+    farm = _FARMS.get(key)
+    if farm is None or (config is not None and farm.config != config):
+        farm = Farm(config)
+        _FARMS.clear()
+        _FARMS[key] = farm
+    return farm

@@ -1,0 +1,105 @@
+"""The sweeper every worker runs: expired leases, due dispatches, stale caches.
+
+Every ``sweep_seconds`` (with jitter) one worker of the farm — whichever takes the sweep lock —
+requeues the units whose lease expired (their worker died: killed, out of memory, its machine
+gone), sends the messages of units whose dispatch is due (retries after their back-off, and
+dispatches whose sender died before confirming), and fails a unit that used up its attempts.
+Each worker also removes its local cache of prepared media for jobs that have ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from melter.farm.store import TERMINAL
+
+log = logging.getLogger("melter.farm.sweeper")
+
+_THREAD: Sweeper | None = None
+
+
+def sweep_once(farm: Any, owner: str) -> dict[str, int]:
+    """One pass; counts of what was done."""
+    config = farm.config
+    store = farm.store
+    counts = {"expired": 0, "failed": 0, "sent": 0}
+    if not store.sweep_lock(owner, config.sweep_seconds * 0.8):
+        return counts
+    for item in store.running():
+        if store.lease_alive(item.job, item.unit):
+            continue
+        max_attempts = int(store.job(item.job).get("max_attempts") or config.max_attempts)
+        answer = store.expire(item.job, item.unit, item.token, max_attempts)
+        if not answer or answer[0] in ("alive", "stale"):
+            continue
+        log.warning("job %s %s: attempt with token %s lost its lease: %s", item.job, item.unit,
+                    item.token, answer[0])
+        counts["expired"] += 1
+        if answer[0] in ("failed", "stopped"):
+            counts["failed"] += answer[0] == "failed"
+            farm.finalize(item.job)
+    due = store.due(time.time())
+    if due:
+        farm.send(due)
+        counts["sent"] += len(due)
+    return counts
+
+
+def clean_cache(farm: Any) -> None:
+    root = farm.config.cache_dir or Path(tempfile.gettempdir()) / "melter-farm-cache"
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        state = farm.store.job(folder.name).get("state")
+        if state is None or state in TERMINAL:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, celery: Any, owner: str) -> None:
+        super().__init__(name="melter-sweeper", daemon=True)
+        self.celery = celery
+        self.owner = owner
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from melter.farm.app import config_of
+        from melter.farm.service import Farm
+
+        farm = Farm(config_of(self.celery))
+        farm.use_celery(self.celery)
+        interval = farm.config.sweep_seconds
+        passes = 0
+        while not self.stopping.wait(interval * random.uniform(0.8, 1.2)):
+            try:
+                sweep_once(farm, self.owner)
+                passes += 1
+                if passes % 30 == 1:
+                    clean_cache(farm)
+            except redis.RedisError as exc:
+                log.warning("sweeper: Redis unavailable (%s)", exc)
+            except Exception:
+                log.exception("sweeper pass failed")
+
+
+def start_sweeper(celery: Any, owner: str) -> None:
+    global _THREAD
+    if _THREAD is not None and _THREAD.is_alive():
+        return
+    _THREAD = Sweeper(celery, owner)
+    _THREAD.start()
+    log.info("sweeper started for %s", owner)
+
+
+def stop_sweeper() -> None:
+    if _THREAD is not None:
+        _THREAD.stopping.set()
