@@ -144,6 +144,11 @@ class PreparedSegment:
     #: output frame, the latest picture taken before it.
     frame_interval: float = 0.0
     codec: str = ""
+    #: How much later than their wall-clock times the pictures were written. melt shows, at
+    #: each output frame, the first picture at or after the frame's time (up to a source
+    #: frame interval early); written one interval less half an output frame late, the
+    #: picture shown is the one nearest the frame's time.
+    video_shift_us: int = 0
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -172,11 +177,14 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             start_frame = math.floor((segment.start_us - meeting.start_us) / frame_us)
             origin_us = meeting.start_us + round(start_frame * frame_us)
             end_frame = min(total_frames, math.ceil((segment.end_us - meeting.start_us) / frame_us))
-            key = _segment_key(segment, origin_us)
+            video = segment.video
+            interval = _frame_interval(video)
+            shift_us = max(0, round((interval - 0.5 / fps) * 1e6)) if interval else 0
+            key = _segment_key(segment, origin_us + shift_us)
             path = workdir / f"{participant.id}-{segment.index}-{key}.mkv"
             if not path.exists():
-                convert_tracks(segment.tracks, path, origin_us=origin_us)
-            video = segment.video
+                convert_tracks(segment.tracks, path, origin_us=origin_us,
+                               video_shift_us=shift_us)
             prepared[segment.id] = PreparedSegment(
                 segment.id,
                 path,
@@ -186,7 +194,8 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 video is not None,
                 video.max_width if video else 0,
                 video.max_height if video else 0,
-                _frame_interval(video),
+                interval,
                 video.codec if video else "",
+                shift_us,
             )
     return prepared

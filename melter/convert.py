@@ -197,9 +197,11 @@ def _audio_packets(
 
 
 def _video_packets(
-    stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport
+    stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport,
+    shift_us: int = 0,
 ) -> Iterator[av.Packet]:
     last_pts = -1
+    origin_us -= shift_us
     written = 0
     pending: av.Packet | None = None
     for frame in timed_frames(analysis):
@@ -229,11 +231,14 @@ def _mux(
     analyses: list[TrackAnalysis],
     origin_us: int,
     report: ConvertReport,
+    video_shift_us: int = 0,
 ) -> None:
     """Interleave the tracks' packets by time ourselves, so the muxer buffers next to nothing
     (whole tracks written one after the other would sit in its interleaving queue)."""
     sources = [
-        (_video_packets if a.kind == "video" else _audio_packets)(s, a, origin_us, report)
+        _video_packets(s, a, origin_us, report, video_shift_us)
+        if a.kind == "video"
+        else _audio_packets(s, a, origin_us, report)
         for a, s in zip(analyses, streams, strict=True)
     ]
     for packet in heapq.merge(*sources, key=lambda p: int(p.dts or 0)):
@@ -246,9 +251,14 @@ def convert(inputs: list[Path], output: Path) -> ConvertReport:
 
 
 def convert_tracks(
-    analyses: list[TrackAnalysis], output: Path, origin_us: int | None = None
+    analyses: list[TrackAnalysis], output: Path, origin_us: int | None = None,
+    video_shift_us: int = 0,
 ) -> ConvertReport:
-    """Write analysed tracks into ``output``; time zero is ``origin_us`` (default: earliest)."""
+    """Write analysed tracks into ``output``; time zero is ``origin_us`` (default: earliest).
+
+    ``video_shift_us`` writes every picture that much later than its wall-clock time (for a
+    renderer that shows pictures early; see :mod:`melter.compose`).
+    """
     suffix = output.suffix.lower()
     analyses = list(analyses)
     kinds = [a.kind for a in analyses]
@@ -296,7 +306,7 @@ def convert_tracks(
             options = {"movflags": "+faststart"} if format_name == "mp4" else {}
             with av.open(str(temp), "w", format=format_name, options=options) as container:
                 streams = [_open_stream(container, a) for a in analyses]
-                _mux(container, streams, analyses, origin_us, report)
+                _mux(container, streams, analyses, origin_us, report, video_shift_us)
     for analysis in analyses:
         report.warnings.extend(analysis.warnings)
     return report

@@ -309,11 +309,8 @@ def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegmen
         _prop(producer, "vcodec", "vp8")
     # One decoder per producer: the audio track never decodes pictures and vice versa.
     _prop(producer, "video_index" if audio else "audio_index", -1)
-    if not audio and prepared.frame_interval > 0.002:
-        # melt shows, at each output frame, the first picture at or after its time; delayed
-        # by one source frame interval that becomes the last picture taken before it (what a
-        # viewer of the live meeting saw), never a picture from the future.
-        _prop(producer, "video_delay", f"{prepared.frame_interval - 0.001:.4f}")
+    # Pictures were written late by prepare_media (see PreparedSegment.video_shift_us), so
+    # melt's "first picture at or after the frame's time" is the picture nearest that time.
 
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
