@@ -575,7 +575,10 @@ def perf_profile(name: str, command: list[str], env: dict[str, str] | None, out:
 
     Seconds are samples / sampling rate (cpu-clock counts CPU time, so a sample is about
     1/999 s of one CPU). Self time only: Debian's libraries lack frame pointers, so the
-    call chains do not say reliably who called a library.
+    call chains do not say reliably who called a library. Rows are sorted by process *and*
+    object, then filtered here: ``perf report --comms X --sort dso`` drops every object that
+    another process of the run used first (libc, the kernel), as its entries merge before the
+    filter.
     """
     data = out / f"perf-{name}.data"
     log = out / f"perf-{name}.log"
@@ -586,10 +589,18 @@ def perf_profile(name: str, command: list[str], env: dict[str, str] | None, out:
         return {"skipped": f"perf record failed (exit {measured.exit_code}); see {log}"}
     by_comm = _perf_rows(data, "--sort", "comm")
     total = sum(n for _, n, _ in by_comm)
-    own = sum(n for _, n, key in by_comm if key == comm)
-    by_dso = _perf_rows(data, "--comms", comm, "--sort", "dso", "--percentage", "relative")
-    by_symbol = _perf_rows(data, "--comms", comm, "--sort", "dso,sym",
-                           "--percentage", "relative")[:25]
+    own = sum(n for _, n, key in by_comm if key == comm) or 1
+
+    def mine(sort: str) -> list[tuple[float, int, str]]:
+        rows = []
+        for _, n, key in _perf_rows(data, "--sort", sort):
+            process, _, rest = key.partition(" ")
+            if process == comm:
+                rows.append((round(100 * n / own, 2), n, rest.strip()))
+        return sorted(rows, key=lambda row: -row[1])
+
+    by_dso = mine("comm,dso")
+    by_symbol = mine("comm,dso,sym")[:25]
     if not keep:
         data.unlink()
     return {
