@@ -220,6 +220,36 @@ def _mount_farm() -> None:
 
 _mount_farm()
 
+swarm_app = typer.Typer(help="Docker Swarm deployment: macvlan address plans.",
+                        no_args_is_help=True)
+app.add_typer(swarm_app, name="swarm")
+
+
+@swarm_app.command("plan")
+def swarm_plan(
+    inventory: Annotated[Path, typer.Argument(help="inventory YAML: subnet, gateway, network, "
+                                              "nodes [{name, parent, slots}]")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Per-node --ip-range blocks holding exactly each node's slots, and the docker commands."""
+    from melter.swarm.plan import load_inventory
+    from melter.swarm.plan import plan as make_plan
+
+    result = make_plan(load_inventory(str(inventory)))
+    if as_json:
+        data = {
+            "network": result.inventory.network,
+            "config_name": result.config_name,
+            "nodes": [{"name": b.node, "ip_range": str(b.ip_range), "slots": b.slots,
+                       "aux_addresses": [str(a) for a in b.aux],
+                       "command": result.node_command(b)} for b in result.blocks],
+            "swarm_command": result.swarm_command(),
+        }
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    sys.stdout.write(result.script())
+
+
 layouts_app = typer.Typer(help="Built-in layouts and the layout file schema.", no_args_is_help=True)
 app.add_typer(layouts_app, name="layouts")
 

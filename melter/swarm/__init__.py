@@ -1,0 +1,1 @@
+"""Docker Swarm deployment helpers: macvlan address plans for render nodes."""
