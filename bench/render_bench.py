@@ -326,11 +326,27 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
             chains.append(f"[{n}:v]split={len(uses)}" + "".join(f"[{name}]" for name in names))
         else:
             names = [f"{n}:v"]
-        hold = (prepared.frame_interval or 1 / 15) + 0.001
-        source_rate = round(1 / (prepared.frame_interval or 1 / 15))
+        interval = prepared.frame_interval or 1 / 15
+        source_rate = round(1 / interval)
+        # Where a picture lands on the ffmpeg timeline: file time + the segment's first frame
+        # + offset. The offsets were calibrated against melt's output with the white block
+        # that sweeps across the pictures (it tells which source picture a frame shows).
+        # melter since d82f123 writes the pictures late (PreparedSegment.video_shift_us), and
+        # melt then shows, at an output frame's time t, the picture nearest t (ties to the
+        # later one). overlay shows the latest picture stamped at or before t, so pictures
+        # are moved back by the shift, half a source interval and half an output frame (the
+        # middle of the band of offsets that give the same pictures). Older melter set a
+        # producer video_delay instead, and melt showed the latest picture taken strictly
+        # before t: half an output frame + 1 ms later.
+        video_shift_us = getattr(prepared, "video_shift_us", None)
+        if video_shift_us is None:
+            offset = 0.5 / fps + 0.001
+        else:
+            offset = -video_shift_us / 1e6 - interval / 2 - 0.5 / fps
         for name, (first, last, placement) in zip(names, uses, strict=True):
-            start = max(0.0, (first - prepared.start_frame) / fps - hold)
-            end = (last + 1 - prepared.start_frame) / fps
+            # Keep from the picture shown at the scene's first frame to the one at its last.
+            start = max(0.0, (first - prepared.start_frame) / fps - offset - interval - 0.001)
+            end = (last + 1 - prepared.start_frame) / fps - offset
             box = placement.content
             if placement.fit == "crop":
                 fit = (f"scale=w={box.width}:h={box.height}:force_original_aspect_ratio=increase"
@@ -340,17 +356,13 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
             tile = f"t{len(overlays)}"
             # Padding: whole source frames of black from 0 s up to where the kept pictures
             # begin on the output, so every overlay has a secondary picture from the start and
-            # never holds canvas frames back waiting for one. tpad moves the real pictures on
-            # by the padding (in a 1/90000 time base, so its steps add up exactly); setpts puts
-            # them at file time + the segment's first frame + half an output frame. melt shows
-            # at each output frame the latest picture taken strictly before it; overlay's
-            # frame sync compares times rounded to the canvas's 1/30 s, so without the half
-            # frame it would show a picture up to 1/60 s early. (The 1 ms: melt too leaves
-            # a picture stamped a fraction of a millisecond before an output frame for the
-            # next one.) After a tile's last picture, overlay holds it (eof_action=repeat)
-            # until its enable window closes.
-            pad = math.floor((prepared.start_frame / fps + start) * source_rate + 1e-6)
-            shift = prepared.start_frame / fps - pad / source_rate + 0.5 / fps + 0.001
+            # never holds canvas frames back waiting for one (without it ffmpeg's peak RSS was
+            # about 1 GB). tpad moves the real pictures on by the padding, in a 1/90000 time
+            # base so its steps add up exactly; setpts takes that back off. After a tile's
+            # last picture overlay holds it (eof_action=repeat) until its enable window closes.
+            place = prepared.start_frame / fps + offset
+            pad = max(0, math.floor((place + start) * source_rate + 1e-6))
+            shift = place - pad / source_rate
             chains.append(
                 f"[{name}]trim=start={start:.6f}:end={end:.6f},settb=1/90000,"
                 f"setpts=PTS{shift:+.6f}/TB,{fit},"
@@ -371,7 +383,9 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
                 f":fontcolor=white:box=1:boxcolor=black@0.6:boxborderw=6"
                 f":x={x}:y={y}-th"
                 f":enable='between(t,{(first - 0.5) / fps:.6f},{(last + 0.5) / fps:.6f})'")
-    chains.append(f"[{base}]" + ",".join(texts or ["null"]) + "[vout]")
+    # After the canvas's last frame, overlay's frame sync can still emit a few frames driven
+    # by tiles that have not ended (seen: 4 extra frames at 60.0 s): cut at the plan's length.
+    chains.append(f"[{base}]trim=end_frame={frames}," + ",".join(texts or ["null"]) + "[vout]")
 
     heard = sorted({seg for s in plan.scenes for seg in s.audio if media[seg].has_audio})
     mixed = []
@@ -816,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
             command, child_env = contenders[name]
             if name == "media preparation" and prep_dir.exists():
                 shutil.rmtree(prep_dir)
-            log = work / f"{name.replace(' ', '-')}-{round_number}.log"
+            log = work / f"{re.sub(r'[^a-z]+', '-', name)}-{round_number}.log"
             measured = run_measured(command, log, env=child_env)
             if measured.exit_code != 0:
                 print(f"{name} failed (exit {measured.exit_code}); see {log}", file=sys.stderr)
@@ -924,6 +938,10 @@ def main(argv: list[str] | None = None) -> int:
         c = checks[name]
         print(f"| {name} | {c['frames']} | {c['video_s']} | {c['audio_s']} "
               f"| {c['container_s']} | {c['tile_max_error']} |")
+    for name in outputs:
+        if checks[name]["frames"] != frames or checks[name]["tile_max_error"] > 30:
+            print(f"warning: {name}'s output is not the planned work ({frames} frames, "
+                  "tile colours within 30 levels)")
     print("audio RMS per scene (melter / ffmpeg / tones):",
           ", ".join(f"{m['from_s']:g}-{m['to_s']:g} s {m['rms']:.3f}/{f['rms']:.3f}/"
                     f"{m['tones_rms']:.3f}" for m, f in zip(checks["melter"]["audio_rms"],
