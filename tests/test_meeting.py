@@ -99,6 +99,10 @@ def test_rejoin_and_audio_only_render(rejoin_folder: Path, tmp_path: Path) -> No
         card, shows_video = cell_centre(plan, "302", t, height_fraction=0.15)
         assert card is not None and shows_video is False
         assert near(colour_at(picture, *card), CARD), (t, colour_at(picture, *card))
+        # ...and its initials, in white, in the middle of the card.
+        (x, y), _ = cell_centre(plan, "302", t, height_fraction=0.5)
+        middle = picture[y - 12 : y + 12, x - 20 : x + 20].astype(int)
+        assert int((middle.min(axis=2) > 200).sum()) > 20, t
 
 
 def test_room_must_be_picked_when_a_folder_holds_several(tmp_path: Path) -> None:

@@ -228,3 +228,32 @@ def test_flash_and_tone_doubling_stay_within_one_frame(rendered: Rendered) -> No
             assert abs(offset) <= FRAME + 0.002, (person.name, flash, offset)
             paired += 1
     assert paired >= len(rendered.people)
+
+
+def test_name_labels_sit_in_the_bottom_left_corner_of_each_tile(rendered: Rendered) -> None:
+    """Each tile carries its participant's name: a dark box in the bottom-left corner (60 %
+    black over the picture) with white letters in it, and the picture untouched above it."""
+    plan = rendered.plan
+    looks: list[tuple[int, Person]] = []
+    for person in rendered.people:
+        frame = round((person.join + person.leave) / 2 * FPS)
+        while in_flash(person, frame / FPS):
+            frame += 3
+        looks.append((frame, person))
+    pictures = frames_at(rendered.path, {frame for frame, _ in looks})
+    for frame, person in looks:
+        t = frame / FPS
+        placement = next(p for s in plan.scenes if s.start_us <= (t + FRAME / 2) * 1e6 < s.end_us
+                         for p in s.placements if p.participant == person.pid)
+        assert placement.display
+        rect = placement.rect
+        picture = pictures[frame].astype(float)
+        bottom = rect.y + rect.height - 4
+        # The box's left padding: no letters, only the darkened picture.
+        padding = picture[bottom - 26 : bottom - 8, rect.x + 6 : rect.x + 10]
+        above = picture[bottom - 90 : bottom - 70, rect.x + 6 : rect.x + 10].reshape(-1, 3)
+        assert np.abs(above.mean(axis=0) - person.colour).max() < 30, (person.name, t)
+        assert padding.max() < 0.4 * 255 + 15, (person.name, t, padding.max())
+        box = picture[bottom - 30 : bottom - 4, rect.x + 10 : rect.x + 10 + 60]
+        letters = int((box.min(axis=2) > 200).sum())
+        assert letters > 30, (person.name, t, letters)

@@ -1,8 +1,8 @@
 """The MLT engine: a scene plan becomes an MLT XML document, rendered by ``melt``.
 
 Document shape: track 0 is the background; each prepared segment is one track (a playlist
-with a blank up to the segment's first frame, then the segment's file); placeholder cards and
-name labels are tracks of ``color`` producers with a ``dynamictext`` filter. Every placement of
+with a blank up to the segment's first frame, then the segment's file); placeholder cards are
+tracks of ``color`` producers, and names and initials tracks of ``pango`` titles. Every placement of
 every scene is a ``composite`` transition onto track 0 limited to the scene's frames
 (``crop_to_fill`` for crop fit, ``fill`` with centred alignment for letterbox); each audio track
 is mixed into track 0 with ``mix sum=1`` (without ``sum`` every step halves the level).
@@ -91,11 +91,6 @@ def mlt_colour(colour: str) -> str:
 
 def _prop(parent: ET.Element, name: str, value: object) -> None:
     ET.SubElement(parent, "property", name=name).text = str(value)
-
-
-def _escape_text(text: str) -> str:
-    # dynamictext expands #keyword# and treats backslashes specially.
-    return text.replace("\\", "/").replace("#", "")
 
 
 def build_document(
@@ -246,7 +241,7 @@ def build_document(
                 if text:
                     card_size = max(12, min(cell.height // 3, cell.width // 4))
                     texts.append({
-                        "in": str(first), "out": str(last), "argument": _escape_text(text),
+                        "in": str(first), "out": str(last), "text": text, "pad": "0",
                         "geometry": _geometry(cell), "size": str(card_size),
                         "halign": "center", "valign": "middle",
                         "fgcolour": mlt_colour(placeholder_text_color), "bgcolour": "#00000000",
@@ -256,7 +251,7 @@ def build_document(
                 inset = Rect(cell.x + 4, cell.y, cell.width - 8, cell.height - 4)
                 texts.append({
                     "in": str(first), "out": str(last),
-                    "argument": _escape_text(placement.display),
+                    "text": placement.display, "pad": "6",
                     "geometry": _geometry(inset), "size": str(size),
                     "halign": "left", "valign": "bottom",
                     "fgcolour": mlt_colour(label_color), "bgcolour": mlt_colour(label_background),
@@ -271,6 +266,17 @@ def build_document(
                 "distort": "1", "progressive": "1",
             })
 
+    # Texts last, so they lie over the pictures and cards they label.
+    for number, spec in enumerate(_merge_texts(texts)):
+        text_track = _text_track(root, f"text{number}", spec, font, len(tracks))
+        tracks.append(text_track)
+        transitions.append({
+            "mlt_service": "composite", "a_track": "0", "b_track": str(len(tracks) - 1),
+            "in": spec["in"], "out": spec["out"], "geometry": spec["geometry"],
+            "halign": spec["halign"], "valign": spec["valign"],
+            "aligned": "1", "distort": "0", "progressive": "1",
+        })
+
     tractor = ET.SubElement(root, "tractor", id="main", attrib={"in": "0", "out": str(frames - 1)})
     multitrack = ET.SubElement(tractor, "multitrack")
     for track_id in tracks:
@@ -280,14 +286,6 @@ def build_document(
         for bound in ("in", "out"):
             if bound in spec:
                 element.set(bound, spec.pop(bound))
-        for key, value in spec.items():
-            _prop(element, key, value)
-    for spec in _merge_texts(texts):
-        bounds = {"in": spec.pop("in"), "out": spec.pop("out")}
-        element = ET.SubElement(tractor, "filter", attrib=bounds)
-        _prop(element, "mlt_service", "dynamictext")
-        _prop(element, "family", font)
-        _prop(element, "pad", 6)
         for key, value in spec.items():
             _prop(element, key, value)
     ET.indent(root)
@@ -311,6 +309,33 @@ def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegmen
     _prop(producer, "video_index" if audio else "audio_index", -1)
     # Pictures were written late by prepare_media (see PreparedSegment.video_shift_us), so
     # melt's "first picture at or after the frame's time" is the picture nearest that time.
+
+
+def _text_track(root: ET.Element, name: str, spec: dict[str, str], font: str,
+                number: int) -> str:
+    """A track holding one ``pango`` title from ``spec``'s in to out; returns its id.
+
+    The title is drawn once, at its own size, and laid over the canvas by a ``composite``
+    transition in MLT's 4:2:2 working format. (``dynamictext`` filters on the tractor cost
+    several times more: each one converts the whole canvas to RGBA and back on every frame.)
+    A title wider than its box is scaled down to fit (``aligned`` without ``fill``).
+    """
+    first, last = int(spec["in"]), int(spec["out"])
+    producer = ET.SubElement(root, "producer", id=name,
+                             attrib={"in": "0", "out": str(last - first)})
+    _prop(producer, "mlt_service", "pango")
+    _prop(producer, "text", spec["text"])
+    _prop(producer, "family", font)
+    _prop(producer, "size", spec["size"])
+    _prop(producer, "fgcolour", spec["fgcolour"])
+    _prop(producer, "bgcolour", spec["bgcolour"])
+    _prop(producer, "pad", spec["pad"])
+    _prop(producer, "length", last - first + 1)
+    playlist = ET.SubElement(root, "playlist", id=f"track{number}")
+    if first > 0:
+        ET.SubElement(playlist, "blank", length=str(first))
+    ET.SubElement(playlist, "entry", producer=name, attrib={"in": "0", "out": str(last - first)})
+    return playlist.get("id") or ""
 
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
