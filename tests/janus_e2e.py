@@ -563,8 +563,10 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
         await session.destroy()
 
 
-async def run_meeting(url: str, rec_dir: Path, people: tuple[Person, ...] = DEFAULT_PEOPLE,
-                      destroy_at: float = DEFAULT_DESTROY_AT, room: int | None = None) -> MeetingLog:
+async def run_meeting(
+    url: str, rec_dir: Path, people: tuple[Person, ...] = DEFAULT_PEOPLE,
+    destroy_at: float = DEFAULT_DESTROY_AT, room: int | None = None,
+) -> MeetingLog:
     """Create a recorded room, run the publishers' schedule, destroy the room."""
     room = room or 2000 + os.getpid() % 7000
     admin = JanusSession(url)
