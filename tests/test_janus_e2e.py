@@ -1,0 +1,131 @@
+"""A real Janus 1.1.2 records a VideoRoom meeting from aiortc publishers; Melter renders it.
+
+Janus runs in a network namespace (see ``janus_e2e``). The meeting: X (teal, 350 Hz) from the
+start to the room's destroy at 12 s; Y (magenta, 500 Hz) joins at 2 s, unpublishes at 7 s and
+leaves at 8 s; Z (yellow, 750 Hz) joins at 4 s and leaves at 10 s while publishing.
+
+* ``test_recorded_meeting_renders``: the sample event handler posts to a receiver in the test;
+  the events and recordings are checked, then ``melter render`` is run on the recordings.
+* ``test_meeting_video_appears_on_storage``: the sample event handler posts to a real
+  ``melter serve``, with a real farm worker: the meeting's video must appear on storage with
+  no further action.
+
+Both measure the video against what the publishers sent, by wall clock: its length, each
+participant's colour in its tile while publishing, and each tone's level and frequency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from janus_e2e import (
+    EventReceiver,
+    Janus,
+    Link,
+    Measured,
+    MeetingLog,
+    event_counts,
+    measure,
+    network_namespace,
+    run_meeting,
+    skip_reason,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+REASON = skip_reason()
+
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+    pytest.mark.timeout(420),
+]
+
+
+@pytest.fixture(scope="module")
+def link() -> Iterator[Link]:
+    with network_namespace() as made:
+        yield made
+
+
+@pytest.fixture
+def janus_for(link: Link, tmp_path: Path) -> Iterator[Callable[[str], Janus]]:
+    """Starts Janus with its event handler posting to a given URL; stops it afterwards."""
+    started: list[Janus] = []
+
+    def start(backend: str) -> Janus:
+        janus = Janus(link, tmp_path / f"janus{len(started)}", backend)
+        janus.workdir.mkdir()
+        started.append(janus)
+        janus.start()
+        return janus
+
+    yield start
+    for janus in started:
+        janus.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def check_rendering(m: Measured, log: MeetingLog) -> None:
+    """The rendering shows the meeting as the publishers sent it."""
+    frame = 1 / m.fps
+    # First media sent to the room's destroy; the output has whole frames.
+    assert abs(m.video_s - log.length) <= 2 * frame, (m.video_s, log.length)
+    assert abs(m.audio_s - log.length) <= 2 * frame, (m.audio_s, log.length)
+    for sent in log.sent:
+        person = sent.person
+        samples = m.tiles[person.name]
+        assert len(samples) == 3, (person.name, samples)
+        for t, rgb in samples:
+            error = np.abs(np.array(rgb) - np.array(person.rgb)).max()
+            assert error < 30, f"{person.name} at {t:.2f} s: tile {rgb}, sent {person.rgb}"
+        inside, outside = m.tone_levels[person.name]
+        # Sent at 0.3 of full scale; silence outside its presence.
+        assert 0.2 < inside < 0.4, (person.name, inside)
+        assert outside < 0.01, (person.name, outside)
+    tones = sorted(s.person.tone for s in log.sent)
+    assert np.allclose(sorted(m.peaks), tones, atol=2.0), (m.peaks, tones)
+
+
+def test_recorded_meeting_renders(
+    link: Link, janus_for: Callable[[str], Janus], tmp_path: Path
+) -> None:
+    rec_dir = tmp_path / "recordings"
+    rec_dir.mkdir()
+    with EventReceiver(link.host_ip) as receiver:
+        janus = janus_for(receiver.url)
+        log = asyncio.run(run_meeting(janus.url, rec_dir))
+        wait_for(lambda: "destroyed" in receiver.videoroom(log.room), 10, "the destroyed event")
+    counts = event_counts(receiver.events)
+    sequence = receiver.videoroom(log.room)
+    assert sequence[0] == "created" and sequence[-1] == "destroyed", sequence
+    for name, expected in (("joined", 3), ("published", 3), ("unpublished", 2),
+                           ("leaving", 2), ("destroyed", 1)):
+        assert sequence.count(name) == expected, (name, sequence)
+    for kind in ("session", "handle", "jsep", "webrtc"):
+        assert counts.get(kind, 0) > 0, counts
+
+    files = sorted(p.name for p in rec_dir.glob("*.mjr"))
+    pattern = re.compile(rf"videoroom-{log.room}-user-(\d+)-\d+-(audio-0|video-1)\.mjr")
+    made = {(m.group(1), m.group(2)) for m in map(pattern.fullmatch, files) if m}
+    assert made == {(str(s.person.pid), kind) for s in log.sent
+                    for kind in ("audio-0", "video-1")}, files
+
+    out = tmp_path / "meeting.mp4"
+    subprocess.run([sys.executable, "-m", "melter.cli", "render", str(rec_dir), "--room",
+                    str(log.room), "--layout", "grid", "-o", str(out)],
+                   check=True, cwd=ROOT, timeout=180)
+    check_rendering(measure(out, rec_dir, log), log)
