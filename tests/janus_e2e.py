@@ -20,8 +20,12 @@ import http.client
 import ipaddress
 import json
 import os
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -668,6 +672,144 @@ def event_counts(events: list[dict]) -> dict[str, int]:
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# --- melter serve and a farm worker -------------------------------------------------------
+
+
+def melter_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment for Melter subprocesses: the same ``melter`` package as this process."""
+    import melter
+
+    env = dict(os.environ)
+    package_root = str(Path(melter.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+def serve_available() -> bool:
+    """Whether this tree's ``melter`` has the ``serve`` command."""
+    probe = subprocess.run([sys.executable, "-m", "melter.cli", "serve", "--help"],
+                           capture_output=True, env=melter_env({}), timeout=60)
+    return probe.returncode == 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """``melter serve`` on the host's end of the veth pair, and one farm worker."""
+
+    base: Path
+    host: str
+    port: int
+    env: dict[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def events_url(self) -> str:
+        return f"http://{self.host}:{self.port}/janus/events"
+
+    @property
+    def recordings(self) -> Path:
+        return Path(self.env["MELTER_RECORDINGS_DIR"])
+
+    @property
+    def renders(self) -> Path:
+        return Path(self.env["MELTER_RENDERS_DIR"])
+
+    def log(self, name: str, lines: int = 60) -> str:
+        path = self.base / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self, name: str, args: list[str]) -> None:
+        with (self.base / f"{name}.log").open("wb") as log:
+            # Each in its own process group: stopping it stops its pool and melt too.
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", *args], env=self.env, cwd=self.base, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({process.returncode}):\n{self.log(name)}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    (self.host, self.port), timeout=0.5):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"melter serve is not listening after {timeout} s:\n"
+                           + self.log("serve"))
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+
+    def rendered(self) -> list[Path]:
+        """Finished videos under the renders folder (a render is linked there when whole)."""
+        if not self.renders.exists():
+            return []
+        return sorted(p for p in self.renders.rglob("*.mp4")
+                      if ".melter-tmp" not in p.parts)
+
+
+@contextlib.contextmanager
+def melter_service(base: Path, host: str, redis_url: str, janus_user: str,
+                   janus_password: str, grace_seconds: float = 2.0) -> Iterator[Service]:
+    """``melter serve`` and a worker on a private Redis namespace; all removed afterwards."""
+    import redis
+
+    tag = secrets.token_hex(4)
+    storage = base / "storage"
+    (storage / "recordings").mkdir(parents=True)
+    (storage / "renders").mkdir()
+    (base / "farm.toml").write_text("")  # not the machine's /etc/melter/farm.toml
+    prefixes = {"MELTER_KEY_PREFIX": f"melter-e2e-{tag}",
+                "MELTER_QUEUE_PREFIX": f"e2e-{tag}-",
+                "MELTER_BROKER_KEY_PREFIX": f"e2e-{tag}:"}
+    env = melter_env({
+        "MELTER_CONFIG": str(base / "farm.toml"),
+        "MELTER_BROKER_URL": redis_url,
+        **prefixes,
+        "MELTER_STORAGE_ROOT": str(storage),
+        "MELTER_RECORDINGS_DIR": str(storage / "recordings"),
+        "MELTER_RENDERS_DIR": str(storage / "renders"),
+        "MELTER_GRACE_SECONDS": str(grace_seconds),
+        "MELTER_TICK_SECONDS": "0.5",
+        "MELTER_JANUS_USER": janus_user,
+        "MELTER_JANUS_PASSWORD": janus_password,
+        "MELTER_DEFAULT_LAYOUT": "grid",
+    })
+    service = Service(base, host, _free_port(host), env)
+    try:
+        service.start("worker", ["melter.farm", "worker", "-c", "1"])
+        service.start("serve", ["melter.cli", "serve", "--host", host,
+                                "--port", str(service.port)])
+        service.wait_listening()
+        yield service
+    finally:
+        service.stop()
+        client = redis.Redis.from_url(redis_url)
+        for prefix in prefixes.values():
+            keys = list(client.scan_iter(match=prefix + "*", count=1000))
+            if keys:
+                client.delete(*keys)
 
 
 # --- measuring a rendering -----------------------------------------------------------------

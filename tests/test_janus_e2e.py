@@ -17,7 +17,9 @@ participant's colour in its tile while publishing, and each tone's level and fre
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -34,13 +36,19 @@ from janus_e2e import (
     MeetingLog,
     event_counts,
     measure,
+    melter_env,
+    melter_service,
     network_namespace,
     run_meeting,
+    serve_available,
     skip_reason,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 REASON = skip_reason()
+EVENTS_USER, EVENTS_PASSWORD = "janus", "e2e-" + secrets.token_hex(6)
+REDIS_URL = os.environ.get("MELTER_TEST_JANUS_REDIS_URL", "redis://127.0.0.1:6379/13")
+#: From the room's destroy to the video on storage: grace period, queue and render.
+STORAGE_TIMEOUT = 180.0
 
 pytestmark = [
     pytest.mark.skipif(REASON is not None, reason=REASON or ""),
@@ -56,11 +64,13 @@ def link() -> Iterator[Link]:
 
 @pytest.fixture
 def janus_for(link: Link, tmp_path: Path) -> Iterator[Callable[[str], Janus]]:
-    """Starts Janus with its event handler posting to a given URL; stops it afterwards."""
+    """Starts Janus with its event handler posting to a given URL (with basic auth); stops it
+    afterwards."""
     started: list[Janus] = []
 
     def start(backend: str) -> Janus:
-        janus = Janus(link, tmp_path / f"janus{len(started)}", backend)
+        janus = Janus(link, tmp_path / f"janus{len(started)}", backend, EVENTS_USER,
+                      EVENTS_PASSWORD)
         janus.workdir.mkdir()
         started.append(janus)
         janus.start()
@@ -69,6 +79,15 @@ def janus_for(link: Link, tmp_path: Path) -> Iterator[Callable[[str], Janus]]:
     yield start
     for janus in started:
         janus.stop()
+
+
+def redis_available(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -105,7 +124,7 @@ def test_recorded_meeting_renders(
 ) -> None:
     rec_dir = tmp_path / "recordings"
     rec_dir.mkdir()
-    with EventReceiver(link.host_ip) as receiver:
+    with EventReceiver(link.host_ip, user=EVENTS_USER, password=EVENTS_PASSWORD) as receiver:
         janus = janus_for(receiver.url)
         log = asyncio.run(run_meeting(janus.url, rec_dir))
         wait_for(lambda: "destroyed" in receiver.videoroom(log.room), 10, "the destroyed event")
@@ -117,6 +136,7 @@ def test_recorded_meeting_renders(
         assert sequence.count(name) == expected, (name, sequence)
     for kind in ("session", "handle", "jsep", "webrtc"):
         assert counts.get(kind, 0) > 0, counts
+    assert receiver.refused == 0
 
     files = sorted(p.name for p in rec_dir.glob("*.mjr"))
     pattern = re.compile(rf"videoroom-{log.room}-user-(\d+)-\d+-(audio-0|video-1)\.mjr")
@@ -127,5 +147,32 @@ def test_recorded_meeting_renders(
     out = tmp_path / "meeting.mp4"
     subprocess.run([sys.executable, "-m", "melter.cli", "render", str(rec_dir), "--room",
                     str(log.room), "--layout", "grid", "-o", str(out)],
-                   check=True, cwd=ROOT, timeout=180)
+                   check=True, cwd=tmp_path, env=melter_env({}), timeout=180)
     check_rendering(measure(out, rec_dir, log), log)
+
+
+def test_meeting_video_appears_on_storage(
+    link: Link, janus_for: Callable[[str], Janus], tmp_path: Path
+) -> None:
+    """Janus's events go to ``melter serve``: the video appears with nobody asking for it."""
+    if not serve_available():
+        pytest.skip("this tree's melter has no `serve` command")
+    if not redis_available(REDIS_URL):
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    with melter_service(tmp_path / "farm", link.host_ip, REDIS_URL, EVENTS_USER,
+                        EVENTS_PASSWORD) as service:
+        janus = janus_for(service.events_url)
+        log = asyncio.run(run_meeting(janus.url, service.recordings))
+        destroyed = time.monotonic()
+        try:
+            wait_for(lambda: bool(service.rendered()), STORAGE_TIMEOUT,
+                     "the meeting's video on storage")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- serve:\n{service.log('serve')}\n--- worker:\n"
+                                 f"{service.log('worker')}") from None
+        latency = time.monotonic() - destroyed
+        videos = service.rendered()
+    print(f"video on storage {latency:.1f} s after the room's destroy: {videos}")
+    assert len(videos) == 1, videos
+    assert str(log.room) in videos[0].name, videos
+    check_rendering(measure(videos[0], service.recordings, log), log)
