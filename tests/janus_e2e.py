@@ -470,7 +470,7 @@ class Sent:
     person: Person
     first_media: float = 0.0  # the first frame handed to the encoder, audio or video
     stopped: float = 0.0  # the request that ended its publishing (or the room's destroy)
-    video_frames: int = 0
+    video_frames: int = 0  # frames handed to the encoders until ``stopped``
     audio_frames: int = 0
 
 
@@ -548,20 +548,24 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
         assert jsep is not None and jsep["type"] == "answer", jsep
         await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "answer"))
         await asyncio.wait_for(connected.wait(), 15.0)
+
+        def stop() -> None:
+            sent.stopped = sent.stopped or time.time()
+            sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
+
         if person.unpublish_at is not None:
             await _sleep_until(t0, person.unpublish_at)
-            sent.stopped = time.time()
+            stop()
             await session.message(handle, {"request": "unpublish"})
         if person.leave_at is not None:
             await _sleep_until(t0, person.leave_at)
-            if not sent.stopped:
-                sent.stopped = time.time()
+            stop()
             await session.message(handle, {"request": "leave"})
         else:
-            await destroyed.wait()
+            await destroyed.wait()  # run_meeting sets ``stopped`` just before the destroy
+            stop()
     finally:
         sent.first_media = min(t.pace.first_wall or time.time() for t in (video, audio))
-        sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
         await pc.close()
         keepalive.cancel()
         await session.destroy()
@@ -572,7 +576,7 @@ async def run_meeting(
     destroy_at: float = DEFAULT_DESTROY_AT, room: int | None = None,
 ) -> MeetingLog:
     """Create a recorded room, run the publishers' schedule, destroy the room."""
-    room = room or 2000 + os.getpid() % 7000
+    room = room or 2000 + secrets.randbelow(7000)
     admin = JanusSession(url)
     await admin.create()
     handle = await admin.attach()
@@ -910,3 +914,20 @@ def measure(path: Path, rec_dir: Path, log: MeetingLog, layout: str = "grid") ->
         )
     peaks = _spectrum_peaks(audio.samples.astype(np.float64), audio.rate, len(log.sent))
     return Measured(frames, fps, audio.duration, tiles, levels, peaks)
+
+
+def summary(m: Measured, log: MeetingLog) -> str:
+    """The measurements next to what was sent, one line each: for the test's output."""
+    lines = [f"meeting {log.length:.3f} s (first media to destroy); video {m.frames} frames = "
+             f"{m.video_s:.3f} s at {m.fps:g} fps; audio {m.audio_s:.3f} s"]
+    for sent in log.sent:
+        p = sent.person
+        a, b = log.span(p.name)
+        tiles = ", ".join(f"{t:.2f} s ({r:.0f},{g:.0f},{bl:.0f})"
+                          for t, (r, g, bl) in m.tiles[p.name])
+        inside, outside = m.tone_levels[p.name]
+        lines.append(f"{p.name}: {a:.2f}-{b:.2f} s, sent {p.rgb} and {p.tone:g} Hz "
+                     f"({sent.video_frames} video, {sent.audio_frames} audio frames); "
+                     f"tile {tiles}; tone {inside:.3f} inside, {outside:.4f} outside")
+    lines.append("spectral peaks: " + ", ".join(f"{f:.1f} Hz" for f in m.peaks))
+    return "\n".join(lines)

@@ -42,6 +42,7 @@ from janus_e2e import (
     run_meeting,
     serve_available,
     skip_reason,
+    summary,
 )
 
 REASON = skip_reason()
@@ -148,7 +149,12 @@ def test_recorded_meeting_renders(
     subprocess.run([sys.executable, "-m", "melter.cli", "render", str(rec_dir), "--room",
                     str(log.room), "--layout", "grid", "-o", str(out)],
                    check=True, cwd=tmp_path, env=melter_env({}), timeout=180)
-    check_rendering(measure(out, rec_dir, log), log)
+    measured = measure(out, rec_dir, log)
+    print(f"events {len(receiver.events)} in {receiver.posts} POSTs:", counts)
+    print("recordings:", ", ".join(f"{p.name} ({p.stat().st_size} B)"
+                                  for p in sorted(rec_dir.glob("*.mjr"))))
+    print(summary(measured, log))
+    check_rendering(measured, log)
 
 
 def test_meeting_video_appears_on_storage(
@@ -175,4 +181,8 @@ def test_meeting_video_appears_on_storage(
     print(f"video on storage {latency:.1f} s after the room's destroy: {videos}")
     assert len(videos) == 1, videos
     assert str(log.room) in videos[0].name, videos
-    check_rendering(measure(videos[0], service.recordings, log), log)
+    # The farm commits a manifest beside each output.
+    assert videos[0].with_name(videos[0].name + ".manifest.json").exists()
+    measured = measure(videos[0], service.recordings, log)
+    print(summary(measured, log))
+    check_rendering(measured, log)
