@@ -472,6 +472,8 @@ class Sent:
     stopped: float = 0.0  # the request that ended its publishing (or the room's destroy)
     video_frames: int = 0  # frames handed to the encoders until ``stopped``
     audio_frames: int = 0
+    #: the addresses of the ICE candidates in Janus's answer
+    janus_candidates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -546,6 +548,9 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
             handle, {"request": "publish", "audiocodec": "opus", "videocodec": "vp8"},
             jsep={"type": "offer", "sdp": pc.localDescription.sdp, "trickle": False})
         assert jsep is not None and jsep["type"] == "answer", jsep
+        # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ …
+        sent.janus_candidates = [line.split()[4] for line in jsep["sdp"].splitlines()
+                                 if line.startswith("a=candidate:")]
         await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "answer"))
         await asyncio.wait_for(connected.wait(), 15.0)
 

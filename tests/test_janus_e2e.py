@@ -99,6 +99,13 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def check_local(log: MeetingLog, link: Link) -> None:
+    """Janus offered candidates on its end of the veth pair only: media stayed on this host."""
+    for sent in log.sent:
+        assert sent.janus_candidates, sent.person.name
+        assert set(sent.janus_candidates) == {link.janus_ip}, sent.janus_candidates
+
+
 def check_rendering(m: Measured, log: MeetingLog) -> None:
     """The rendering shows the meeting as the publishers sent it."""
     frame = 1 / m.fps
@@ -129,6 +136,7 @@ def test_recorded_meeting_renders(
         janus = janus_for(receiver.url)
         log = asyncio.run(run_meeting(janus.url, rec_dir))
         wait_for(lambda: "destroyed" in receiver.videoroom(log.room), 10, "the destroyed event")
+    check_local(log, link)
     counts = event_counts(receiver.events)
     sequence = receiver.videoroom(log.room)
     assert sequence[0] == "created" and sequence[-1] == "destroyed", sequence
@@ -170,6 +178,7 @@ def test_meeting_video_appears_on_storage(
         janus = janus_for(service.events_url)
         log = asyncio.run(run_meeting(janus.url, service.recordings))
         destroyed = time.monotonic()
+        check_local(log, link)
         try:
             wait_for(lambda: bool(service.rendered()), STORAGE_TIMEOUT,
                      "the meeting's video on storage")
