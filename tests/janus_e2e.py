@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 
 JANUS = Path("/usr/bin/janus")
-#: The block the namespaces' /30 links are cut from: the upper half of 198.18.0.0/16, away
-#: from the 198.18.0.x addresses other test networks of the project use.
-LINK_BLOCK = ipaddress.ip_network("198.18.128.0/17")
+#: The block the namespaces' /30 links are cut from: in 198.18.0.0/15 (reserved for
+#: benchmarks), away from the project's other test networks (the swarm plan's 198.18.0.0/24 and
+#: the deployment tests' Docker pools in 198.18.127.0/24 and 198.18.128.0/17).
+LINK_BLOCK = ipaddress.ip_network("198.19.192.0/18")
 JANUS_HTTP_PORT = 8088
 #: Event types melter needs: sessions and handles (who is connected), plugins (VideoRoom's
 #: joined/published/unpublished/leaving/destroyed), WebRTC and JSEP (PeerConnection state),
@@ -95,13 +96,29 @@ def _run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True)
 
 
+def _networks_in_use() -> list[ipaddress.IPv4Network]:
+    """Networks of the host's addresses and routes: a new link must overlap none of them."""
+    nets = []
+    addrs = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for line in addrs.splitlines():
+        words = line.split()
+        if "inet" in words:
+            nets.append(ipaddress.ip_interface(words[words.index("inet") + 1]).network)
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    for line in routes.splitlines():
+        destination = line.split()[0] if line.strip() else "default"
+        if destination != "default":
+            nets.append(ipaddress.ip_network(destination, strict=False))
+    return [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+
+
 def _free_link_net(seed: int) -> ipaddress.IPv4Network:
-    """A /30 of :data:`LINK_BLOCK` that no interface on the host uses yet."""
-    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    """A /30 of :data:`LINK_BLOCK` that overlaps no network on the host."""
+    used = _networks_in_use()
     nets = list(LINK_BLOCK.subnets(new_prefix=30))
     for step in range(len(nets)):
         net = nets[(seed + step) % len(nets)]
-        if not any(f" {host}/" in used for host in net):
+        if not any(net.overlaps(other) for other in used):
             return ipaddress.IPv4Network(net)
     raise RuntimeError(f"no free /30 left in {LINK_BLOCK}")
 
