@@ -99,6 +99,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def meet(janus: Janus, rec_dir: Path) -> MeetingLog:
+    """Run the meeting; a failure shows the end of Janus's log."""
+    try:
+        return asyncio.run(run_meeting(janus.url, rec_dir))
+    except Exception as exc:
+        raise AssertionError(f"the meeting failed: {exc!r}\n--- janus.log:\n"
+                             f"{janus.log_tail()}") from exc
+
+
 def check_local(log: MeetingLog, link: Link) -> None:
     """Janus offered candidates on its end of the veth pair only: media stayed on this host."""
     for sent in log.sent:
@@ -134,7 +143,7 @@ def test_recorded_meeting_renders(
     rec_dir.mkdir()
     with EventReceiver(link.host_ip, user=EVENTS_USER, password=EVENTS_PASSWORD) as receiver:
         janus = janus_for(receiver.url)
-        log = asyncio.run(run_meeting(janus.url, rec_dir))
+        log = meet(janus, rec_dir)
         wait_for(lambda: "destroyed" in receiver.videoroom(log.room), 10, "the destroyed event")
     check_local(log, link)
     counts = event_counts(receiver.events)
@@ -176,7 +185,7 @@ def test_meeting_video_appears_on_storage(
     with melter_service(tmp_path / "farm", link.host_ip, REDIS_URL, EVENTS_USER,
                         EVENTS_PASSWORD) as service:
         janus = janus_for(service.events_url)
-        log = asyncio.run(run_meeting(janus.url, service.recordings))
+        log = meet(janus, service.recordings)
         destroyed = time.monotonic()
         check_local(log, link)
         try:
