@@ -572,8 +572,9 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
         await asyncio.wait_for(connected.wait(), 15.0)
 
         def stop() -> None:
-            sent.stopped = sent.stopped or time.time()
-            sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
+            if not sent.video_frames:  # the first of unpublish, leave and destroy
+                sent.stopped = sent.stopped or time.time()
+                sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
 
         if person.unpublish_at is not None:
             await _sleep_until(t0, person.unpublish_at)
@@ -850,6 +851,9 @@ class Measured:
     audio_s: float
     #: name -> [(output seconds, mean RGB at the centre of the participant's tile)]
     tiles: dict[str, list[tuple[float, tuple[float, float, float]]]]
+    #: name -> [(output seconds, {participant id: tile colour})] half a second before joining
+    #: and after leaving
+    absent: dict[str, list[tuple[float, dict[str, tuple[float, float, float]]]]]
     #: name -> (median level of its tone while publishing, loudest level well outside that)
     tone_levels: dict[str, tuple[float, float]]
     #: the strongest frequencies of the whole mix, strongest first (Hz)
@@ -886,38 +890,47 @@ def measure(path: Path, rec_dir: Path, log: MeetingLog, layout: str = "grid") ->
     plan, _ = plan_meeting(discover([rec_dir], room=str(log.room)), load_layout(layout))
     fps = float(plan.fps)
 
-    def cell(pid: str, t: float) -> tuple[int, int] | None:
-        at = (t + 0.5 / fps) * 1e6
+    def cells(t: float) -> dict[str, tuple[int, int]]:
+        """Tile centres by participant in the output frame starting at ``t``."""
+        at = (t + 0.5 / fps) * 1e6  # the frame's middle: scene bounds lie on frame starts
         for scene in plan.scenes:
             if scene.start_us <= at < scene.end_us:
-                for placement in scene.placements:
-                    if placement.participant == pid:
-                        r = placement.rect
-                        return r.x + r.width // 2, r.y + r.height // 2
-        return None
+                return {pl.participant: (pl.rect.x + pl.rect.width // 2,
+                                         pl.rect.y + pl.rect.height // 2)
+                        for pl in scene.placements}
+        return {}
 
-    wanted: dict[int, list[tuple[str, str]]] = {}
+    # Inside each publishing span, and half a second either side of it within the meeting.
+    wanted: dict[int, list[tuple[str, bool]]] = {}
     for sent in log.sent:
         a, b = log.span(sent.person.name)
         for t in (a + 0.5, (a + b) / 2, b - 0.5):
-            wanted.setdefault(round(t * fps), []).append((sent.person.name, str(sent.person.pid)))
-    tiles: dict[str, list[tuple[float, tuple[float, float, float]]]] = {
-        s.person.name: [] for s in log.sent}
+            wanted.setdefault(round(t * fps), []).append((sent.person.name, True))
+        for t in (a - 0.5, b + 0.5):
+            if 0.1 < t < log.length - 0.1:
+                wanted.setdefault(round(t * fps), []).append((sent.person.name, False))
+    pids = {s.person.name: str(s.person.pid) for s in log.sent}
+    tiles: dict[str, list[tuple[float, tuple[float, float, float]]]] = {n: [] for n in pids}
+    absent: dict[str, list[tuple[float, dict[str, tuple[float, float, float]]]]] = {
+        n: [] for n in pids}
     frames = 0
     with av.open(str(path)) as container:
         for frame in container.decode(container.streams.video[0]):
             frames += 1
             number = round(float(frame.pts * frame.time_base) * fps)
-            for name, pid in wanted.get(number, []):
-                t = number / fps
-                where = cell(pid, t)
-                if where is None:
-                    tiles[name].append((t, (-1.0, -1.0, -1.0)))
-                    continue
-                x, y = where
-                picture = frame.to_ndarray(format="rgb24")
+            if number not in wanted:
+                continue
+            t = number / fps
+            picture = frame.to_ndarray(format="rgb24")
+            shown: dict[str, tuple[float, float, float]] = {}
+            for pid, (x, y) in cells(t).items():
                 mean = picture[y - 8 : y + 8, x - 8 : x + 8].reshape(-1, 3).mean(axis=0)
-                tiles[name].append((t, (float(mean[0]), float(mean[1]), float(mean[2]))))
+                shown[pid] = (float(mean[0]), float(mean[1]), float(mean[2]))
+            for name, present in wanted[number]:
+                if present:
+                    tiles[name].append((t, shown.get(pids[name], (-1.0, -1.0, -1.0))))
+                else:
+                    absent[name].append((t, shown))
 
     audio = decode_audio(path)
     edges = [e for s in log.sent for e in log.span(s.person.name)]
@@ -935,7 +948,7 @@ def measure(path: Path, rec_dir: Path, log: MeetingLog, layout: str = "grid") ->
             float(amplitude[outside].max()) if outside.any() else 0.0,
         )
     peaks = _spectrum_peaks(audio.samples.astype(np.float64), audio.rate, len(log.sent))
-    return Measured(frames, fps, audio.duration, tiles, levels, peaks)
+    return Measured(frames, fps, audio.duration, tiles, absent, levels, peaks)
 
 
 def summary(m: Measured, log: MeetingLog) -> str:
@@ -948,8 +961,10 @@ def summary(m: Measured, log: MeetingLog) -> str:
         tiles = ", ".join(f"{t:.2f} s ({r:.0f},{g:.0f},{bl:.0f})"
                           for t, (r, g, bl) in m.tiles[p.name])
         inside, outside = m.tone_levels[p.name]
+        away = ", ".join(f"{t:.2f} s ({len(shown)} tiles)" for t, shown in m.absent[p.name])
         lines.append(f"{p.name}: {a:.2f}-{b:.2f} s, sent {p.rgb} and {p.tone:g} Hz "
                      f"({sent.video_frames} video, {sent.audio_frames} audio frames); "
-                     f"tile {tiles}; tone {inside:.3f} inside, {outside:.4f} outside")
+                     f"tile {tiles}; not shown at {away or '-'}; "
+                     f"tone {inside:.3f} inside, {outside:.4f} outside")
     lines.append("spectral peaks: " + ", ".join(f"{f:.1f} Hz" for f in m.peaks))
     return "\n".join(lines)

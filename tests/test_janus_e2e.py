@@ -128,10 +128,15 @@ def check_rendering(m: Measured, log: MeetingLog) -> None:
         for t, rgb in samples:
             error = np.abs(np.array(rgb) - np.array(person.rgb)).max()
             assert error < 30, f"{person.name} at {t:.2f} s: tile {rgb}, sent {person.rgb}"
+        for t, shown in m.absent[person.name]:
+            assert str(person.pid) not in shown, f"{person.name} has a tile at {t:.2f} s"
+            for rgb in shown.values():
+                assert np.abs(np.array(rgb) - np.array(person.rgb)).max() > 30, (person.name, t)
         inside, outside = m.tone_levels[person.name]
         # Sent at 0.3 of full scale; silence outside its presence.
         assert 0.2 < inside < 0.4, (person.name, inside)
         assert outside < 0.01, (person.name, outside)
+    assert sum(len(v) for v in m.absent.values()) > 0, "no frame without a participant checked"
     tones = sorted(s.person.tone for s in log.sent)
     assert np.allclose(sorted(m.peaks), tones, atol=2.0), (m.peaks, tones)
 
