@@ -206,6 +206,8 @@ class Janus:
                 "loggers_folder": str(libs / "loggers"),
                 "debug_level": 4,
                 "server_name": "melter-e2e",
+                # The namespace has no default route for Janus to find its address by.
+                "interface": self.link.janus_ip,
                 "session_timeout": 60,
             },
             # Candidates only on the namespace's end of the veth pair.
