@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,8 +91,14 @@ class Link:
     janus_ip: str
 
 
+class NamespaceError(RuntimeError):
+    """The namespace or its veth pair could not be made (e.g. root without CAP_SYS_ADMIN)."""
+
+
 def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NamespaceError(f"{' '.join(args)}: {done.stderr.strip()}")
 
 
 def _networks_in_use() -> list[ipaddress.IPv4Network]:
@@ -127,7 +132,7 @@ def _free_link_net(seed: int) -> ipaddress.IPv4Network:
 def network_namespace(tag: str | None = None) -> Iterator[Link]:
     """Create the namespace and its veth pair; delete both afterwards, even on failure."""
     tag = tag or str(os.getpid())
-    net = _free_link_net(os.getpid() * 7 + len(tag))
+    net = _free_link_net(os.getpid())
     host_ip, janus_ip = (str(h) for h in net.hosts())
     # Interface names are limited to 15 bytes.
     link = Link(f"melter-janus-{tag}", f"mjh{tag}"[:15], f"mjn{tag}"[:15], host_ip, janus_ip)

@@ -17,6 +17,7 @@ participant's colour in its tile while publishing, and each tone's level and fre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -34,6 +35,7 @@ from janus_e2e import (
     Link,
     Measured,
     MeetingLog,
+    NamespaceError,
     event_counts,
     measure,
     melter_env,
@@ -59,7 +61,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def link() -> Iterator[Link]:
-    with network_namespace() as made:
+    with contextlib.ExitStack() as stack:
+        try:
+            made = stack.enter_context(network_namespace())
+        except NamespaceError as exc:
+            pytest.skip(f"cannot make a network namespace for Janus here: {exc}")
         yield made
 
 
