@@ -389,7 +389,6 @@ class _Paced:
         self.period = period
         self.count = 0
         self.first_wall: float | None = None
-        self.last_wall: float | None = None
         self._start = 0.0
 
     async def next(self) -> int:
@@ -401,7 +400,6 @@ class _Paced:
             delay = self._start + self.count * self.period - now
             if delay > 0:
                 await asyncio.sleep(delay)
-        self.last_wall = time.time()
         self.count += 1
         return self.count - 1
 
@@ -578,8 +576,13 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
         await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "answer"))
         await asyncio.wait_for(connected.wait(), 15.0)
 
+        counted = False
+
         def stop() -> None:
-            if not sent.video_frames:  # the first of unpublish, leave and destroy
+            """Publishing ends at the first of unpublish, leave and the room's destroy."""
+            nonlocal counted
+            if not counted:
+                counted = True
                 sent.stopped = sent.stopped or time.time()
                 sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
 
