@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -187,6 +188,8 @@ class Janus:
     events_backend: str
     events_user: str | None = None
     events_password: str | None = None
+    #: the sample event handler's ``compress``: zlib-compressed POST bodies
+    events_compress: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -239,6 +242,8 @@ class Janus:
             "backend": self.events_backend, "max_retransmissions": 5,
             "retransmissions_backoff": 100,
         }
+        if self.events_compress:
+            handler["compress"] = True
         if self.events_user is not None:
             handler["backend_user"] = self.events_user
             handler["backend_pwd"] = self.events_password or ""
@@ -654,6 +659,7 @@ class EventReceiver:
         self.events: list[dict] = []
         self.posts = 0
         self.refused = 0
+        self.encodings: set[str] = set()
         expected = None
         if user is not None:
             expected = "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()
@@ -667,6 +673,9 @@ class EventReceiver:
                     self.end_headers()
                     return
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.encodings.add(self.headers.get("Content-Encoding", ""))
+                if body[:1] not in (b"{", b"["):  # the handler's "compress = true"
+                    body = zlib.decompress(body, wbits=47)
                 got = json.loads(body)
                 with receiver._lock:
                     receiver.posts += 1

@@ -6,9 +6,9 @@ leaves at 8 s; Z (yellow, 750 Hz) joins at 4 s and leaves at 10 s while publishi
 
 * ``test_recorded_meeting_renders``: the sample event handler posts to a receiver in the test;
   the events and recordings are checked, then ``melter render`` is run on the recordings.
-* ``test_meeting_video_appears_on_storage``: the sample event handler posts to a real
-  ``melter serve``, with a real farm worker: the meeting's video must appear on storage with
-  no further action.
+* ``test_meeting_video_appears_on_storage``: the sample event handler posts (gzip-compressed)
+  to a real ``melter serve``, with a real farm worker: the meeting's video must appear on
+  storage with no further action.
 
 Both measure the video against what the publishers sent, by wall clock: its length, each
 participant's colour in its tile while publishing, and each tone's level and frequency.
@@ -70,14 +70,14 @@ def link() -> Iterator[Link]:
 
 
 @pytest.fixture
-def janus_for(link: Link, tmp_path: Path) -> Iterator[Callable[[str], Janus]]:
-    """Starts Janus with its event handler posting to a given URL (with basic auth); stops it
-    afterwards."""
+def janus_for(link: Link, tmp_path: Path) -> Iterator[Callable[..., Janus]]:
+    """Starts Janus with its event handler posting to a given URL (with basic auth, and
+    compressed if asked); stops it afterwards."""
     started: list[Janus] = []
 
-    def start(backend: str) -> Janus:
+    def start(backend: str, compress: bool = False) -> Janus:
         janus = Janus(link, tmp_path / f"janus{len(started)}", backend, EVENTS_USER,
-                      EVENTS_PASSWORD)
+                      EVENTS_PASSWORD, events_compress=compress)
         janus.workdir.mkdir()
         started.append(janus)
         janus.start()
@@ -148,7 +148,7 @@ def check_rendering(m: Measured, log: MeetingLog) -> None:
 
 
 def test_recorded_meeting_renders(
-    link: Link, janus_for: Callable[[str], Janus], tmp_path: Path
+    link: Link, janus_for: Callable[..., Janus], tmp_path: Path
 ) -> None:
     rec_dir = tmp_path / "recordings"
     rec_dir.mkdir()
@@ -186,7 +186,7 @@ def test_recorded_meeting_renders(
 
 
 def test_meeting_video_appears_on_storage(
-    link: Link, janus_for: Callable[[str], Janus], tmp_path: Path
+    link: Link, janus_for: Callable[..., Janus], tmp_path: Path
 ) -> None:
     """Janus's events go to ``melter serve``: the video appears with nobody asking for it."""
     if not serve_available():
@@ -195,7 +195,8 @@ def test_meeting_video_appears_on_storage(
         pytest.skip(f"no Redis at {REDIS_URL}")
     with melter_service(tmp_path / "farm", link.host_ip, REDIS_URL, EVENTS_USER,
                         EVENTS_PASSWORD) as service:
-        janus = janus_for(service.events_url)
+        # The handler's "compress = true" (gzip bodies): serve reads these too.
+        janus = janus_for(service.events_url, compress=True)
         log = meet(janus, service.recordings)
         destroyed = time.monotonic()
         check_local(log, link)
