@@ -31,6 +31,7 @@ import time
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -304,6 +305,20 @@ class JanusError(RuntimeError):
     pass
 
 
+#: Janus API requests get threads of their own: in the loop's default executor they would
+#: queue behind aiortc's encoders, and a request's time would no longer be when it was sent.
+_API_THREADS = ThreadPoolExecutor(8, thread_name_prefix="janus-api")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A plugin's answer, and when its request left (wall clock, taken on the sending thread)."""
+
+    data: dict
+    jsep: dict | None
+    sent: float
+
+
 class JanusSession:
     """One Janus API session: requests by POST, events by long poll on a daemon thread.
 
@@ -320,41 +335,46 @@ class JanusSession:
         self._closed = threading.Event()
         self.events: list[dict] = []
 
-    async def _post(self, path: str, body: dict) -> dict:
+    async def _post(self, path: str, body: dict) -> tuple[dict, float]:
+        """Janus's answer (the event, for an ``ack``) and when the request was sent."""
         self._count += 1
         transaction = body.setdefault("transaction", f"t{id(self)}-{self._count}")
         future: asyncio.Future[dict] = self._loop.create_future()
         self._pending[transaction] = future
+
+        def send() -> tuple[Any, float]:
+            sent = time.time()
+            return http_json("POST", self.url + path, body), sent
+
         try:
-            reply = await asyncio.to_thread(http_json, "POST", self.url + path, body)
+            reply, sent = await self._loop.run_in_executor(_API_THREADS, send)
             if reply.get("janus") == "error":
                 raise JanusError(f"{body.get('janus')}: {reply['error']}")
             if reply.get("janus") != "ack":
-                return reply
-            return await asyncio.wait_for(future, 20.0)
+                return reply, sent
+            return await asyncio.wait_for(future, 20.0), sent
         finally:
             self._pending.pop(transaction, None)
 
     async def create(self) -> None:
-        reply = await self._post("", {"janus": "create"})
+        reply, _ = await self._post("", {"janus": "create"})
         self.id = reply["data"]["id"]
         threading.Thread(target=self._poll, daemon=True, name=f"janus-poll-{self.id}").start()
 
     async def attach(self, plugin: str = "janus.plugin.videoroom") -> int:
-        reply = await self._post(f"/{self.id}", {"janus": "attach", "plugin": plugin})
+        reply, _ = await self._post(f"/{self.id}", {"janus": "attach", "plugin": plugin})
         return int(reply["data"]["id"])
 
-    async def message(self, handle: int, body: dict,
-                      jsep: dict | None = None) -> tuple[dict, dict | None]:
-        """A plugin request: ``(plugin data, jsep)`` of the answer, whether sync or async."""
+    async def message(self, handle: int, body: dict, jsep: dict | None = None) -> Reply:
+        """A plugin request, answered at once or later (Janus's ``ack``, then an event)."""
         request: dict[str, Any] = {"janus": "message", "body": body}
         if jsep is not None:
             request["jsep"] = jsep
-        reply = await self._post(f"/{self.id}/{handle}", request)
+        reply, sent = await self._post(f"/{self.id}/{handle}", request)
         data = reply.get("plugindata", {}).get("data", {})
         if "error" in data:
             raise JanusError(f"{body.get('request')}: {data['error']} ({data.get('error_code')})")
-        return data, reply.get("jsep")
+        return Reply(data, reply.get("jsep"), sent)
 
     async def keepalive(self) -> None:
         await self._post(f"/{self.id}", {"janus": "keepalive"})
@@ -375,7 +395,10 @@ class JanusSession:
                 continue
             for event in got if isinstance(got, list) else [got]:
                 if isinstance(event, dict) and event.get("janus") != "keepalive":
-                    self._loop.call_soon_threadsafe(self._deliver, event)
+                    try:
+                        self._loop.call_soon_threadsafe(self._deliver, event)
+                    except RuntimeError:  # the loop is closed: the meeting is over
+                        return
 
     def _deliver(self, event: dict) -> None:
         self.events.append(event)
@@ -571,9 +594,9 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
 
     try:
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate
-        _, jsep = await session.message(
+        jsep = (await session.message(
             handle, {"request": "publish", "audiocodec": "opus", "videocodec": "vp8"},
-            jsep={"type": "offer", "sdp": pc.localDescription.sdp, "trickle": False})
+            jsep={"type": "offer", "sdp": pc.localDescription.sdp, "trickle": False})).jsep
         assert jsep is not None and jsep["type"] == "answer", jsep
         # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ …
         sent.janus_candidates = [line.split()[4] for line in jsep["sdp"].splitlines()
@@ -581,27 +604,20 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
         await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "answer"))
         await asyncio.wait_for(connected.wait(), 15.0)
 
-        counted = False
-
-        def stop() -> None:
-            """Publishing ends at the first of unpublish, leave and the room's destroy."""
-            nonlocal counted
-            if not counted:
-                counted = True
-                sent.stopped = sent.stopped or time.time()
-                sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
-
-        if person.unpublish_at is not None:
-            await _sleep_until(t0, person.unpublish_at)
-            stop()
-            await session.message(handle, {"request": "unpublish"})
-        if person.leave_at is not None:
-            await _sleep_until(t0, person.leave_at)
-            stop()
-            await session.message(handle, {"request": "leave"})
-        else:
-            await destroyed.wait()  # run_meeting sets ``stopped`` just before the destroy
-            stop()
+        # Publishing ends at the first of unpublish, leave and the room's destroy (whose time
+        # run_meeting notes).
+        for request, at in (("unpublish", person.unpublish_at), ("leave", person.leave_at)):
+            if at is None:
+                continue
+            await _sleep_until(t0, at)
+            counts = video.pace.count, audio.pace.count
+            reply = await session.message(handle, {"request": request})
+            if not sent.stopped:
+                sent.stopped = reply.sent
+                sent.video_frames, sent.audio_frames = counts
+        if not sent.stopped:
+            await destroyed.wait()
+            sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
     finally:
         sent.first_media = min(t.pace.first_wall or time.time() for t in (video, audio))
         await pc.close()
@@ -633,11 +649,10 @@ async def run_meeting(
         for task in tasks:
             if task.done() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        log.destroyed = time.time()
+        log.destroyed = (await admin.message(handle, {"request": "destroy", "room": room})).sent
         for s in log.sent:
             if not s.stopped:
                 s.stopped = log.destroyed
-        await admin.message(handle, {"request": "destroy", "room": room})
         destroyed.set()
         await asyncio.gather(*tasks)
     finally:
