@@ -41,6 +41,9 @@ from melter.service.tracker import Tracker
 log = logging.getLogger("melter.service")
 
 
+BEARER = HTTPBearer(auto_error=False, description="MELTER_API_TOKEN")
+
+
 class Rerender(BaseModel):
     """Render a job's meeting again, beside the first version."""
 
@@ -141,10 +144,8 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
                       "the details")
 
     # -- auth --------------------------------------------------------------------------------
-    bearer = HTTPBearer(auto_error=False, description="MELTER_API_TOKEN")
-
     def token(credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                     Depends(bearer)]) -> None:
+                                     Depends(BEARER)]) -> None:
         expected = settings.service.api_token
         if not expected:
             raise HTTPException(503, "the jobs API is off: set MELTER_API_TOKEN (or api_token "
