@@ -165,15 +165,16 @@ def post_events(service: Service, lines: list[str], rng: random.Random | None = 
     to five. The number of POSTs."""
     posts = 0
     k = 0
-    while k < len(lines):
-        size = rng.randint(1, 5) if rng else 1
-        chunk = lines[k:k + size]
-        body = chunk[0] if size == 1 else "[" + ",".join(chunk) + "]"
-        reply = httpx.post(f"{service.url}/janus/events", content=body,
-                           headers={"Content-Type": "application/json"}, timeout=10)
-        assert reply.status_code == 200, reply.text
-        posts += 1
-        k += size
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        while k < len(lines):
+            size = rng.randint(1, 5) if rng else 1
+            chunk = lines[k:k + size]
+            body = chunk[0] if size == 1 else "[" + ",".join(chunk) + "]"
+            reply = client.post("/janus/events", content=body,
+                                headers={"Content-Type": "application/json"})
+            assert reply.status_code == 200, reply.text
+            posts += 1
+            k += size
     return posts
 
 

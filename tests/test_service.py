@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,11 @@ def replay_plan(scenario: str, rng: random.Random) -> list[str]:
 @pytest.mark.parametrize("scenario", ["in-order", "shuffled", "duplicated", "restart"])
 def test_replayed_janus_events_render_each_room_once(farm: FarmHarness, scenario: str) -> None:
     copy_recordings(farm, list(MEETINGS))
+    config = farm.base / "farm.toml"  # room 2003 renders its own way
+    config.write_text('[service.rooms."2003"]\nlayout = "%s"\n'
+                      'outputs = [{ name = "turns/{room}-{start}.mp4" }]\n'
+                      % (farm.storage / "layouts" / "small.yaml"))
+    farm.env["MELTER_CONFIG"] = str(config)
     rng = random.Random(scenario)
     lines = replay_plan(scenario, rng)
     service = Service(farm)
@@ -110,8 +116,12 @@ def test_replayed_janus_events_render_each_room_once(farm: FarmHarness, scenario
         assert job["spec"]["room"] == room and job["priority"] == "auto"
         assert job["metadata"]["trigger"] == "janus"
         output = Path(job["outputs"][0])
-        assert output.parent == farm.storage / "renders"
-        assert output.name.startswith(f"room-{room}-2026") and output.suffix == ".mp4"
+        if room == "2003":
+            assert output.parent == farm.storage / "renders" / "turns"
+            assert output.name.startswith("2003-2026") and output.suffix == ".mp4"
+        else:
+            assert output.parent == farm.storage / "renders"
+            assert output.name.startswith(f"room-{room}-2026") and output.suffix == ".mp4"
     tracker = Tracker(load_settings(farm.env), Farm(farm.config))
     assert tracker.stats()["auto_submitted"] == 3
     if scenario in ("in-order", "duplicated"):
@@ -237,6 +247,9 @@ def test_janus_endpoint_basic_auth(tmp_path: Path) -> None:
             assert httpx.post(url, content=line, auth=("janus", "wrong")).status_code == 401
             reply = httpx.post(url, content=line, auth=("janus", "pw-5521"))
             assert reply.status_code == 200 and reply.json()["videoroom"] == 1
+            packed = zlib.compress(("[" + line + "," + line + "]").encode())  # compress = true
+            reply = httpx.post(url, content=packed, auth=("janus", "pw-5521"))
+            assert reply.status_code == 200 and reply.json()["videoroom"] == 2
             reply = httpx.post(url, content="{not json", auth=("janus", "pw-5521"))
             assert reply.status_code == 400 and "JSON" in reply.json()["error"]
     finally:

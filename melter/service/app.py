@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -199,6 +200,9 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         """Janus's sample event handler posts here: one event or a JSON array of them.
         VideoRoom events move the rooms; everything else is ignored."""
         body = await request.body()
+        if body[:1] not in (b"{", b"[", b" ", b"\n", b"\t", b""):
+            with contextlib.suppress(zlib.error):  # sampleevh's "compress = true"
+                body = zlib.decompress(body, wbits=47)
         try:
             payload = json.loads(body) if body else []
         except ValueError:
