@@ -42,6 +42,7 @@ REDIS_DB = int(os.environ.get("MELTER_TEST_SERVICE_REDIS_DB", "12"))
 TOKEN = "test-token-7f3a"
 SECRET = "callback-secret-91c2"
 CLI = "from melter.cli import main; main()"
+SETTLE = 0.5
 
 
 def service_redis_url() -> str:
@@ -70,6 +71,7 @@ def service_harness(base: Path, **settings: str) -> FarmHarness:
         "MELTER_CALLBACK_BACKOFF_SECONDS": "0.3",
         "MELTER_GRACE_SECONDS": "2",
         "MELTER_TICK_SECONDS": "0.2",
+        "MELTER_SETTLE_SECONDS": str(SETTLE),
         "MELTER_DEFAULT_LAYOUT": str(storage / "layouts" / "small.yaml"),
         **settings,
     }

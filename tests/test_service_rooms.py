@@ -58,7 +58,7 @@ def test_in_order_one_meeting_ended_by_destroy(name: str) -> None:
     assert meeting.ended_by == "destroyed"
     assert meeting.end == max(e.ts for e in events)
     assert meeting.first == min(e.ts for e in events)
-    assert meeting.render == {"state": "pending"}
+    assert meeting.render == {"state": "pending", "not_before": 0.0}
     # a JSON round trip (what Redis holds) keeps everything
     assert Room.from_json(room.to_json()) == room
 
@@ -147,3 +147,11 @@ def test_parse_events_takes_videoroom_events_only() -> None:
                                         "leaving", "destroyed"}
     assert parse_events({"type": 64, "event": {"plugin": "janus.plugin.echotest"}}) == []
     assert parse_events("nonsense") == []
+
+
+def test_the_render_waits_for_janus_to_close_the_files() -> None:
+    events = events_of("dev-two-party-h264")
+    room = Room("2002")
+    for event in events:
+        room.apply(event, 10.0, GRACE, settle=2.0)
+    assert room.pending()[0].render == {"state": "pending", "not_before": 12.0}

@@ -18,6 +18,7 @@ Output names are relative to ``renders_dir`` (``{room}``, ``{start}``: the meeti
 ``20260101T120000Z``, ``{meeting}``: the meeting's id). The environment wins over the file:
 ``MELTER_RECORDINGS_DIR``, ``MELTER_RENDERS_DIR``, ``MELTER_API_TOKEN``, ``MELTER_JANUS_USER``,
 ``MELTER_JANUS_PASSWORD``, ``MELTER_GRACE_SECONDS``, ``MELTER_TICK_SECONDS``,
+``MELTER_SETTLE_SECONDS``,
 ``MELTER_DEFAULT_LAYOUT``, ``MELTER_AUTO_CALLBACK_URL``.
 """
 
@@ -68,6 +69,9 @@ class ServiceConfig(BaseModel):
     grace_seconds: float = Field(
         60.0, ge=0, description="a room nobody publishes in is rendered after this")
     tick_seconds: float = Field(1.0, gt=0, description="how often grace periods are checked")
+    settle_seconds: float = Field(
+        2.0, ge=0, description="a meeting's render is submitted this long after it ended, so "
+        "Janus has closed its recordings")
     default: RoomRule = Field(default_factory=RoomRule)
     rooms: dict[str, RoomRule] = Field(default_factory=dict)
 
@@ -97,6 +101,7 @@ _ENV = {
     "MELTER_JANUS_PASSWORD": "janus_password",
     "MELTER_GRACE_SECONDS": "grace_seconds",
     "MELTER_TICK_SECONDS": "tick_seconds",
+    "MELTER_SETTLE_SECONDS": "settle_seconds",
 }
 
 

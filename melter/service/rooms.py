@@ -103,11 +103,13 @@ class Meeting:
     def empty(self) -> bool:
         return bool(self.publishers) and not any(p.present for p in self.publishers.values())
 
-    def close(self, end: int, why: str) -> None:
+    def close(self, end: int, why: str, not_before: float) -> None:
+        """End the meeting; its render is due from ``not_before`` (wall clock), once Janus
+        has closed the recordings."""
         self.end = end
         self.ended_by = why
         self.deadline = None
-        self.render = {"state": "pending"}
+        self.render = {"state": "pending", "not_before": not_before}
 
     def note(self, event: RoomEvent) -> None:
         self.first = min(self.first, event.ts)
@@ -171,8 +173,10 @@ class Room:
             previous_end = meeting.end
         return None
 
-    def apply(self, event: RoomEvent, now: float, grace: float) -> list[Meeting]:
-        """Take one event; the meetings it ended (their render is due)."""
+    def apply(self, event: RoomEvent, now: float, grace: float,
+              settle: float = 0.0) -> list[Meeting]:
+        """Take one event; the meetings it ended (their render is due ``settle`` seconds
+        later)."""
         meeting = self._place(event.ts)
         if meeting is None:
             if event.kind in STARTING or not self.meetings:
@@ -188,7 +192,7 @@ class Room:
             if event.ts < meeting.first and len(meeting.publishers) > 0:
                 return []  # an earlier meeting's end, never seen
             meeting.note(event)
-            meeting.close(event.ts, "destroyed")
+            meeting.close(event.ts, "destroyed", now + settle)
             return [meeting]
         meeting.note(event)
         if meeting.empty:
@@ -198,13 +202,13 @@ class Room:
             meeting.deadline = None
         return []
 
-    def tick(self, now: float) -> list[Meeting]:
+    def tick(self, now: float, settle: float = 0.0) -> list[Meeting]:
         """End the meetings whose grace period passed with nobody publishing."""
         ended = []
         for meeting in self.meetings:
             if meeting.open and meeting.deadline is not None and meeting.deadline <= now:
                 if meeting.empty:
-                    meeting.close(meeting.last, "empty")
+                    meeting.close(meeting.last, "empty", now + settle)
                     ended.append(meeting)
                 else:
                     meeting.deadline = None

@@ -88,6 +88,7 @@ class Tracker:
         meetings that ended."""
         now = time.time() if now is None else now
         grace = self.settings.service.grace_seconds
+        settle = self.settings.service.settle_seconds
         by_room: dict[str, list[RoomEvent]] = {}
         for event in events:
             by_room.setdefault(event.room, []).append(event)
@@ -96,7 +97,7 @@ class Tracker:
             def change(state: Room, items: list[RoomEvent] = items) -> list[str]:
                 out: list[str] = []
                 for event in items:
-                    out += [m.id for m in state.apply(event, now, grace)]
+                    out += [m.id for m in state.apply(event, now, grace, settle)]
                 return out
 
             ended += self._update(room, change)
@@ -109,16 +110,21 @@ class Tracker:
         now = time.time() if now is None else now
         ended: list[str] = []
         for room in self.r.zrangebyscore(f"{self.p}:due", "-inf", now):
-            ended += self._update(room, lambda state: [m.id for m in state.tick(now)])
+            ended += self._update(room, lambda state: [
+                m.id for m in state.tick(now, self.settings.service.settle_seconds)])
         return ended
 
     # -- renders -----------------------------------------------------------------------------
-    def submit_pending(self) -> list[str]:
-        """Submit the render of every meeting that ended and has none yet; the job ids."""
+    def submit_pending(self, now: float | None = None) -> list[str]:
+        """Submit the render of every meeting that ended (and settled) and has none yet; the
+        job ids."""
+        now = time.time() if now is None else now
         jobs = []
         for room in sorted(self.r.smembers(f"{self.p}:pending")):
             state = self.room(room)
             for meeting in state.pending() if state else []:
+                if float((meeting.render or {}).get("not_before", 0)) > now:
+                    continue
                 job = self._submit(room, meeting.id)
                 if job:
                     jobs.append(job)
