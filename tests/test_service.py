@@ -310,6 +310,7 @@ def test_rerender_writes_a_second_version_with_signed_callbacks(farm: FarmHarnes
             wait_for(lambda: [c["state"] for c in receiver.accepted()
                               if c["id"] == first][-1:] == ["done"], 20, "the callbacks")
             listed = client.get("/jobs", params={"room": "2002"}).json()
+            metrics = client.get("/metrics").text
             firsts = client.get(f"/jobs/{first}").json()
             seconds = client.get(f"/jobs/{second}").json()
     finally:
@@ -346,6 +347,11 @@ def test_rerender_writes_a_second_version_with_signed_callbacks(farm: FarmHarnes
         assert not verify(SECRET, stamp, request["body"] + b" ", signature)
         assert not verify(SECRET, str(int(stamp) - 3600), request["body"], signature)
     assert firsts["callback"] == "200"
+    # metrics: the worker, both jobs done, two render times
+    assert "melter_workers 1.0" in metrics
+    assert 'melter_jobs{state="done"} 2.0' in metrics
+    assert "melter_render_seconds_count 2.0" in metrics
+    assert 'melter_queue_depth{queue="auto"} 0.0' in metrics
     # the re-render's callbacks too (it inherited the URL)
     assert [c["state"] for c in receiver.accepted() if c["id"] == second][-1:] == ["done"]
 
