@@ -307,8 +307,10 @@ def test_rerender_writes_a_second_version_with_signed_callbacks(farm: FarmHarnes
             assert second != first and reply.json()["rerender_of"] == first
             wait_for(lambda: client.get(f"/jobs/{second}").json()["state"] == "done", 120,
                      "the re-render")
-            wait_for(lambda: [c["state"] for c in receiver.accepted()
-                              if c["id"] == first][-1:] == ["done"], 20, "the callbacks")
+            for job in (first, second):
+                wait_for(lambda job=job: [c["state"] for c in receiver.accepted()
+                                          if c["id"] == job][-1:] == ["done"], 20,
+                         "the callbacks")
             listed = client.get("/jobs", params={"room": "2002"}).json()
             metrics = client.get("/metrics").text
             firsts = client.get(f"/jobs/{first}").json()

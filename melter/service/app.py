@@ -97,16 +97,16 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     settings = settings or load_settings()
     farm = Farm(settings.farm)
     tracker = Tracker(settings, farm)
-    workers: list[Any] = []
+    threads: list[Any] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if background:
-            workers.extend([Background(tracker, settings.service.tick_seconds), Deliverer(farm)])
-            for thread in workers:
+            threads.extend([Background(tracker, settings.service.tick_seconds), Deliverer(farm)])
+            for thread in threads:
                 thread.start()
         yield
-        for thread in workers:
+        for thread in threads:
             thread.stop()
 
     app = FastAPI(title="Melter", version="1", lifespan=lifespan,
@@ -200,18 +200,20 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         """Janus's sample event handler posts here: one event or a JSON array of them.
         VideoRoom events move the rooms; everything else is ignored."""
         body = await request.body()
-        if body[:1] not in (b"{", b"[", b" ", b"\n", b"\t", b""):
-            with contextlib.suppress(zlib.error):  # sampleevh's "compress = true"
-                body = zlib.decompress(body, wbits=47)
         try:
-            payload = json.loads(body) if body else []
+            payload = json.loads(body) if body.strip() else []
         except ValueError:
+            payload = None
+        if payload is None:
+            with contextlib.suppress(zlib.error, ValueError):  # sampleevh's "compress = true"
+                payload = json.loads(zlib.decompress(body, wbits=47))
+        if payload is None:
             raise HTTPException(400, "not JSON: expected one Janus event or an array of "
                                 "them") from None
         events = parse_events(payload)
         ended = await run_in_threadpool(tracker.handle, events) if events else []
         if ended:
-            for thread in workers:
+            for thread in threads:
                 if isinstance(thread, Background):
                     thread.wake.set()
         return {"received": len(payload) if isinstance(payload, list) else 1,
