@@ -181,22 +181,23 @@ def post_events(service: Service, lines: list[str], rng: random.Random | None = 
 
 
 class Receiver:
-    """A local HTTP endpoint for callbacks that answers 503 to its first ``failures``
-    requests, recording every request (headers, raw body, time)."""
+    """A local HTTP endpoint for callbacks that answers ``status`` (503) to its first
+    ``failures`` requests, recording every request (headers, raw body, time)."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, status: int = 503) -> None:
         self.requests: list[dict[str, Any]] = []
         self.failures = failures
+        self.status = status
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 fail = len(outer.requests) < outer.failures
+                answer = outer.status if fail else 200
                 outer.requests.append({"at": time.monotonic(), "body": body,
-                                       "headers": dict(self.headers), "answered": 503 if fail
-                                       else 200})
-                self.send_response(503 if fail else 200)
+                                       "headers": dict(self.headers), "answered": answer})
+                self.send_response(answer)
                 self.end_headers()
 
             def log_message(self, *_: Any) -> None:

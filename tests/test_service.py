@@ -432,3 +432,72 @@ def test_watch_renders_each_room_once_when_its_files_stop_growing(farm: FarmHarn
     assert sorted(Path(p).name for p in newest["spec"]["inputs"]) == sorted(later)
     assert all(j["metadata"]["trigger"] == "watch" for j in jobs)
     assert TOKEN  # the watcher needs no token: it submits to the farm directly
+
+
+def test_two_service_replicas_sharing_redis_render_each_room_once(farm: FarmHarness) -> None:
+    """Events split between two ``melter serve`` processes, posted at the same time: the
+    rooms' transactions in Redis keep one order, so each room still ends once."""
+    import threading
+
+    copy_recordings(farm, list(MEETINGS))
+    rng = random.Random("replicas")
+    lines = replay_plan("restart", rng)  # shuffled and duplicated
+    one, two = Service(farm), Service(farm)
+    one.start()
+    two.start()
+    try:
+        halves = [lines[0::2], lines[1::2]]
+        threads = [threading.Thread(target=post_events, args=(s, part, random.Random(k)))
+                   for k, (s, part) in enumerate(zip((one, two), halves, strict=True))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        wait_for(lambda: sum(len(v) for v in jobs_by_room(one).values()) >= 3, 20,
+                 "three render jobs")
+        time.sleep(GRACE + 1)
+        found = jobs_by_room(two)
+    finally:
+        one.stop()
+        two.stop()
+    assert {room: len(jobs) for room, jobs in found.items()} == {
+        "2001": 1, "2002": 1, "2003": 1}
+    assert len(Farm(farm.config).jobs(limit=100)) == 3
+
+
+def test_callbacks_are_given_up_after_their_attempts(tmp_path: Path) -> None:
+    """A receiver that always fails gets ``MELTER_CALLBACK_ATTEMPTS`` tries, spaced by the
+    back-off; one that refuses (4xx) is not asked again."""
+    from melter.farm.callbacks import Outbox
+
+    harness = service_harness(tmp_path, MELTER_CALLBACK_ATTEMPTS="3",
+                              MELTER_CALLBACK_BACKOFF_SECONDS="0.2")
+    failing, refusing = Receiver(failures=100), Receiver(failures=100, status=404)
+    try:
+        meeting = harness.meeting("dev-two-party-h264")
+        outbox = Outbox(harness.farm)
+        job = harness.submit(meeting, "a.mp4", callback_url=failing.url)
+        began = time.monotonic()
+        while time.monotonic() - began < 5 and len(failing.requests) < 3:
+            outbox.deliver_due()
+            time.sleep(0.05)
+        time.sleep(1.0)
+        outbox.deliver_due()
+        status = harness.status(job)
+        refused = harness.submit(meeting, "b.mp4", callback_url=refusing.url)
+        outbox.deliver_due()
+        time.sleep(0.5)
+        outbox.deliver_due()
+        refused_status = harness.status(refused)
+    finally:
+        failing.close()
+        refusing.close()
+        harness.cleanup()
+    assert len(failing.requests) == 3
+    gaps = [b["at"] - a["at"] for a, b in zip(failing.requests, failing.requests[1:],
+                                               strict=False)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps
+    assert status["callback"] == "failed: HTTP 503"
+    assert outbox.pending(job) == []
+    assert len(refusing.requests) == 1 and refused_status["callback"] == "failed: HTTP 404"
+
