@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from melter.errors import MelterError
 from melter.farm.service import Farm
 from melter.service.config import Settings
@@ -96,5 +98,8 @@ class Watcher:
         """Poll until interrupted."""
         step = interval or max(0.2, min(2.0, self.quiet / 4))
         while True:
-            self.poll()
+            try:
+                self.poll()
+            except redis.RedisError as exc:  # Redis restarting: the state waits there
+                log.warning("Redis unavailable (%s); polling on", exc)
             time.sleep(step)
