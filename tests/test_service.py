@@ -152,6 +152,32 @@ def test_everyone_gone_renders_after_the_grace_period(farm: FarmHarness) -> None
     assert len(jobs) == 1 and jobs[0]["metadata"]["ended_by"] == "empty"
 
 
+def test_a_grace_period_running_while_the_service_is_down_is_not_lost(
+        farm: FarmHarness) -> None:
+    """Everyone leaves, the service is killed before the grace period ends and comes back
+    after it: the deadline was in Redis, so the render is queued at once, once."""
+    copy_recordings(farm, ["dev-two-party-h264"])
+    lines = [x for x in event_lines("dev-two-party-h264") if '"destroyed", "room"' not in x]
+    service = Service(farm)
+    service.start()
+    try:
+        post_events(service, lines)
+        left = time.monotonic()
+        service.kill()
+        assert Farm(farm.config).jobs() == []
+        time.sleep(max(0.0, GRACE + 0.5 - (time.monotonic() - left)))
+        service.start()
+        back = time.monotonic()
+        wait_for(lambda: len(jobs_by_room(service)["2002"]) == 1, 10, "the render")
+        queued_after = time.monotonic() - back
+        time.sleep(GRACE)
+        jobs = Farm(farm.config).jobs()
+    finally:
+        service.stop()
+    assert len(jobs) == 1 and jobs[0]["metadata"]["ended_by"] == "empty"
+    assert queued_after <= SETTLE + 1.5, queued_after
+
+
 def test_a_restart_between_decision_and_submission_loses_and_doubles_nothing(
         farm: FarmHarness) -> None:
     """The meeting's end is stored before its job is submitted; a tracker that starts again
