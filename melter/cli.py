@@ -220,6 +220,16 @@ def _mount_farm() -> None:
 
 _mount_farm()
 
+
+def _mount_service() -> None:
+    """``serve`` (Janus events, jobs API, metrics) and ``watch`` at top level."""
+    from melter.service.cli import service_app
+
+    app.registered_commands.extend(service_app.registered_commands)
+
+
+_mount_service()
+
 swarm_app = typer.Typer(help="Docker Swarm deployment: macvlan address plans.",
                         no_args_is_help=True)
 app.add_typer(swarm_app, name="swarm")

@@ -102,7 +102,8 @@ def test_a_job_renders_on_a_worker(harness: FarmHarness) -> None:
                              metadata={"meeting": "2002"})
         info = harness.wait(job, timeout=90)
         elapsed = time.monotonic() - began
-        harness.wait_until(lambda: bool(callbacks.received), 10, "the callback")
+        harness.wait_until(lambda: any(c["state"] == "done" for c in callbacks.received), 10,
+                           "the callback")
     finally:
         events.close()
         callbacks.close()
@@ -137,7 +138,11 @@ def test_a_job_renders_on_a_worker(harness: FarmHarness) -> None:
     assert timings["queued_s"] >= 0 and timings["render_s"] > 0 and timings["total_s"] > 0
     assert manifest["metadata"] == {"meeting": "2002"}
     # The callback, progress events (Flower's feed), and no scratch files left behind.
-    assert callbacks.received[0]["id"] == job and callbacks.received[0]["state"] == "done"
+    # One callback per change of state, in order.
+    assert [c["state"] for c in callbacks.received] == ["queued", "running", "done"]
+    assert [c["sequence"] for c in callbacks.received] == [1, 2, 3]
+    assert {c["id"] for c in callbacks.received} == {job}
+    assert callbacks.received[-1]["job"]["outputs"] == [str(harness.outputs / "two-party.mp4")]
     assert harness.status(job)["callback"] == "204"
     progress = [e for e in events.events if e.get("job") == job]
     assert progress and max(e["progress"] for e in progress) > 50

@@ -102,9 +102,10 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     celery = getattr(sender, "app", None)
     if celery is None or not isinstance(getattr(celery, "melter_config", None), FarmConfig):
         return
-    from melter.farm.sweeper import start_sweeper
+    from melter.farm.sweeper import start_deliverer, start_sweeper
 
     start_sweeper(celery, getattr(sender, "hostname", "worker"))
+    start_deliverer(celery, getattr(sender, "hostname", "worker"))
 
 
 @worker_process_init.connect
@@ -116,9 +117,10 @@ def _warm_up(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _stop_sweeper(**_: Any) -> None:
-    from melter.farm.sweeper import stop_sweeper
+    from melter.farm.sweeper import stop_deliverer, stop_sweeper
 
     stop_sweeper()
+    stop_deliverer()
 
 
 app = make_app()

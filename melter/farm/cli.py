@@ -60,7 +60,7 @@ def submit(
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="a second "
                                "submit with this key returns the first job")] = None,
     callback_url: Annotated[str | None, typer.Option("--callback-url", help="POSTed the job's "
-                            "state as JSON when it ends")] = None,
+                            "state as JSON on every change")] = None,
     meta: Annotated[list[str] | None, typer.Option("--meta", help="KEY=VALUE metadata; "
                     "repeatable")] = None,
     room: Annotated[str | None, typer.Option("--room", help="pick one room")] = None,

@@ -71,6 +71,13 @@ class FarmConfig(BaseModel):
     job_ttl_days: float = Field(
         30.0, gt=0, description="how long finished jobs' state is kept in Redis")
     callback_timeout: float = Field(10.0, gt=0, description="seconds per callback POST")
+    callback_secret: str | None = Field(
+        None, description="HMAC-SHA256 key signing callbacks (X-Melter-Signature); unset: unsigned")
+    callback_attempts: int = Field(
+        8, ge=1, description="deliveries of one callback before it is given up")
+    callback_backoff_seconds: float = Field(
+        2.0, ge=0, description="delay before a failed callback's retry (doubles each time, "
+        "at most 10 minutes)")
     flower_user: str = Field("melter", min_length=1)
     flower_password: str | None = None
 
@@ -117,6 +124,7 @@ def load_config(environ: dict[str, str] | None = None, path: Path | None = None)
             raise MelterError(f"{file}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise MelterError(f"{file}: not valid TOML ({exc})") from None
+    data.pop("service", None)  # the service's own table (melter.service.config)
     data.update(_from_environment(env))
     try:
         return FarmConfig.model_validate(data)

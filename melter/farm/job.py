@@ -52,7 +52,7 @@ class JobSpec(BaseModel):
     priority: Priority = Field(
         "auto", description="manual (re-renders someone waits for) is taken before auto")
     callback_url: str | None = Field(
-        None, description="POSTed the job's state as JSON when it ends (done, failed, cancelled)")
+        None, description="POSTed the job's state as JSON (signed) on every change of state")
     idempotency_key: str | None = Field(
         None, min_length=1, max_length=200,
         description="submitting again with the same key returns the first job")

@@ -18,8 +18,6 @@ import os
 import secrets
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +175,7 @@ class Farm:
             "queue": config.queue(job.priority),
             "max_attempts": str(job.max_attempts or config.max_attempts),
             "fingerprint": fingerprint,
+            "notify": "1" if job.callback_url else "0",
         }
         first = self.store.create(job_id, fields, now, config.dispatch_grace_seconds)
         try:
@@ -383,8 +382,8 @@ class Farm:
 
     # -- ending ------------------------------------------------------------------------------
     def finalize(self, job_id: str) -> None:
-        """Once a job has ended and nothing of it runs: drop its scratch files, set its state
-        to expire, and call its callback."""
+        """Once a job has ended and nothing of it runs: drop its scratch files and set its
+        state to expire (its callback is queued by the state change itself)."""
         fields = self.store.job(job_id)
         state = fields.get("state")
         if state not in TERMINAL:
@@ -401,31 +400,13 @@ class Farm:
         except (OSError, MelterError, ValueError) as exc:
             log.warning("job %s: could not remove scratch files: %s", job_id, exc)
         self.store.expire_finished(job_id, self.ttl)
-        self.notify(job_id)
 
-    def notify(self, job_id: str) -> None:
-        fields = self.store.job(job_id)
-        spec = json.loads(fields.get("spec") or "{}")
-        url = spec.get("callback_url")
-        if not url:
-            return
-        body = json.dumps(self.status(job_id)).encode()
-        outcome = ""
-        for attempt in range(3):
-            request = urllib.request.Request(url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.config.callback_timeout) as r:
-                    outcome = f"{r.status}"
-                    break
-            except urllib.error.HTTPError as exc:
-                outcome = f"HTTP {exc.code}"
-                if exc.code < 500:
-                    break
-            except (OSError, ValueError) as exc:
-                outcome = f"error: {exc}"
-            time.sleep(0.5 * (attempt + 1))
-        self.store.set_fields(job_id, {"callback": outcome})
+    def notify(self, limit: int = 20) -> int:
+        """Deliver the due status callbacks once (workers and the service do this in the
+        background); how many were delivered."""
+        from melter.farm.callbacks import Outbox
+
+        return Outbox(self).deliver_due(limit)
 
 
 def remove_tmp(folder: Path) -> None:

@@ -26,6 +26,8 @@ Keys (``P`` is the configured prefix)::
     P:idem:<key>        string: job id of an idempotency key
     P:outpath:<path>    string: job id that reserved an output path
     P:seq               counter: fencing tokens
+    P:cbq:<id>          list: the job's status callbacks still to deliver (melter.farm.callbacks)
+    P:outbox            sorted set: job ids whose next callback is due, by due time
 
 Every state change is one Lua script, so two workers, a sweeper and a ``melter cancel`` racing
 each other see one order of events.
@@ -40,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from melter.farm.callbacks import with_note
 
 TERMINAL = ("done", "failed", "cancelled")
 
@@ -365,14 +369,19 @@ class Store:
         # decode_responses=True: every reply is str (redis-py's types cannot say so).
         self.r: Any = client
         self.p = prefix
+        # Scripts that can change a job's state also queue its status callback (one order of
+        # events: the callback outbox sees each state the job had, see melter.farm.callbacks).
         self._scripts = {
-            name: client.register_script(source) for name, source in (
-                ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("begin_commit", _BEGIN_COMMIT),
-                ("complete", _COMPLETE), ("expand", _EXPAND), ("fail", _FAIL),
-                ("expire", _EXPIRE), ("cancel", _CANCEL), ("finish_cancelled", _FINISH_CANCELLED),
-                ("reset", _RESET),
+            name: client.register_script(with_note(source) if noted else source)
+            for name, source, noted in (
+                ("claim", _CLAIM, True), ("heartbeat", _HEARTBEAT, False),
+                ("begin_commit", _BEGIN_COMMIT, False), ("complete", _COMPLETE, True),
+                ("expand", _EXPAND, True), ("fail", _FAIL, True), ("expire", _EXPIRE, True),
+                ("cancel", _CANCEL, True), ("finish_cancelled", _FINISH_CANCELLED, True),
+                ("reset", _RESET, True),
             )
         }
+        self._note = client.register_script(with_note("return 1"))
 
     @classmethod
     def from_url(cls, url: str, prefix: str) -> Store:
@@ -418,6 +427,7 @@ class Store:
         pipe.zadd(f"{self.p}:jobs", {job: now})
         pipe.zadd(f"{self.p}:dispatch", {f"{job}|main|{token}": now + grace})
         pipe.execute()
+        self._note(args=[self.p, job])
         return Dispatch(job, "main", token)
 
     # -- attempts ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Each worker also removes its local cache of prepared media for jobs that have en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
@@ -103,3 +104,42 @@ def start_sweeper(celery: Any, owner: str) -> None:
 def stop_sweeper() -> None:
     if _THREAD is not None:
         _THREAD.stopping.set()
+
+
+_DELIVERER: Any = None
+PRESENCE_SECONDS = 10
+
+
+def presence_key(prefix: str, worker: str) -> str:
+    """``P:worker:<name>``: set by each live worker, expiring ``PRESENCE_SECONDS`` after it
+    stops (the service's worker count)."""
+    return f"{prefix}:worker:{worker}"
+
+
+def start_deliverer(celery: Any, owner: str) -> None:
+    """The worker's status-callback deliverer (its own thread: a slow receiver holds up
+    neither renders nor sweeps); it also keeps the worker's presence key alive."""
+    global _DELIVERER
+    if _DELIVERER is not None and _DELIVERER.is_alive():
+        return
+    from melter.farm.app import config_of
+    from melter.farm.callbacks import Deliverer
+    from melter.farm.service import Farm
+
+    farm = Farm(config_of(celery))
+    farm.use_celery(celery)
+    key = presence_key(farm.store.p, owner)
+
+    def present() -> None:
+        farm.store.r.set(key, str(time.time()), ex=PRESENCE_SECONDS)
+
+    _DELIVERER = Deliverer(farm, on_pass=present)
+    _DELIVERER.presence = key
+    _DELIVERER.start()
+
+
+def stop_deliverer() -> None:
+    if _DELIVERER is not None:
+        _DELIVERER.stop()
+        with contextlib.suppress(Exception):
+            _DELIVERER.outbox.store.r.delete(_DELIVERER.presence)

@@ -1,0 +1,96 @@
+"""Prometheus metrics, read from Redis at each scrape (the farm's state is there, not in this
+process, so several service replicas report the same numbers)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from melter.farm.app import PRIORITIES
+from melter.farm.store import TERMINAL
+
+STATES = ("queued", "running", "joining", *TERMINAL)
+BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
+# kombu's Redis transport keeps one list per priority step of a queue.
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def _queue_keys(prefix: str, queue: str) -> list[str]:
+    return [f"{prefix}{queue}" if step == 0 else f"{prefix}{queue}\x06\x16{step}"
+            for step in PRIORITY_STEPS]
+
+
+class FarmCollector(Collector):
+    """Jobs by state, render seconds, queue depth, live workers, callbacks, rooms."""
+
+    def __init__(self, farm: Any, tracker: Any = None) -> None:
+        self.farm = farm
+        self.tracker = tracker
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.farm.store
+        r = store.r
+        ids = r.zrange(f"{store.p}:jobs", 0, -1)
+        pipe = r.pipeline(transaction=False)
+        for job in ids:
+            pipe.hmget(store.job_key(job), "state", "started", "finished")
+        counts = dict.fromkeys(STATES, 0)
+        durations = []
+        for state, started, finished in pipe.execute() if ids else []:
+            if state is None:
+                continue
+            counts[state] = counts.get(state, 0) + 1
+            if state == "done" and started and finished:
+                durations.append(float(finished) - float(started))
+        jobs = GaugeMetricFamily("melter_jobs", "Jobs in Redis by state", labels=["state"])
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
+
+        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in BUCKETS]
+        buckets.append(("+Inf", len(durations)))
+        yield HistogramMetricFamily(
+            "melter_render_seconds", "Submission-to-done render time of the done jobs Redis "
+            "still holds (MELTER_JOB_TTL_DAYS)", buckets=buckets, sum_value=sum(durations))
+
+        config = self.farm.config
+        depth = GaugeMetricFamily("melter_queue_depth", "Messages waiting in the broker's "
+                                  "queues", labels=["queue"])
+        pipe = r.pipeline(transaction=False)
+        for name in PRIORITIES:
+            for key in _queue_keys(config.broker_key_prefix, config.queue(name)):
+                pipe.llen(key)
+        lengths = pipe.execute()
+        per = len(PRIORITY_STEPS)
+        for k, name in enumerate(PRIORITIES):
+            depth.add_metric([name], sum(lengths[k * per:(k + 1) * per]))
+        yield depth
+
+        workers = sum(1 for _ in r.scan_iter(match=f"{store.p}:worker:*", count=1000))
+        yield GaugeMetricFamily("melter_workers", "Live workers (presence refreshed each "
+                                "second, expiring after 10 s)", value=workers)
+        yield GaugeMetricFamily("melter_callbacks_pending", "Jobs with a status callback "
+                                "still to deliver", value=r.zcard(f"{store.p}:outbox"))
+        if self.tracker is not None:
+            stats = self.tracker.stats()
+            yield CounterMetricFamily("melter_janus_events", "VideoRoom events received",
+                                      value=stats.get("events", 0))
+            auto = CounterMetricFamily("melter_auto_renders", "Automatic renders decided",
+                                       labels=["outcome"])
+            auto.add_metric(["submitted"], stats.get("auto_submitted", 0))
+            auto.add_metric(["skipped"], stats.get("auto_skipped", 0))
+            yield auto
+            due = r.zcount(f"{self.tracker.p}:due", "-inf", "+inf")
+            yield GaugeMetricFamily("melter_rooms_in_grace", "Rooms nobody publishes in, "
+                                    "waiting for their grace period", value=due)
+        yield GaugeMetricFamily("melter_scrape_timestamp_seconds", "When these were read",
+                                value=time.time())
