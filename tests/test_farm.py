@@ -384,7 +384,8 @@ def test_the_soft_time_limit_kills_melt(tmp_path: Path) -> None:
     try:
         meeting = farm.meeting("dev-three-party-vp8")
         worker = farm.start_worker("w1")
-        job = farm.submit(meeting, "too-long.mp4")
+        # The full 1280x720 grid: several times longer than the limit, however fast the machine.
+        job = farm.submit(meeting, "too-long.mp4", layout="grid")
         seen: list[int] = []
 
         def melt_running() -> bool:
