@@ -107,6 +107,8 @@ def test_replayed_janus_events_render_each_room_once(farm: FarmHarness, scenario
         found = jobs_by_room(service)
     finally:
         service.stop()
+    print(f"{scenario}: {len(lines)} event posts, service started {service.starts}x; jobs per "
+          f"room {dict(sorted((room, len(jobs)) for room, jobs in found.items()))}")
     assert {room: len(jobs) for room, jobs in found.items()} == {
         "2001": 1, "2002": 1, "2003": 1}, service.text()[-3000:]
     assert len(Farm(farm.config).jobs(limit=100)) == 3
@@ -218,6 +220,8 @@ def test_api_refuses_without_a_token_and_outside_the_storage_root(farm: FarmHarn
                              ("GET", "/layouts")]:
             for who in (anonymous, wrong):
                 reply = who.request(method, path, json=good if method == "POST" else None)
+                print(f"{method} {path} token={'wrong' if who is wrong else 'none'}: "
+                      f"{reply.status_code} {reply.json()['error']}")
                 assert reply.status_code == 401, (method, path, reply.text)
                 assert "token" in reply.json()["error"]
                 assert reply.headers["www-authenticate"] == "Bearer"
@@ -228,6 +232,7 @@ def test_api_refuses_without_a_token_and_outside_the_storage_root(farm: FarmHarn
                                 ([str(meeting)], "out/../../x.mp4")]:
             reply = client.post("/jobs", json={**good, "inputs": inputs,
                                                "outputs": [{"path": outputs}]})
+            print(f"inputs {inputs} output {outputs}: {reply.status_code} {reply.json()['error']}")
             assert reply.status_code == 400, reply.text
             assert "outside the storage root" in reply.json()["error"]
             assert "MELTER_STORAGE_ROOT" in reply.json()["error"]
@@ -351,6 +356,8 @@ def test_rerender_writes_a_second_version_with_signed_callbacks(farm: FarmHarnes
     assert {j["id"] for j in listed} == {first, second}
     one, two = duration(out / "two.mp4"), duration(out / "two.v2.mp4")
     span = meeting_span("dev-two-party-h264")  # first to last packet, from the manifest
+    print(f"outputs: {sorted(p.name for p in out.iterdir() if p.suffix == '.mp4')}; "
+          f"durations {one:.3f} s and {two:.3f} s, meeting span {span:.3f} s")
     assert abs(one - span) <= 2 * FRAME and abs(two - span) <= 2 * FRAME, (one, two, span)
     # at 2 s only X (teal) is in the meeting: it fills either canvas
     w1, h1, colour1 = frame_at(out / "two.mp4", 2.0)
@@ -365,6 +372,15 @@ def test_rerender_writes_a_second_version_with_signed_callbacks(farm: FarmHarnes
     gaps = [mine[1]["at"] - mine[0]["at"], mine[2]["at"] - mine[1]["at"]]
     assert gaps[0] >= 0.3 and gaps[1] >= 0.6, gaps  # back-off 0.3 s, doubling
     accepted = [json.loads(r["body"]) for r in mine if r["answered"] == 200]
+    verified = 0
+    for request in receiver.requests:
+        headers = {k.lower(): v for k, v in request["headers"].items()}
+        verified += verify(SECRET, headers[TIMESTAMP_HEADER.lower()], request["body"],
+                           headers[SIGNATURE_HEADER.lower()])
+    print(f"tile at 2 s: {w1}x{h1} {colour1}, {w2}x{h2} {colour2}; first job's deliveries "
+          f"answered {[r['answered'] for r in mine]}, gaps {[round(g, 2) for g in gaps]} s, "
+          f"accepted {[(c['state'], c['sequence']) for c in accepted]}; "
+          f"signatures verified {verified} of {len(receiver.requests)}")
     assert [c["state"] for c in accepted] == ["queued", "running", "done"]
     assert [c["sequence"] for c in accepted] == [1, 2, 3]
     for request in receiver.requests:
