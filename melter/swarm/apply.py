@@ -36,7 +36,9 @@ class Action:
     detail: str
 
     def line(self, dry_run: bool) -> str:
-        verb = f"would {self.verb}" if dry_run and self.verb == "create" else self.verb
+        verb = self.verb
+        if verb == "create":
+            verb = "would create" if dry_run else "created"
         return f"{self.node}: {verb} {self.network} ({self.detail})"
 
 
