@@ -48,6 +48,9 @@ SLOTS, SCALED = 3, 5
 SUBNET = ipaddress.ip_network("198.18.0.0/24")
 GATEWAY = ipaddress.ip_address("198.18.0.1")
 SECRETS = ("melter_redis_password", "melter_flower_password", "melter_api_token")
+#: The stack's volumes: removed before and after, since Docker keeps a volume's options (here
+#: the bind folders, new each run) from when it was first made.
+VOLUMES = ("melter-recordings-local-v1", "melter-renders-local-v1", f"{STACK}_redis-data")
 #: Colours of X, Y and Z in the fixture (RGB), all on screen at 12.5 s, between the white
 #: sync flashes (every 5 s of each participant's own clock).
 COLOURS = {"X": (20, 160, 160), "Y": (180, 40, 160), "Z": (220, 200, 40)}
@@ -159,6 +162,12 @@ class Swarm:
         return docker("exec", container, *command, check=check, timeout=300)
 
 
+def _remove_volumes() -> None:
+    with contextlib.suppress(AssertionError):
+        wait_for("the stack's volumes to be released", lambda: run(
+            "docker", "volume", "rm", "--force", *VOLUMES, check=False).returncode == 0, 30)
+
+
 def _cleanup(engine: subprocess.Popen[bytes] | None) -> None:
     if engine is not None and engine.poll() is None:
         run("docker", "stack", "rm", STACK, check=False)
@@ -169,6 +178,7 @@ def _cleanup(engine: subprocess.Popen[bytes] | None) -> None:
                                         check=False), 90)
         for secret in SECRETS:
             run("docker", "secret", "rm", secret, check=False)
+        _remove_volumes()
         run("docker", "network", "rm", NETWORK, check=False)
         time.sleep(2)
         run("docker", "network", "rm", f"{NETWORK}-config", check=False)
@@ -196,6 +206,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         engine = _start_engine(base / "dockerd.log")
         timings["engine"] = time.monotonic() - started
         run("docker", "swarm", "leave", "--force", check=False)
+        _remove_volumes()
 
         started = time.monotonic()
         run(str(ROOT / "workers" / "build-image"), timeout=1500)
