@@ -168,7 +168,8 @@ def _remove_volumes() -> None:
             "docker", "volume", "rm", "--force", *VOLUMES, check=False).returncode == 0, 30)
 
 
-def _cleanup(engine: subprocess.Popen[bytes] | None) -> None:
+def _cleanup(engine: subprocess.Popen[bytes] | None, timings: dict[str, float]) -> None:
+    started = time.monotonic()
     if engine is not None and engine.poll() is None:
         run("docker", "stack", "rm", STACK, check=False)
         with contextlib.suppress(AssertionError):
@@ -176,17 +177,23 @@ def _cleanup(engine: subprocess.Popen[bytes] | None) -> None:
                      lambda: not docker("ps", "-q", "--filter",
                                         f"label=com.docker.stack.namespace={STACK}",
                                         check=False), 90)
+        timings["cleanup_stack"] = time.monotonic() - started
         for secret in SECRETS:
             run("docker", "secret", "rm", secret, check=False)
         _remove_volumes()
         run("docker", "network", "rm", NETWORK, check=False)
-        time.sleep(2)
-        run("docker", "network", "rm", f"{NETWORK}-config", check=False)
+        with contextlib.suppress(AssertionError):
+            wait_for("the config-only network to be released", lambda: run(
+                "docker", "network", "rm", f"{NETWORK}-config", check=False).returncode == 0
+                or not docker("network", "ls", "-q", "--filter", f"name={NETWORK}-config"),
+                30)
         run("docker", "swarm", "leave", "--force", check=False)
+        timings["cleanup_swarm"] = time.monotonic() - started
     _stop_engine()
     if engine is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             engine.wait(timeout=30)
+    timings["cleanup_engine"] = time.monotonic() - started
     run("ip", "link", "del", PARENT, check=False)
     shutil.rmtree(EXEC_ROOT, ignore_errors=True)
 
@@ -243,9 +250,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         }
         yield Swarm(base, recordings, renders, inventory, env, timings)
     finally:
-        started = time.monotonic()
-        _cleanup(engine)
-        timings["cleanup"] = time.monotonic() - started
+        _cleanup(engine, timings)
         sys.stderr.write(f"\ndeployment test timings (s): "
                          f"{ {k: round(v, 1) for k, v in timings.items()} }\n")
 
