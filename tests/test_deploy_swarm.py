@@ -14,15 +14,19 @@ data folder (images, build cache) is kept in ``MELTER_CACHE`` for the next run.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +146,7 @@ class Swarm:
     inventory: Path
     env: dict[str, str]
     timings: dict[str, float]
+    passwords: dict[str, str]
 
     def tasks(self, service: str) -> list[dict[str, str]]:
         lines = docker("service", "ps", "--no-trunc", f"{STACK}_{service}", "--format",
@@ -229,8 +234,12 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         inventory.write_text(yaml.safe_dump({
             "subnet": str(SUBNET), "gateway": str(GATEWAY), "network": NETWORK,
             "nodes": [{"name": "local", "parent": PARENT, "slots": SLOTS}]}))
-        for secret in SECRETS:
-            run("sh", "-c", f"printf %s 'test-{secret}-$$' | docker secret create {secret} -")
+        passwords = {secret: secrets.token_urlsafe(16) for secret in SECRETS}
+        for secret, value in passwords.items():
+            result = subprocess.run(["docker", "secret", "create", secret, "-"], input=value,
+                                    capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, "DOCKER_HOST": DOCKER_HOST})
+            assert result.returncode == 0, result.stderr
 
         recordings, renders = base / "recordings", base / "renders"
         shutil.copytree(FIXTURE, recordings / "meeting")
@@ -248,7 +257,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
             "MELTER_FLOWER_PORT": "25555",
             "MELTER_API_PORT": "28080",
         }
-        yield Swarm(base, recordings, renders, inventory, env, timings)
+        yield Swarm(base, recordings, renders, inventory, env, timings, passwords)
     finally:
         _cleanup(engine, timings)
         sys.stderr.write(f"\ndeployment test timings (s): "
@@ -317,6 +326,33 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
            str(ROOT / "stack.local.yml"), "-c", str(override), STACK, env=swarm.env)
     wait_for(f"{SLOTS} healthy workers", lambda: len(swarm.healthy_workers()) == SLOTS, 240)
     swarm.timings["deploy_to_healthy"] = time.monotonic() - started
+
+    # Flower answers on the node's port, only with the password from the secret.
+    def flower(password: str | None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{swarm.env['MELTER_FLOWER_PORT']}/")
+        if password is not None:
+            token = base64.b64encode(f"melter:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    # Redis wants the password from the secret.
+    redis_container = swarm.containers("redis")[0]
+    assert "NOAUTH" in docker("exec", redis_container, "redis-cli", "ping", check=False)
+    assert docker("exec", "-e", f"REDISCLI_AUTH={swarm.passwords['melter_redis_password']}",
+                  redis_container, "redis-cli", "ping") == "PONG"
+    assert docker("exec", "-e", f"REDISCLI_AUTH={swarm.passwords['melter_redis_password']}",
+                  redis_container, "redis-cli", "config", "get", "appendonly").split() == [
+        "appendonly", "yes"]
+
+    wait_for("Flower", lambda: flower(None) == 401, 120)
+    assert flower("wrong") == 401
+    assert flower(swarm.passwords["melter_flower_password"]) == 200
 
     # Each worker has its own address from the node's block.
     addresses = set()
