@@ -217,11 +217,10 @@ def apply(plan: SwarmPlan, urls: dict[str, str], manager: str | None = None,
                           "init` on one (or join the nodes to the swarm first)")
     if not _is_manager(clients[chosen]):
         raise MelterError(f"node {chosen} is not a swarm manager")
-    # Check every node's existing network before creating anything anywhere.
+    # Check every existing network (a conflict raises) before creating anything anywhere.
     for block in plan.blocks:
-        existing = _inspect(clients[block.node], plan.config_name)
-        if existing is not None and config_differences(existing, plan, block):
-            _ensure_config(clients[block.node], plan, block, dry_run=True)
+        _ensure_config(clients[block.node], plan, block, dry_run=True)
+    _ensure_swarm_network(clients[chosen], chosen, plan, dry_run=True)
     actions = []
     for block in plan.blocks:
         action = _ensure_config(clients[block.node], plan, block, dry_run)
