@@ -100,18 +100,31 @@ def wait_for(what: str, probe: Any, timeout: float, every: float = 1.0) -> Any:
 
 
 # -- the engine -------------------------------------------------------------------------------
-def _stop_engine() -> None:
+def _stopped(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"  # a zombie has stopped; its parent reaps it
+
+
+def _stop_engine(engine: subprocess.Popen[bytes] | None = None) -> None:
     try:
         pid = int(PIDFILE.read_text().strip())
     except (OSError, ValueError):
+        pid = engine.pid if engine is not None else 0
+    if pid <= 0:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    while time.monotonic() < deadline and not _stopped(pid):
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    if engine is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            engine.wait(timeout=30)
     with contextlib.suppress(OSError):
         PIDFILE.unlink()
 
@@ -194,10 +207,7 @@ def _cleanup(engine: subprocess.Popen[bytes] | None, timings: dict[str, float]) 
                 30)
         run("docker", "swarm", "leave", "--force", check=False)
         timings["cleanup_swarm"] = time.monotonic() - started
-    _stop_engine()
-    if engine is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            engine.wait(timeout=30)
+    _stop_engine(engine)
     timings["cleanup_engine"] = time.monotonic() - started
     run("ip", "link", "del", PARENT, check=False)
     shutil.rmtree(EXEC_ROOT, ignore_errors=True)
