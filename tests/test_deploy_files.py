@@ -259,3 +259,47 @@ def test_an_existing_network_is_compared_field_by_field() -> None:
     assert ipaddress.ip_network(block.ip_range).num_addresses == 4
     other_parent = dict(existing, Options={"parent": "eth1"})
     assert config_differences(other_parent, result, block) == ["parent eth1 (plan: eth0)"]
+
+
+# -- docker/cli's own (stricter) schema, offline ------------------------------------------------
+def _stack_config(*files: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    args = ["docker", "stack", "config"]
+    for path in files:
+        args += ["-c", str(path)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MELTER_", "NFS_"))}
+    clean.pop("DOCKER_HOST", None)
+    return subprocess.run(args, capture_output=True, text=True, timeout=60,
+                          env={**clean, **env})
+
+
+def _has_stack_config() -> bool:
+    try:
+        return subprocess.run(["docker", "stack", "config", "--help"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _has_stack_config(), reason="no docker CLI with `docker stack config` "
+                    "(docker/cli >= 25)")
+def test_docker_stack_config_accepts_the_stack_and_interpolates_numbers(tmp_path: Path) -> None:
+    result = _stack_config(ROOT / "stack.yml", env={"NFS_SERVER": "192.0.2.10",
+                                                    "MELTER_SLOTS": "6"})
+    assert result.returncode == 0, result.stderr
+    final = yaml.safe_load(result.stdout)
+    worker = final["services"]["worker"]
+    assert worker["deploy"]["placement"]["max_replicas_per_node"] == 6
+    assert worker["deploy"]["replicas"] == 4
+    assert final["volumes"]["recordings"]["driver_opts"]["o"] == \
+        "addr=192.0.2.10,nfsvers=4.1,ro,hard,noatime"
+    assert [v["read_only"] for v in worker["volumes"]
+            if v["source"] == "recordings"] == [True]
+    local = _stack_config(ROOT / "stack.yml", ROOT / "stack.local.yml", env={
+        "NFS_SERVER": "unused", "MELTER_RECORDINGS_DIR": str(tmp_path / "rec"),
+        "MELTER_RENDERS_DIR": str(tmp_path / "out")})
+    assert local.returncode == 0, local.stderr
+    volumes = yaml.safe_load(local.stdout)["volumes"]
+    assert volumes["recordings"]["driver_opts"] == {
+        "type": "none", "o": "bind", "device": str(tmp_path / "rec")}
+    missing = _stack_config(ROOT / "stack.yml", env={})
+    assert missing.returncode != 0 and "set NFS_SERVER" in missing.stderr
