@@ -330,7 +330,8 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
 
     # Deploy.
     help_text = docker("run", "--rm", "--network", "none", "melter:latest", "melter", "--help")
-    override = _override(swarm.base, " serve " in help_text)
+    serve_exists = " serve " in help_text
+    override = _override(swarm.base, serve_exists)
     started = time.monotonic()
     docker("stack", "deploy", "-c", str(ROOT / "stack.yml"), "-c",
            str(ROOT / "stack.local.yml"), "-c", str(override), STACK, env=swarm.env)
@@ -363,6 +364,17 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     wait_for("Flower", lambda: flower(None) == 401, 120)
     assert flower("wrong") == 401
     assert flower(swarm.passwords["melter_flower_password"]) == 200
+    if serve_exists:
+        healthz = f"http://127.0.0.1:{swarm.env['MELTER_API_PORT']}/healthz"
+
+        def api_up() -> bool:
+            try:
+                with urllib.request.urlopen(healthz, timeout=5) as response:
+                    return int(response.status) == 200
+            except OSError:
+                return False
+
+        wait_for("melter serve's /healthz", api_up, 120)
 
     # Each worker has its own address from the node's block.
     addresses = set()
@@ -380,6 +392,7 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     wait_for("a running render", lambda: any(
         json.loads(swarm.in_worker("melter", "status", job, "--json"))["state"] == "running"
         for job in jobs), 120)
+    before = set(swarm.containers("worker"))
     docker("service", "scale", "--detach", f"{STACK}_worker={SCALED}")
 
     def refused() -> list[dict[str, str]]:
@@ -414,6 +427,8 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     assert {t["Name"] for t in refusals} == {f"{STACK}_worker.{n}"
                                              for n in range(SLOTS + 1, SCALED + 1)}, refusals
     assert replicas.startswith(f"{SLOTS}/{SCALED}"), replicas
+    # The workers that had addresses were not touched by the scaling.
+    assert set(swarm.containers("worker")) == before
 
     # The outputs, measured.
     for n, job in enumerate(jobs):
