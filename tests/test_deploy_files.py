@@ -188,13 +188,14 @@ def test_the_worker_image_runs_unprivileged_with_a_cheap_healthcheck() -> None:
 def test_the_dev_stack_mounts_a_local_folder_read_only_and_keeps_redis_data() -> None:
     compose = load(ROOT / "compose" / "compose.yml")
     worker = compose["services"]["worker"]
-    assert "./data/recordings:/srv/melter/recordings:ro" in worker["volumes"]
-    assert "./data/renders:/srv/melter/renders" in worker["volumes"]
+    assert "${MELTER_DEV_DATA:-./data}/recordings:/srv/melter/recordings:ro" in worker["volumes"]
+    assert "${MELTER_DEV_DATA:-./data}/renders:/srv/melter/renders" in worker["volumes"]
     assert worker["scale"] == 2
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert compose["services"]["redis"]["volumes"] == ["redis-data:/data"]
     assert all("file" in s for s in compose["secrets"].values())
-    assert compose["services"]["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+    assert compose["services"]["flower"]["ports"] == [
+        "127.0.0.1:${MELTER_DEV_FLOWER_PORT:-5555}:5555"]
 
 
 # -- melter swarm apply without an engine ------------------------------------------------------

@@ -3,7 +3,8 @@
 Skipped unless ``MELTER_DOCKER_TESTS=1`` (``scripts/test-deploy`` sets it): it needs root, a
 Docker engine of its own (Debian's ``docker.io``), ``debootstrap`` and a few minutes. The test
 starts ``dockerd`` on its own socket and folders, builds the images (``workers/build-image``),
-initialises a swarm, makes a veth pair as the macvlan parent, creates the network with
+starts the development stack with ``compose/up`` and renders once on it, then initialises a
+swarm, makes a veth pair as the macvlan parent, creates the network with
 ``melter swarm apply`` from an inventory of one node with 3 slots, deploys ``stack.yml`` with
 local folders instead of NFS, renders a real recording and measures the output. Then it scales
 the workers to 5: the two tasks beyond the node's address block fail with "no available IPv4
@@ -186,54 +187,71 @@ def _remove_volumes() -> None:
             "docker", "volume", "rm", "--force", *VOLUMES, check=False).returncode == 0, 30)
 
 
-def _cleanup(engine: subprocess.Popen[bytes] | None, timings: dict[str, float]) -> None:
+def _remove_stack(timings: dict[str, float]) -> None:
     started = time.monotonic()
-    if engine is not None and engine.poll() is None:
-        run("docker", "stack", "rm", STACK, check=False)
-        with contextlib.suppress(AssertionError):
-            wait_for("the stack's containers to stop",
-                     lambda: not docker("ps", "-q", "--filter",
-                                        f"label=com.docker.stack.namespace={STACK}",
-                                        check=False), 90)
-        timings["cleanup_stack"] = time.monotonic() - started
-        for secret in SECRETS:
-            run("docker", "secret", "rm", secret, check=False)
-        _remove_volumes()
-        run("docker", "network", "rm", NETWORK, check=False)
-        with contextlib.suppress(AssertionError):
-            wait_for("the config-only network to be released", lambda: run(
-                "docker", "network", "rm", f"{NETWORK}-config", check=False).returncode == 0
-                or not docker("network", "ls", "-q", "--filter", f"name={NETWORK}-config"),
-                30)
-        run("docker", "swarm", "leave", "--force", check=False)
-        timings["cleanup_swarm"] = time.monotonic() - started
-    _stop_engine(engine)
-    timings["cleanup_engine"] = time.monotonic() - started
+    run("docker", "stack", "rm", STACK, check=False)
+    with contextlib.suppress(AssertionError):
+        wait_for("the stack's containers to stop",
+                 lambda: not docker("ps", "-q", "--filter",
+                                    f"label=com.docker.stack.namespace={STACK}",
+                                    check=False), 90)
+    timings["cleanup_stack"] = time.monotonic() - started
+    for secret in SECRETS:
+        run("docker", "secret", "rm", secret, check=False)
+    _remove_volumes()
+    run("docker", "network", "rm", NETWORK, check=False)
+    with contextlib.suppress(AssertionError):
+        wait_for("the config-only network to be released", lambda: run(
+            "docker", "network", "rm", f"{NETWORK}-config", check=False).returncode == 0
+            or not docker("network", "ls", "-q", "--filter", f"name={NETWORK}-config"),
+            30)
+    run("docker", "swarm", "leave", "--force", check=False)
     run("ip", "link", "del", PARENT, check=False)
-    shutil.rmtree(EXEC_ROOT, ignore_errors=True)
+    timings["cleanup_swarm"] = time.monotonic() - started
+
+
+@dataclass
+class Engine:
+    base: Path
+    timings: dict[str, float]
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """This test's own dockerd, with the farm's images built (or found in the cache)."""
     if os.geteuid() != 0:
         pytest.skip("the deployment test needs root (dockerd, veth)")
     for tool in ("dockerd", "docker", "debootstrap", "ip"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not found (apt-get install docker.io debootstrap iproute2)")
-    base = tmp_path_factory.mktemp("swarm")
+    base = tmp_path_factory.mktemp("deploy")
     timings: dict[str, float] = {}
-    engine = None
+    process = None
     try:
         started = time.monotonic()
-        engine = _start_engine(base / "dockerd.log")
+        process = _start_engine(base / "dockerd.log")
         timings["engine"] = time.monotonic() - started
         run("docker", "swarm", "leave", "--force", check=False)
         _remove_volumes()
-
         started = time.monotonic()
         run(str(ROOT / "workers" / "build-image"), timeout=1500)
         timings["images"] = time.monotonic() - started
+        yield Engine(base, timings)
+    finally:
+        started = time.monotonic()
+        _stop_engine(process)
+        timings["cleanup_engine"] = time.monotonic() - started
+        run("ip", "link", "del", PARENT, check=False)
+        shutil.rmtree(EXEC_ROOT, ignore_errors=True)
+        sys.stderr.write(f"\ndeployment test timings (s): "
+                         f"{ {k: round(v, 1) for k, v in timings.items()} }\n")
 
+
+@pytest.fixture(scope="module")
+def swarm(engine: Engine) -> Iterator[Swarm]:
+    """A one-node swarm with the inventory, secrets and folders for the stack."""
+    base, timings = engine.base, engine.timings
+    try:
         docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--default-addr-pool",
                "198.18.192.0/18", "--default-addr-pool-mask-length", "24")
         node = docker("info", "--format", "{{.Swarm.NodeID}}")
@@ -269,9 +287,29 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         }
         yield Swarm(base, recordings, renders, inventory, env, timings, passwords)
     finally:
-        _cleanup(engine, timings)
-        sys.stderr.write(f"\ndeployment test timings (s): "
-                         f"{ {k: round(v, 1) for k, v in timings.items()} }\n")
+        _remove_stack(timings)
+
+
+def _compose_command() -> list[str] | None:
+    if run("docker", "compose", "version", check=False).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def _flower_status(port: str, password: str | None) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
+    if password is not None:
+        token = base64.b64encode(f"melter:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
 
 
 # -- the test ---------------------------------------------------------------------------------
@@ -310,6 +348,45 @@ def _measure(path: Path) -> tuple[float, dict[str, float]]:
     return duration, shares
 
 
+def test_one_command_starts_the_development_stack_and_it_renders(engine: Engine) -> None:
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("neither `docker compose` nor docker-compose (apt-get install "
+                    "docker-compose)")
+    data, secrets_dir = engine.base / "dev-data", engine.base / "dev-secrets"
+    shutil.copytree(FIXTURE, data / "recordings" / "meeting")
+    env = {"MELTER_DEV_DATA": str(data), "MELTER_DEV_SECRETS": str(secrets_dir),
+           "MELTER_DEV_FLOWER_PORT": "25556", "MELTER_DEV_API_PORT": "28081"}
+    project = ["-f", str(ROOT / "compose" / "compose.yml"), "-p", "melter-dev"]
+    started = time.monotonic()
+    try:
+        run(str(ROOT / "compose" / "up"), env=env, timeout=900)
+        engine.timings["compose_up"] = time.monotonic() - started
+
+        def workers(*filters: str) -> list[str]:
+            return docker("ps", "-q", "--filter", "label=com.docker.compose.project=melter-dev",
+                          "--filter", "label=com.docker.compose.service=worker",
+                          *filters).split()
+
+        wait_for("2 healthy dev workers", lambda: len(workers("--filter", "health=healthy"))
+                 == 2, 120)
+        engine.timings["compose_to_healthy"] = time.monotonic() - started
+        worker = workers()[0]
+        job = docker("exec", worker, "melter", "submit", "/srv/melter/recordings/meeting",
+                     "--layout", "grid", "-o", "/srv/melter/renders/meeting.mp4")
+        docker("exec", worker, "melter", "status", job, "--watch", timeout=300)
+        engine.timings["compose_render"] = time.monotonic() - started
+        duration, shares = _measure(data / "renders" / "meeting.mp4")
+        sys.stderr.write(f"\ndev stack: meeting.mp4 {duration:.3f} s, colour shares {shares}\n")
+        assert abs(duration - LOCAL_DURATION) < 0.25, duration
+        assert all(share > 0.05 for share in shares.values()), shares
+        password = (secrets_dir / "flower_password").read_text().strip()
+        wait_for("the dev Flower", lambda: _flower_status("25556", None) == 401, 120)
+        assert _flower_status("25556", password) == 200
+    finally:
+        run(*compose, *project, "down", "--volumes", "--timeout", "30", env=env, check=False)
+
+
 def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) -> None:
     # The network from the plan, through the Docker SDK; idempotent; a conflict is one line.
     plan = json.loads(melter("swarm", "plan", "--json", str(swarm.inventory)).stdout)
@@ -338,20 +415,6 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     wait_for(f"{SLOTS} healthy workers", lambda: len(swarm.healthy_workers()) == SLOTS, 240)
     swarm.timings["deploy_to_healthy"] = time.monotonic() - started
 
-    # Flower answers on the node's port, only with the password from the secret.
-    def flower(password: str | None) -> int:
-        request = urllib.request.Request(f"http://127.0.0.1:{swarm.env['MELTER_FLOWER_PORT']}/")
-        if password is not None:
-            token = base64.b64encode(f"melter:{password}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
     # Redis wants the password from the secret.
     redis_container = swarm.containers("redis")[0]
     assert "NOAUTH" in docker("exec", redis_container, "redis-cli", "ping", check=False)
@@ -360,6 +423,10 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     assert docker("exec", "-e", f"REDISCLI_AUTH={swarm.passwords['melter_redis_password']}",
                   redis_container, "redis-cli", "config", "get", "appendonly").split() == [
         "appendonly", "yes"]
+
+    # Flower answers on the node's port, only with the password from the secret.
+    def flower(password: str | None) -> int:
+        return _flower_status(swarm.env["MELTER_FLOWER_PORT"], password)
 
     wait_for("Flower", lambda: flower(None) == 401, 120)
     assert flower("wrong") == 401
