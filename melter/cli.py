@@ -230,7 +230,7 @@ def _mount_service() -> None:
 
 _mount_service()
 
-swarm_app = typer.Typer(help="Docker Swarm deployment: macvlan address plans.",
+swarm_app = typer.Typer(help="Docker Swarm deployment: macvlan address plans and networks.",
                         no_args_is_help=True)
 app.add_typer(swarm_app, name="swarm")
 
@@ -258,6 +258,33 @@ def swarm_plan(
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     sys.stdout.write(result.script())
+
+
+@swarm_app.command("apply")
+def swarm_apply(
+    inventory: Annotated[Path, typer.Argument(help="inventory YAML (as for `swarm plan`)")],
+    node_url: Annotated[list[str] | None, typer.Option(
+        "--node-url", help="NAME=URL of a node's Docker engine (unix://... or tcp://...); "
+        "repeat per node. One-node inventories default to DOCKER_HOST")] = None,
+    manager: Annotated[str | None, typer.Option(
+        "--manager", help="node whose engine creates the swarm network (default: the first "
+        "manager found)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check the engines and say what "
+                                          "would be created; change nothing")] = False,
+) -> None:
+    """Create the plan's networks: each node's config-only network on its own engine, then the
+    swarm macvlan network on a manager. Existing identical networks are left alone."""
+    from melter.swarm.apply import apply, engine_urls
+    from melter.swarm.plan import load_inventory
+    from melter.swarm.plan import plan as make_plan
+
+    def report(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    result = make_plan(load_inventory(str(inventory)))
+    apply(result, engine_urls(result, node_url or []), manager=manager, dry_run=dry_run,
+          report=report)
 
 
 layouts_app = typer.Typer(help="Built-in layouts and the layout file schema.", no_args_is_help=True)

@@ -78,6 +78,10 @@ def make_app(config: FarmConfig | None = None) -> Celery:
     celery.conf.update(celery_settings(config))
     celery.melter_config = config  # type: ignore[attr-defined]
     celery.task(name=TASK, bind=True)(run_unit)
+    if config.health_file is not None:
+        from melter.farm.health import HealthFile
+
+        celery.steps["consumer"].add(HealthFile)
     return celery
 
 

@@ -260,6 +260,27 @@ def worker(
 
 
 @farm_app.command()
+def healthcheck(
+    file: Annotated[Path | None, typer.Option("--file", help="the worker's health file "
+                                              "(default: MELTER_HEALTH_FILE)")] = None,
+    max_age: Annotated[float | None, typer.Option("--max-age", help="seconds; default three "
+                                                  "health intervals")] = None,
+) -> None:
+    """Exit 0 while the local worker's event loop runs (its health file is fresh), else 1;
+    no broker round trip."""
+    from melter.farm.config import load_config
+    from melter.farm.health import check
+
+    config = load_config()
+    path = file or config.health_file
+    if path is None:
+        raise MelterError("no health file: set MELTER_HEALTH_FILE (the worker touches it)")
+    limit = max_age if max_age is not None else 3 * config.health_interval
+    seconds = check(path, limit)
+    err.print(f"healthy: {path} touched {seconds:.1f} s ago")
+
+
+@farm_app.command()
 def flower(
     port: Annotated[int, typer.Option("--port", help="HTTP port")] = 5555,
     address: Annotated[str, typer.Option("--address", help="address to listen on")]

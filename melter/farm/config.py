@@ -3,7 +3,12 @@
 ``MELTER_CONFIG`` names the file (else ``/etc/melter/farm.toml`` when it exists); its keys are
 the field names below (``broker_url = "redis://…"``). Each field can be set in the environment
 as ``MELTER_`` + its name in capitals (``MELTER_BROKER_URL``, ``MELTER_STORAGE_ROOT``, …), which
-wins over the file.
+wins over the file. ``MELTER_<NAME>_FILE`` names a file holding the value instead (its content,
+without the trailing newline): Docker secrets are files under ``/run/secrets``, and a password
+kept there never shows in ``docker inspect`` or a process's environment.
+
+``redis_password`` (``MELTER_REDIS_PASSWORD_FILE``) is put into ``broker_url`` when that URL
+has none, so that the Redis server's ``requirepass`` and every client read the same secret.
 
 Timing fields hang together: the Redis visibility timeout must exceed the hard time limit (a
 message still unacknowledged after it is delivered again), the hard limit exceeds the soft one
@@ -18,6 +23,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -80,6 +86,13 @@ class FarmConfig(BaseModel):
         "at most 10 minutes)")
     flower_user: str = Field("melter", min_length=1)
     flower_password: str | None = None
+    redis_password: str | None = Field(
+        None, description="put into broker_url when that URL carries no password")
+    health_file: Path | None = Field(
+        None, description="a worker touches this file while its event loop runs; "
+        "`melter healthcheck` reads its age (container health without a broker round trip)")
+    health_interval: float = Field(
+        5.0, gt=0, description="seconds between two touches of health_file")
 
     @model_validator(mode="after")
     def _ordered(self) -> FarmConfig:
@@ -91,6 +104,8 @@ class FarmConfig(BaseModel):
                 "is delivered to a second worker)")
         if self.lease_seconds <= 2 * self.heartbeat_seconds:
             raise ValueError("lease_seconds must be more than twice heartbeat_seconds")
+        if self.redis_password and self.broker_url:
+            self.broker_url = with_password(self.broker_url, self.redis_password)
         return self
 
     @property
@@ -101,11 +116,31 @@ class FarmConfig(BaseModel):
         return f"{self.queue_prefix}{priority}"
 
 
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` in it, unless it already carries one (which then wins)."""
+    parts = urlsplit(url)
+    if parts.password is not None or not parts.hostname:
+        return url
+    user = quote(parts.username, safe="") if parts.username else ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in FarmConfig.model_fields:
         key = ENV_PREFIX + name.upper()
-        if key in environ and environ[key] != "":
+        file_key = key + "_FILE"
+        if environ.get(key) and environ.get(file_key):
+            raise MelterError(f"set {key} or {file_key}, not both")
+        if environ.get(file_key):
+            secret = Path(environ[file_key])
+            try:
+                values[name] = secret.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise MelterError(f"{file_key}: {secret}: {exc.strerror or exc}") from None
+        elif key in environ and environ[key] != "":
             values[name] = environ[key]
     return values
 
