@@ -82,7 +82,8 @@ def test_the_worker_service_outlasts_a_long_render_and_updates_stop_first(
     grace = seconds(worker["stop_grace_period"])
     assert grace == 22200 and grace > hard > soft
     # The stack's timing values are a configuration the farm accepts.
-    env.pop("MELTER_REDIS_PASSWORD_FILE")  # a path inside the container
+    for secret in ("MELTER_REDIS_PASSWORD_FILE", "MELTER_CALLBACK_SECRET_FILE"):
+        assert env.pop(secret).startswith("/run/secrets/")  # a path inside the container
     config = load_config({**env, "MELTER_REDIS_PASSWORD": "x"}, path=_empty_config(tmp_path))
     assert config.broker_url == "redis://:x@redis:6379/0"
     assert config.visibility_timeout > config.hard_time_limit
@@ -144,7 +145,7 @@ def test_passwords_are_secrets_never_values() -> None:
     stack = load(ROOT / "stack.yml")
     assert all(s == {"external": True} for s in stack["secrets"].values())
     assert set(stack["secrets"]) == {"melter_redis_password", "melter_flower_password",
-                                     "melter_api_token"}
+                                     "melter_api_token", "melter_callback_secret"}
     for name, service in stack["services"].items():
         for key in service.get("environment", {}):
             if any(word in key for word in ("PASSWORD", "TOKEN")):

@@ -52,7 +52,8 @@ PARENT, PEER = "mlt-par0", "mlt-peer0"
 SLOTS, SCALED = 3, 5
 SUBNET = ipaddress.ip_network("198.18.0.0/24")
 GATEWAY = ipaddress.ip_address("198.18.0.1")
-SECRETS = ("melter_redis_password", "melter_flower_password", "melter_api_token")
+SECRETS = ("melter_redis_password", "melter_flower_password", "melter_api_token",
+           "melter_callback_secret")
 #: The stack's volumes: removed before and after, since Docker keeps a volume's options (here
 #: the bind folders, new each run) from when it was first made.
 VOLUMES = ("melter-recordings-local-v1", "melter-renders-local-v1", f"{STACK}_redis-data")
@@ -290,6 +291,20 @@ def swarm(engine: Engine) -> Iterator[Swarm]:
         _remove_stack(timings)
 
 
+def _http_status(url: str, authorization: str | None = None) -> int:
+    """The HTTP status of a GET (0 when nothing answers)."""
+    request = urllib.request.Request(url)
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
 def _compose_command() -> list[str] | None:
     if run("docker", "compose", "version", check=False).returncode == 0:
         return ["docker", "compose"]
@@ -299,31 +314,20 @@ def _compose_command() -> list[str] | None:
 
 
 def _flower_status(port: str, password: str | None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
-    if password is not None:
-        token = base64.b64encode(f"melter:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+    basic = base64.b64encode(f"melter:{password}".encode()).decode()
+    return _http_status(f"http://127.0.0.1:{port}/",
+                        None if password is None else f"Basic {basic}")
 
 
 # -- the test ---------------------------------------------------------------------------------
-def _override(base: Path, serve_exists: bool) -> Path:
-    """Test-only changes: small reservations so that five workers fit on two cores, a short
-    grace period for the cleanup, and no `melter serve` task when the image has no such
-    command."""
+def _override(base: Path) -> Path:
+    """Test-only changes: small reservations so that five workers fit on two cores, and a
+    short grace period for the cleanup."""
     override: dict[str, Any] = {
         "version": "3.9",
         "services": {"worker": {"stop_grace_period": "30s", "deploy": {"resources": {
             "reservations": {"cpus": "0.1", "memory": "64M"}}}}},
     }
-    if not serve_exists:
-        override["services"]["api"] = {"deploy": {"replicas": 0}}
     path = base / "test-override.yml"
     path.write_text(yaml.safe_dump(override, sort_keys=False))
     return path
@@ -406,9 +410,7 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     assert conflict.stderr.count("\n") == 1 and "Traceback" not in conflict.stderr
 
     # Deploy.
-    help_text = docker("run", "--rm", "--network", "none", "melter:latest", "melter", "--help")
-    serve_exists = " serve " in help_text
-    override = _override(swarm.base, serve_exists)
+    override = _override(swarm.base)
     started = time.monotonic()
     docker("stack", "deploy", "-c", str(ROOT / "stack.yml"), "-c",
            str(ROOT / "stack.local.yml"), "-c", str(override), STACK, env=swarm.env)
@@ -431,17 +433,12 @@ def test_the_stack_renders_and_the_address_block_caps_the_workers(swarm: Swarm) 
     wait_for("Flower", lambda: flower(None) == 401, 120)
     assert flower("wrong") == 401
     assert flower(swarm.passwords["melter_flower_password"]) == 200
-    if serve_exists:
-        healthz = f"http://127.0.0.1:{swarm.env['MELTER_API_PORT']}/healthz"
-
-        def api_up() -> bool:
-            try:
-                with urllib.request.urlopen(healthz, timeout=5) as response:
-                    return int(response.status) == 200
-            except OSError:
-                return False
-
-        wait_for("melter serve's /healthz", api_up, 120)
+    # melter serve: /healthz open, the jobs API only with the token from the secret.
+    api = f"http://127.0.0.1:{swarm.env['MELTER_API_PORT']}"
+    wait_for("melter serve's /healthz", lambda: _http_status(f"{api}/healthz") == 200, 120)
+    assert _http_status(f"{api}/jobs") == 401
+    assert _http_status(f"{api}/jobs", "Bearer wrong") == 401
+    assert _http_status(f"{api}/jobs", f"Bearer {swarm.passwords['melter_api_token']}") == 200
 
     # Each worker has its own address from the node's block.
     addresses = set()

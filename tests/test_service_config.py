@@ -73,3 +73,18 @@ def test_mistakes_are_named(tmp_path: Path) -> None:
     file.write_text('[service]\ngrace_second = 5\n')
     with pytest.raises(MelterError, match="grace_second: Extra inputs"):
         load_settings({"MELTER_CONFIG": str(file)})
+
+
+def test_secrets_come_from_files(tmp_path: Path) -> None:
+    """Docker secrets are files: ``MELTER_API_TOKEN_FILE`` and the like name them."""
+    token, password = tmp_path / "api_token", tmp_path / "janus_password"
+    token.write_text("from-a-secret\n")
+    password.write_text("pw\n")
+    settings = settings_for(tmp_path, MELTER_API_TOKEN_FILE=str(token),
+                            MELTER_JANUS_PASSWORD_FILE=str(password))
+    assert settings.service.api_token == "from-a-secret"
+    assert settings.service.janus_password == "pw"
+    with pytest.raises(MelterError, match="set MELTER_API_TOKEN or MELTER_API_TOKEN_FILE"):
+        settings_for(tmp_path, MELTER_API_TOKEN="x", MELTER_API_TOKEN_FILE=str(token))
+    with pytest.raises(MelterError, match=r"MELTER_API_TOKEN_FILE: .*missing"):
+        settings_for(tmp_path, MELTER_API_TOKEN_FILE=str(tmp_path / "missing"))

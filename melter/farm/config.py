@@ -127,21 +127,27 @@ def with_password(url: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def environment_value(environ: dict[str, str], key: str) -> str | None:
+    """``environ[key]``, or the content of the file named by ``<key>_FILE`` (a Docker secret);
+    None when neither is set (an empty value counts as unset)."""
+    file_key = key + "_FILE"
+    if environ.get(key) and environ.get(file_key):
+        raise MelterError(f"set {key} or {file_key}, not both")
+    if environ.get(file_key):
+        secret = Path(environ[file_key])
+        try:
+            return secret.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise MelterError(f"{file_key}: {secret}: {exc.strerror or exc}") from None
+    return environ.get(key) or None
+
+
 def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in FarmConfig.model_fields:
-        key = ENV_PREFIX + name.upper()
-        file_key = key + "_FILE"
-        if environ.get(key) and environ.get(file_key):
-            raise MelterError(f"set {key} or {file_key}, not both")
-        if environ.get(file_key):
-            secret = Path(environ[file_key])
-            try:
-                values[name] = secret.read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise MelterError(f"{file_key}: {secret}: {exc.strerror or exc}") from None
-        elif key in environ and environ[key] != "":
-            values[name] = environ[key]
+        value = environment_value(environ, ENV_PREFIX + name.upper())
+        if value is not None:
+            values[name] = value
     return values
 
 

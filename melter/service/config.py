@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from melter.errors import MelterError
-from melter.farm.config import DEFAULT_FILE, FarmConfig, load_config
+from melter.farm.config import DEFAULT_FILE, FarmConfig, environment_value, load_config
 
 
 class OutputRule(BaseModel):
@@ -118,8 +118,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             raise MelterError(f"{file}: [service] must be a table")
         data = dict(table)
     for variable, name in _ENV.items():
-        if env.get(variable):
-            data[name] = env[variable]
+        value = environment_value(env, variable)  # or <variable>_FILE, a Docker secret
+        if value is not None:
+            data[name] = value
     default = dict(data.get("default") or {})
     if env.get("MELTER_DEFAULT_LAYOUT"):
         default["layout"] = env["MELTER_DEFAULT_LAYOUT"]
