@@ -7,6 +7,10 @@ so the command line can print one line and exit 1 instead of a traceback.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class MelterError(Exception):
@@ -26,3 +30,10 @@ class InputError(MelterError):
 
 class UnsupportedError(MelterError):
     """A valid input that Melter cannot turn into the requested output."""
+
+
+def validation_problems(exc: ValidationError, top: str) -> str:
+    """A pydantic error as one line: ``field.path: problem; ...`` (``top`` for the document
+    itself), for messages that name the field to fix."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or top}: {e['msg']}"
+                     for e in exc.errors())

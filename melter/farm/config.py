@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from melter.errors import MelterError
+from melter.errors import MelterError, validation_problems
 
 DEFAULT_FILE = Path("/etc/melter/farm.toml")
 ENV_PREFIX = "MELTER_"
@@ -170,9 +170,8 @@ def load_config(environ: dict[str, str] | None = None, path: Path | None = None)
     try:
         return FarmConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise MelterError(f"farm configuration: {problems}") from None
+        raise MelterError(
+            f"farm configuration: {validation_problems(exc, 'config')}") from None
 
 
 def require_broker(config: FarmConfig) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from melter.errors import MelterError
+from melter.errors import MelterError, validation_problems
 
 Priority = Literal["auto", "manual"]
 
@@ -92,9 +92,7 @@ def parse_job(data: object) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors())
-        raise JobError(f"invalid job: {problems}") from None
+        raise JobError(f"invalid job: {validation_problems(exc, 'job')}") from None
 
 
 def under_root(value: str | Path, root: Path, what: str, variable: str,

@@ -263,7 +263,12 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     frames = count_video_frames(temp)
     if frames != count:
         raise RenderError(f"chunk {i} (frames {first}-{last}) has {frames} frames, not {count}")
-    final = folder / f"v{i}.{attempt.token}{output.path.suffix}"
+    _commit_part(attempt, record, temp, folder / f"v{i}.{attempt.token}{output.path.suffix}")
+
+
+def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -> None:
+    """Name a finished chunk or audio pass by its attempt's token and mark the unit done (only
+    while the attempt holds its lease); the units waiting on it are sent on."""
     os.replace(temp, final)
     attempt.begin_commit()
     attempt.finishing()
@@ -295,13 +300,8 @@ def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
     if not audio or not math.isclose(audio.get("duration_s") or info["duration_s"], expected,
                                      abs_tol=max(0.2, expected * 0.01)):
         raise RenderError(f"audio pass lasts {info['duration_s']:.2f} s, not {expected:.2f} s")
-    final = record.tmp_dir(k) / f"a.{attempt.token}{output.path.suffix}"
-    os.replace(temp, final)
-    attempt.begin_commit()
-    attempt.finishing()
-    _, ready = attempt.store.complete(record.id, attempt.unit, attempt.token, str(final),
-                                      attempt.config.dispatch_grace_seconds, attempt.farm.ttl)
-    attempt.farm.send(ready)
+    _commit_part(attempt, record, temp,
+                 record.tmp_dir(k) / f"a.{attempt.token}{output.path.suffix}")
 
 
 def _join(attempt: Attempt, record: JobRecord, k: int) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from melter.errors import MelterError
+from melter.errors import MelterError, validation_problems
 from melter.farm.config import DEFAULT_FILE, FarmConfig, environment_value, load_config
 
 
@@ -130,8 +130,6 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     try:
         service = ServiceConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'service'}: {e['msg']}"
-            for e in exc.errors())
-        raise MelterError(f"service configuration: {problems}") from None
+        raise MelterError(
+            f"service configuration: {validation_problems(exc, 'service')}") from None
     return Settings(farm, service)

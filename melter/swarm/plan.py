@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from melter.errors import InputError, MelterError
+from melter.errors import InputError, MelterError, validation_problems
 
 
 class Node(BaseModel):
@@ -151,8 +151,4 @@ def load_inventory(path: str) -> Inventory:
     try:
         return Inventory.model_validate(data)
     except ValidationError as exc:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise InputError(path, detail) from None
+        raise InputError(path, validation_problems(exc, "(top level)")) from None
