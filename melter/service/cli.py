@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import redis
 import typer
 
 from melter.errors import MelterError
@@ -16,6 +15,8 @@ service_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def _settings():  # type: ignore[no-untyped-def]
+    import redis  # here, not at the top: every `melter` command would pay for loading it
+
     from melter.farm.config import require_broker
     from melter.service.config import load_settings
 
