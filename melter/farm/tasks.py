@@ -134,6 +134,9 @@ class Attempt:
         self.check()
         self.stage_name = "committing"
         self.store.begin_commit(self.job, self.unit, self.token, self.config.lease_seconds)
+        # Progress events are sent at most once a second: without this one, a unit that
+        # renders in under a second would show 0 % to the end.
+        self._event(force=True)
 
     def finishing(self) -> None:
         """Called just before the unit is marked done: heartbeats stop mattering."""
