@@ -267,16 +267,6 @@ def build_meeting(folder: Path, seconds: float) -> dict[str, Any]:
 
 
 # -- the ffmpeg equivalent ---------------------------------------------------------------------
-def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for first, last in sorted(runs):
-        if merged and merged[-1][1] + 1 >= first:
-            merged[-1] = (merged[-1][0], max(last, merged[-1][1]))
-        else:
-            merged.append((first, last))
-    return merged
-
-
 def _text(value: str) -> str:
     """A drawtext ``text`` value, quoted for the filter graph."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace(":", "\\:") + "'"
@@ -294,6 +284,8 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
     labels (bottom-left, 6 px padding, 60 % black box, DejaVu Sans). Each segment's audio is
     delayed to its first frame and mixed with ``amix normalize=0`` (melt: ``mix sum=1``).
     """
+    from melter.engine.mlt import _merge_spans as merge_spans
+
     fps = plan.fps
     duration = frames / fps
     used = sorted({p.segment for s in plan.scenes for p in s.placements}
@@ -377,7 +369,7 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
         base = out
     texts = []
     for (display, x, y), runs in (label_runs.items() if labels else ()):
-        for first, last in _merge_runs(runs):
+        for first, last in merge_spans(runs):
             texts.append(
                 f"drawtext=fontfile={FONT}:text={_text(display)}:fontsize={label_size}"
                 f":fontcolor=white:box=1:boxcolor=black@0.6:boxborderw=6"

@@ -194,6 +194,16 @@ def test_two_workers_share_the_queue_and_manual_jobs_go_first(harness: FarmHarne
         (job == manual, harness.status(job)["timings"]["started"]) for job in started]
 
 
+def wait_until_rendering(harness: FarmHarness, job: str, percent: float) -> None:
+    """Until melt is well into the job's single unit (so there is something to interrupt)."""
+
+    def rendering() -> bool:
+        info = harness.status(job)
+        return info["state"] == "running" and info["units"]["main"]["progress"] >= percent
+
+    harness.wait_until(rendering, 60, "the render to be under way")
+
+
 def test_a_killed_worker_s_job_completes_once_elsewhere(harness: FarmHarness) -> None:
     meeting = harness.meeting("dev-three-party-vp8")
     w1, w2 = harness.start_workers(["w1", "w2"])
@@ -211,11 +221,7 @@ def test_a_killed_worker_s_job_completes_once_elsewhere(harness: FarmHarness) ->
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        def rendering() -> bool:
-            info = harness.status(job)
-            return info["state"] == "running" and info["units"]["main"]["progress"] >= 20
-
-        harness.wait_until(rendering, 60, "the render to be under way")
+        wait_until_rendering(harness, job, 20)
         victim = w1 if harness.status(job)["worker"] == w1.name else w2
         survivor = w2 if victim is w1 else w1
         melts = victim.melts()
@@ -275,11 +281,7 @@ def test_cancel_kills_melt_and_writes_nothing(harness: FarmHarness) -> None:
     worker = harness.start_worker("w1")
     job = harness.submit(meeting, "cancelled.mp4")
 
-    def rendering() -> bool:
-        info = harness.status(job)
-        return info["state"] == "running" and info["units"]["main"]["progress"] >= 10
-
-    harness.wait_until(rendering, 60, "the render to be under way")
+    wait_until_rendering(harness, job, 10)
     melts = worker.melts()
     assert melts
     began = time.monotonic()
@@ -408,11 +410,7 @@ def test_a_warm_shutdown_finishes_the_running_job(harness: FarmHarness) -> None:
     worker = harness.start_worker("w1")
     job = harness.submit(meeting, "finished.mp4")
 
-    def rendering() -> bool:
-        info = harness.status(job)
-        return info["state"] == "running" and info["units"]["main"]["progress"] >= 10
-
-    harness.wait_until(rendering, 60, "the render to be under way")
+    wait_until_rendering(harness, job, 10)
     waiting = harness.submit(meeting, "waiting.mp4", stand_in={"seconds": 0.1})
     worker.process.send_signal(signal.SIGTERM)  # what `docker stop` sends the main process
     worker.process.wait(timeout=60)
