@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
-import numpy as np
 from av.audio.codeccontext import AudioCodecContext
 from av.audio.stream import AudioStream
 from av.container import OutputContainer
@@ -162,34 +162,67 @@ class _AudioPlacer:
         return fill, self.position + fill
 
 
+class _Rescale:
+    """Microseconds to a stream's own time base, rounded as FFmpeg rounds (``av_rescale_q``,
+    half away from zero).
+
+    Timestamps are written in the time base the muxer chose (1/48000 for Ogg audio, 1/1000
+    for WebM...) once the header is out, so PyAV has nothing to rescale per packet.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        time_base = stream.time_base
+        assert time_base is not None
+        self.multiplier = time_base.denominator
+        self.divisor = time_base.numerator * 1_000_000
+        self.half = self.divisor // 2
+
+    def __call__(self, microseconds: int) -> int:
+        if microseconds < 0:
+            return -((-microseconds * self.multiplier + self.half) // self.divisor)
+        return (microseconds * self.multiplier + self.half) // self.divisor
+
+
+#: A packet ready for the muxer and its decoding time in microseconds (to interleave tracks).
+_Timed = tuple[int, av.Packet]
+
+
 def _audio_packets(
     stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport
-) -> Iterator[av.Packet]:
+) -> Iterator[_Timed]:
     placer = _AudioPlacer(analysis, origin_us)
     depay = placer.depay
     scale = 1_000_000 / placer.rate
+    rescale = _Rescale(stream)
+    multiplier, divisor, half = rescale.multiplier, rescale.divisor, rescale.half
+    rate = placer.rate
+    min_fill = _MIN_FILL_S * placer.rate
+    max_behind = -_MAX_AHEAD_S * placer.rate
+    Packet = av.Packet
     written = 0
+    position = 0
 
-    def packet(data: bytes, pts: int, samples: int) -> av.Packet:
-        out = av.Packet(data)
+    def packet(data: bytes, samples: int) -> _Timed:
+        out = Packet(data)
         out.stream = stream
-        out.time_base = MICROSECONDS
-        out.pts = out.dts = round(pts * scale)
-        out.duration = round(samples * scale)
-        return out
+        pts_us = round(position * scale)
+        out.pts = out.dts = (pts_us * multiplier + half) // divisor
+        out.duration = (round(samples * scale) * multiplier + half) // divisor
+        return pts_us, out
 
+    # The placement of _AudioPlacer.place, inlined: this loop runs once per audio packet.
     for frame in timed_frames(analysis):
-        placed = placer.place(frame.wall_us, frame.samples)
-        if placed is None:
+        behind = round((frame.wall_us - origin_us) * rate / 1_000_000) - position
+        if behind < max_behind:
+            placer.dropped += 1
             continue
-        fill, _ = placed
-        if fill:
-            for data, samples in depay.silence(fill):
-                yield packet(data, placer.position, samples)
-                placer.position += samples
+        if behind >= min_fill:
+            for data, samples in depay.silence(behind):
+                yield packet(data, samples)
+                position += samples
                 placer.silence_samples += samples
-        yield packet(frame.data, placer.position, frame.samples)
-        placer.position += frame.samples
+        yield packet(frame.data, frame.samples)
+        position += frame.samples
         written += 1
     report.frames_written[analysis.kind] = written
     report.silence_ms += 1000 * placer.silence_samples / placer.rate
@@ -199,29 +232,31 @@ def _audio_packets(
 def _video_packets(
     stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport,
     shift_us: int = 0,
-) -> Iterator[av.Packet]:
+) -> Iterator[_Timed]:
     last_pts = -1
     origin_us -= shift_us
+    rescale = _Rescale(stream)
     written = 0
     pending: av.Packet | None = None
+    pending_us = 0
     for frame in timed_frames(analysis):
         pts = max(frame.wall_us - origin_us, last_pts + 1)
         if pending is not None:
-            pending.duration = pts - int(pending.pts or 0)
-            yield pending
+            pending.duration = rescale(pts - pending_us)
+            yield pending_us, pending
         packet = av.Packet(frame.data)
         packet.stream = stream
-        packet.time_base = MICROSECONDS
-        packet.pts = packet.dts = pts
+        packet.pts = packet.dts = rescale(pts)
         packet.is_keyframe = frame.keyframe
         pending = packet
+        pending_us = pts
         last_pts = pts
         written += 1
     if pending is not None:
         # The track ends at its last picture (as janus-pp-rec measures it), so that picture
         # gets no duration of its own rather than a guessed frame interval.
-        pending.duration = 1
-        yield pending
+        pending.duration = rescale(1)
+        yield pending_us, pending
     report.frames_written["video"] = written
 
 
@@ -235,14 +270,17 @@ def _mux(
 ) -> None:
     """Interleave the tracks' packets by time ourselves, so the muxer buffers next to nothing
     (whole tracks written one after the other would sit in its interleaving queue)."""
+    container.start_encoding()  # the header fixes each stream's time base
     sources = [
         _video_packets(s, a, origin_us, report, video_shift_us)
         if a.kind == "video"
         else _audio_packets(s, a, origin_us, report)
         for a, s in zip(analyses, streams, strict=True)
     ]
-    for packet in heapq.merge(*sources, key=lambda p: int(p.dts or 0)):
-        container.mux_one(packet)
+    mux = container.mux_one
+    timed = sources[0] if len(sources) == 1 else heapq.merge(*sources, key=lambda item: item[0])
+    for _, packet in timed:
+        mux(packet)
 
 
 def convert(inputs: list[Path], output: Path) -> ConvertReport:
@@ -314,6 +352,7 @@ def convert_tracks(
 
 def _write_wav(analysis: TrackAnalysis, temp: Path, origin_us: int, report: ConvertReport) -> None:
     """Decode a track to 16-bit PCM, silence in its gaps."""
+    import numpy as np  # only here: conversions that remux need not load it
     placer = _AudioPlacer(analysis, origin_us)
     decoder = av.CodecContext.create(placer.depay.codec_name, "r")
     assert isinstance(decoder, AudioCodecContext)
@@ -328,7 +367,7 @@ def _write_wav(analysis: TrackAnalysis, temp: Path, origin_us: int, report: Conv
         stream = container.add_stream("pcm_s16le", rate=placer.rate)
         stream.codec_context.layout = decoder.layout
 
-        def write(samples: np.ndarray) -> None:
+        def write(samples: Any) -> None:
             frame = av.AudioFrame.from_ndarray(
                 np.ascontiguousarray(samples.reshape(1, -1)), format="s16", layout=decoder.layout
             )

@@ -20,6 +20,7 @@ pause) needs no piece: it is a gap in RTP time and becomes silence on output.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,14 @@ from melter.depay import (
 )
 from melter.depay.red import parse_red
 from melter.errors import InputError, UnsupportedError
-from melter.mjr.reader import MjrHeader, MjrReader
+from melter.mjr.reader import MjrHeader, MjrReader, Variant
 from melter.mjr.rtp import URI_AUDIO_LEVEL, URI_VIDEO_ORIENTATION, audio_level, video_rotation
 from melter.order import OrderedPacket, OrderStats, ordered_packets
+
+try:
+    from melter import _fastpath
+except ImportError:  # installed without a C compiler: the Python passes do all the work
+    _fastpath = None  # type: ignore[assignment]
 
 #: How far the arrival-vs-RTP offset must move, and stay moved, to count as a clock jump.
 JUMP_TOLERANCE_S = 0.5
@@ -58,6 +64,11 @@ MIN_SKEW_SPAN_S = 20.0
 #: A video interval this long counts as a gap.
 VIDEO_GAP_S = 0.5
 MAX_LISTED = 10000
+#: Set (to anything) to run the Python passes even where the compiled ones apply.
+PURE_PYTHON_ENV = "MELTER_PURE_PYTHON"
+#: Codecs the compiled passes cover (without RED, in MJR00002 files): what nearly every
+#: VideoRoom recording holds.
+_COMPILED_CODECS = frozenset({("audio", "opus"), ("audio", "multiopus"), ("video", "vp8")})
 
 
 @dataclass
@@ -119,6 +130,9 @@ class TrackAnalysis:
     channels: int = 0
     sample_rate: int = 0
     warnings: list[str] = field(default_factory=list)
+    #: Where the compiled first pass stopped reading (the file's size then); None when the
+    #: Python pass ran. The second pass reads as far, and through the same code.
+    compiled_end: int | None = None
 
     @property
     def kind(self) -> str:
@@ -229,33 +243,91 @@ class _ExtensionCensus:
         return max(candidates)[1]
 
 
+@dataclass
+class _FirstPass:
+    """What the first pass gathers beside :class:`TrackAnalysis`, located by (packet index, RTP
+    seconds): the pieces, and so the wall clock, are only known once every packet is seen."""
+
+    census: _ExtensionCensus = field(default_factory=_ExtensionCensus)
+    depay: AudioDepacketizer | VideoDepacketizer | None = None
+    raw_gaps: list[tuple[int, float, float, str, int]] = field(default_factory=list)
+    keyframes_t: list[tuple[int, float]] = field(default_factory=list)
+    res_t: list[tuple[int, float, int, int]] = field(default_factory=list)
+    rot_t: list[tuple[int, float, int, bool]] = field(default_factory=list)
+    last_end_t: float | None = None
+    last_index: int = -1
+    #: piece first index -> the packet before it (index, RTP end), for the gap between them
+    piece_starts: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+
+def _compiled_pass_applies(header: MjrHeader) -> bool:
+    """Whether :mod:`melter._fastpath` covers this recording (it may still hand it back)."""
+    return (
+        _fastpath is not None
+        and header.variant is Variant.V2
+        and header.red_pt is None
+        and (header.kind, header.codec) in _COMPILED_CODECS
+        and not os.environ.get(PURE_PYTHON_ENV)
+    )
+
+
 def analyze(path: str | Path) -> TrackAnalysis:
     """First pass: the timing model and every fact ``inspect`` reports."""
     reader = open_track(path)
     header = reader.header
     if header.kind == "data":
         return _analyze_data(reader)
-    stats = OrderStats()
-    codec = header.codec
-    analysis = TrackAnalysis(Path(path), header, codec, CLOCK_RATES.get(codec, 90000), stats, [])
-    census = _ExtensionCensus()
+    if _compiled_pass_applies(header):
+        assert _fastpath is not None
+        analysis = _new_analysis(path, header)
+        facts = _FirstPass()
+        try:
+            _fastpath.first_pass(
+                analysis,
+                facts,
+                Piece,
+                header.extension_id(URI_AUDIO_LEVEL),
+                header.extension_id(URI_VIDEO_ORIENTATION),
+            )
+        except _fastpath.Fallback:
+            pass
+        else:
+            facts.depay = _make_depacketizer(analysis.codec)
+            _fit_timing(analysis, has_arrivals=True)
+            return _finish_analysis(analysis, facts, reader)
+    analysis = _new_analysis(path, header)
+    facts = _first_pass_python(reader, analysis)
+    _fit_timing(analysis, has_arrivals=header.variant is Variant.V2)
+    return _finish_analysis(analysis, facts, reader)
+
+
+def _new_analysis(path: str | Path, header: MjrHeader) -> TrackAnalysis:
+    return TrackAnalysis(
+        Path(path), header, header.codec, CLOCK_RATES.get(header.codec, 90000), OrderStats(), []
+    )
+
+
+def _first_pass_python(reader: MjrReader, analysis: TrackAnalysis) -> _FirstPass:
+    path = reader.path
+    header = reader.header
+    stats = analysis.stats
+    facts = _FirstPass()
+    census = facts.census
     depay: AudioDepacketizer | VideoDepacketizer | None = None
     ext_level = header.extension_id(URI_AUDIO_LEVEL)
     ext_orient = header.extension_id(URI_VIDEO_ORIENTATION)
 
-    timeline = _TimelineBuilder(analysis, has_arrivals=header.variant.value == "MJR00002")
+    timeline = _TimelineBuilder(analysis, has_arrivals=header.variant is Variant.V2)
     video_groups = _VideoGrouper() if header.kind == "video" else None
-    # Facts located by (packet index, RTP time); pieces are only known at the end of the pass.
-    raw_gaps: list[tuple[int, float, float, str, int]] = []  # next index, t, length, cause, lost
-    keyframes_t: list[tuple[int, float]] = []
-    res_t: list[tuple[int, float, int, int]] = []
-    rot_t: list[tuple[int, float, int, bool]] = []
+    raw_gaps = facts.raw_gaps
+    keyframes_t = facts.keyframes_t
+    res_t = facts.res_t
+    rot_t = facts.rot_t
+    piece_starts = facts.piece_starts
     last_end_t: float | None = None
     last_index = -1
     last_rot: tuple[int, bool] | None = None
-
     last_segment = -1
-    piece_starts: dict[int, tuple[int, float]] = {}  # piece first index -> previous (index, end)
 
     def consume(item: OrderedPacket, t: float) -> None:
         nonlocal last_end_t, last_index, last_rot, last_segment
@@ -333,7 +405,24 @@ def analyze(path: str | Path) -> TrackAnalysis:
         raw_gaps.extend(video_groups.gaps)
         # A video track spans first to last picture, as janus-pp-rec and players measure it.
         last_end_t = video_groups.last_t
-    timeline.fit()
+    timeline.close_window()
+    facts.depay = depay
+    facts.last_end_t = last_end_t
+    facts.last_index = last_index
+    return facts
+
+
+def _finish_analysis(
+    analysis: TrackAnalysis, facts: _FirstPass, reader: MjrReader
+) -> TrackAnalysis:
+    """Place the first pass's facts on the wall clock once the pieces are fitted."""
+    path = reader.path
+    header = reader.header
+    stats = analysis.stats
+    depay = facts.depay
+    assert depay is not None
+    ext_level = header.extension_id(URI_AUDIO_LEVEL)
+    ext_orient = header.extension_id(URI_VIDEO_ORIENTATION)
     analysis.warnings.extend(reader.warnings)
     if analysis.outliers:
         analysis.warnings.append(
@@ -348,16 +437,16 @@ def analyze(path: str | Path) -> TrackAnalysis:
     locate = PieceLocator(analysis)
     starts = {piece.first_index for piece in analysis.pieces}
     analysis.start_us = locate.wall(analysis.pieces[0].first_index, 0.0)
-    analysis.end_us = locate.wall(last_index, last_end_t or 0.0)
+    analysis.end_us = locate.wall(facts.last_index, facts.last_end_t or 0.0)
     gaps = [
         Gap(locate.wall(index, t), round(length * 1e6), cause, lost)
-        for index, t, length, cause, lost in raw_gaps
+        for index, t, length, cause, lost in facts.raw_gaps
         if index not in starts
     ]
     for piece in analysis.pieces[1:]:
         start = locate.wall(piece.first_index, piece.t_start)
-        if piece.first_index in piece_starts:
-            prev_index, prev_end = piece_starts[piece.first_index]
+        if piece.first_index in facts.piece_starts:
+            prev_index, prev_end = facts.piece_starts[piece.first_index]
             before = locate.wall(prev_index, prev_end)
             gaps.append(Gap(before, max(0, start - before), piece.reason))
         else:
@@ -365,9 +454,10 @@ def analyze(path: str | Path) -> TrackAnalysis:
     gaps.sort(key=lambda gap: gap.start_us)
     analysis.gap_count = len(gaps)
     analysis.gaps = gaps[:MAX_LISTED]
-    analysis.keyframes_us = [locate.wall(i, t) for i, t in keyframes_t]
-    analysis.resolutions = [(locate.wall(i, t), w, h) for i, t, w, h in res_t]
-    analysis.rotations = [(locate.wall(i, t), d, f) for i, t, d, f in rot_t]
+    analysis.keyframes_us = [locate.wall(i, t) for i, t in facts.keyframes_t]
+    analysis.resolutions = [(locate.wall(i, t), w, h) for i, t, w, h in facts.res_t]
+    analysis.rotations = [(locate.wall(i, t), d, f) for i, t, d, f in facts.rot_t]
+    census = facts.census
     if ext_level is None and header.kind == "audio":
         analysis.audio_level_id = census.guess("audio")
     else:
@@ -522,7 +612,7 @@ class _TimelineBuilder:
             # A new sender's clock owes nothing to the old one: anchor it afresh.
             out = self._resolve(self.pending)
             self.pending = []
-            self._close_window()
+            self.close_window()
             self._new_piece(item.index, t, "ssrc-change")
             self.ref = d
             out.append(self._normal(item, t, d))
@@ -577,7 +667,7 @@ class _TimelineBuilder:
 
     def _start_piece(self, reason: str) -> list[tuple[OrderedPacket, float, bool]]:
         first_item, first_t, _ = self.pending[0]
-        self._close_window()
+        self.close_window()
         self._new_piece(first_item.index, first_t, reason)
         pending, self.pending = self.pending, []
         self.ref = min(p[2] for p in pending)
@@ -593,7 +683,7 @@ class _TimelineBuilder:
         if piece.lowest is None or d < piece.lowest[1]:
             piece.lowest = (t, d)
         if self.window_min is None or t - self.window_start >= ENVELOPE_WINDOW_S:
-            self._close_window()
+            self.close_window()
             self.window_start = t
             self.window_min = (t, d)
             self.window_count = 0
@@ -601,7 +691,7 @@ class _TimelineBuilder:
             self.window_min = (t, d)
         self.window_count += 1
 
-    def _close_window(self) -> None:
+    def close_window(self) -> None:
         if self.window_min is not None and self.window_count >= MIN_WINDOW_PACKETS:
             self.analysis.pieces[-1].minima.append(self.window_min)
         self.window_min = None
@@ -616,25 +706,24 @@ class _TimelineBuilder:
         self.pending = []
         return out
 
-    def fit(self) -> None:
-        """The skew and each piece's offset, once every packet has been seen."""
-        self._close_window()
-        analysis = self.analysis
-        if not self.has_arrivals:
-            analysis.skew = 0.0
-            return
-        analysis.skew = _fit_skew(analysis.pieces)
-        for piece in analysis.pieces:
-            if piece.minima:
-                piece.offset_us = 1e6 * min(d - analysis.skew * t for t, d in piece.minima)
-        # A piece too short for envelope windows uses its least-delayed packet.
-        for index, piece in enumerate(analysis.pieces):
-            if not piece.minima:
-                if piece.lowest is not None:
-                    t, d = piece.lowest
-                    piece.offset_us = 1e6 * (d - analysis.skew * t)
-                elif index:
-                    piece.offset_us = analysis.pieces[index - 1].offset_us
+def _fit_timing(analysis: TrackAnalysis, has_arrivals: bool) -> None:
+    """The skew and each piece's offset, once every packet has been seen (envelope windows
+    closed)."""
+    if not has_arrivals:
+        analysis.skew = 0.0
+        return
+    analysis.skew = _fit_skew(analysis.pieces)
+    for piece in analysis.pieces:
+        if piece.minima:
+            piece.offset_us = 1e6 * min(d - analysis.skew * t for t, d in piece.minima)
+    # A piece too short for envelope windows uses its least-delayed packet.
+    for index, piece in enumerate(analysis.pieces):
+        if not piece.minima:
+            if piece.lowest is not None:
+                t, d = piece.lowest
+                piece.offset_us = 1e6 * (d - analysis.skew * t)
+            elif index:
+                piece.offset_us = analysis.pieces[index - 1].offset_us
 
 
 def _fit_skew(pieces: list[Piece]) -> float:
@@ -701,6 +790,12 @@ def timed_frames(analysis: TrackAnalysis) -> Iterator[TimedFrame]:
     every picture after it until the next key frame, is left out so the output decodes
     cleanly — :attr:`TrackAnalysis.warnings` says how many.
     """
+    if analysis.compiled_end is not None and _fastpath is not None:
+        return _fastpath.timed_frames(analysis, TimedFrame)
+    return _timed_frames_python(analysis)
+
+
+def _timed_frames_python(analysis: TrackAnalysis) -> Iterator[TimedFrame]:
     reader = open_track(analysis.path)
     locate = PieceLocator(analysis)
     header = analysis.header

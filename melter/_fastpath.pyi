@@ -1,0 +1,13 @@
+"""Types of the compiled passes (``melter/_fastpath.pyx``)."""
+
+from collections.abc import Iterator
+from typing import Any
+
+CONSTANTS: dict[str, float]
+
+class Fallback(Exception): ...
+
+def first_pass(
+    analysis: Any, facts: Any, piece_class: type, ext_level: int | None, ext_orient: int | None
+) -> None: ...
+def timed_frames(analysis: Any, frame_class: type) -> Iterator[Any]: ...
