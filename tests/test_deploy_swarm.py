@@ -376,6 +376,10 @@ def test_one_command_starts_the_development_stack_and_it_renders(engine: Engine)
                  == 2, 120)
         engine.timings["compose_to_healthy"] = time.monotonic() - started
         worker = workers()[0]
+        # The image carries the compiled MJR passes built on this machine (workers/build-image).
+        compiled = docker("exec", worker, "python3", "-c",
+                          "import melter.track as t; print(t._fastpath is not None)")
+        assert compiled.strip() == "True", compiled
         job = docker("exec", worker, "melter", "submit", "/srv/melter/recordings/meeting",
                      "--layout", "grid", "-o", "/srv/melter/renders/meeting.mp4")
         docker("exec", worker, "melter", "status", job, "--watch", timeout=300)
