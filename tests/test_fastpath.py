@@ -30,7 +30,7 @@ from melter.track import PURE_PYTHON_ENV, TimedFrame, TrackAnalysis, analyze, ti
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROPERTY = settings(
-    max_examples=60,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,
@@ -298,3 +298,20 @@ def test_second_pass_reads_what_the_first_read(tmp_path: Path) -> None:
             handle.write(bytes((frame,)))
     assert list(timed_frames(analysis)) == before
     assert len(before) == 200
+
+
+def test_pieces_out_of_index_order(tmp_path: Path) -> None:
+    """A sequence restart right after the first packet, with the restart's first packets
+    reordered, starts the second piece at a lower index than the first (index -2 < 0): the
+    wall-clock lookup must follow pieces in list order as the Python pass does."""
+    stream = Stream.audio([PAYLOADS[0]] * 60, 960, seq=3000)
+    stream.seq_jump(1, -3500)
+    stream.pause(1, 4.8, ts_runs=False)
+    stream.permute([0, 3, 1, 2, 5, 7, 4, 6, *range(8, 60)])
+    path = stream.write(tmp_path / "restart.mjr")
+    analysis = assert_same_as_python(path)
+    starts = [piece.first_index for piece in analysis.pieces]
+    assert len(starts) == 2 and starts[1] < starts[0], starts
+    # The sender's clock stopped during the pause: the pieces' offsets differ by it.
+    offsets = [piece.offset_us for piece in analysis.pieces]
+    assert abs(offsets[1] - offsets[0] - 4_800_000) < 1_000, offsets
