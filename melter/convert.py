@@ -192,12 +192,15 @@ def _audio_packets(
 ) -> Iterator[_Timed]:
     placer = _AudioPlacer(analysis, origin_us)
     depay = placer.depay
-    scale = 1_000_000 / placer.rate
+    rate = placer.rate
+    scale = 1_000_000 / rate
     rescale = _Rescale(stream)
     multiplier, divisor, half = rescale.multiplier, rescale.divisor, rescale.half
-    rate = placer.rate
-    min_fill = _MIN_FILL_S * placer.rate
-    max_behind = -_MAX_AHEAD_S * placer.rate
+    # Ogg and MP4 count audio time in samples: the timestamps are the sample position itself
+    # (what rescaling its microseconds would give back).
+    in_samples = stream.time_base == Fraction(1, rate)
+    min_fill = _MIN_FILL_S * rate
+    max_behind = -_MAX_AHEAD_S * rate
     Packet = av.Packet
     written = 0
     position = 0
@@ -206,8 +209,12 @@ def _audio_packets(
         out = Packet(data)
         out.stream = stream
         pts_us = round(position * scale)
-        out.pts = out.dts = (pts_us * multiplier + half) // divisor
-        out.duration = (round(samples * scale) * multiplier + half) // divisor
+        if in_samples:
+            out.pts = out.dts = position
+            out.duration = samples
+        else:
+            out.pts = out.dts = (pts_us * multiplier + half) // divisor
+            out.duration = (round(samples * scale) * multiplier + half) // divisor
         return pts_us, out
 
     # The placement of _AudioPlacer.place, inlined: this loop runs once per audio packet.
