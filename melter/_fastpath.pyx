@@ -7,10 +7,10 @@ packet and pass, so an hour of audio takes seconds. This module does the same st
 types for MJR00002 files of Opus or VP8 without RED, and gives the same results: same
 statistics, pieces, gaps, frames and times, to the last bit (the tests compare both).
 
-Anything it does not reproduce exactly — a damaged or cut frame, a packet that is not valid
-RTP, an audio level element without a value — raises :class:`Fallback` from the first pass,
-and :func:`melter.track.analyze` runs the Python stages instead, whose warnings and salvage
-rules then apply. The second pass reads exactly as far as the first did.
+Anything it leaves to the Python stages — a damaged or cut frame, a packet that is not valid
+RTP — raises :class:`Fallback` from the first pass, and :func:`melter.track.analyze` runs them
+instead, whose warnings and salvage rules then apply. The second pass reads exactly as far as
+the first did.
 """
 
 import heapq
@@ -925,7 +925,7 @@ cdef class _FirstPass:
                 for i in range(count):
                     if elements[i].ext_id == self.ext_level:
                         if elements[i].length == 0:
-                            raise Fallback("empty audio level element")
+                            break  # no value: says nothing
                         level = data[elements[i].start] & 0x7F
                         if self.levels[level] == 0:
                             self.level_order[self.level_order_length] = level
@@ -940,7 +940,7 @@ cdef class _FirstPass:
                 for i in range(count):
                     if elements[i].ext_id == self.ext_orient:
                         if elements[i].length == 0:
-                            raise Fallback("empty video orientation element")
+                            break  # no value: says nothing
                         byte = data[elements[i].start]
                         rotation = (byte & 0x03) * 180 + ((byte & 0x04) != 0)
                         if rotation != self.last_rot:

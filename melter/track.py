@@ -358,16 +358,19 @@ def _first_pass_python(reader: MjrReader, analysis: TrackAnalysis) -> _FirstPass
             analysis.media_us += round(duration * 1e6)
             last_end_t = t + duration
             analysis.frames += 1
-            if ext_level is not None and ext_level in packet.extensions:
-                level, _ = audio_level(packet.extensions[ext_level])
+            # An element without a value (two-byte form, length 0) says nothing.
+            value = packet.extensions.get(ext_level) if ext_level is not None else None
+            if value:
+                level, _ = audio_level(value)
                 analysis.levels[level] = analysis.levels.get(level, 0) + 1
         else:
             assert video_groups is not None and isinstance(depay, VideoDepacketizer)
             for group in video_groups.add(item, t):
                 _scan_picture(group, depay, analysis, keyframes_t, res_t)
             last_end_t = t
-            if ext_orient is not None and ext_orient in packet.extensions:
-                rotation = video_rotation(packet.extensions[ext_orient])
+            value = packet.extensions.get(ext_orient) if ext_orient is not None else None
+            if value:
+                rotation = video_rotation(value)
                 if rotation != last_rot:
                     rot_t.append((item.index, t, *rotation))
                     last_rot = rotation

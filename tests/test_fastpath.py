@@ -26,6 +26,7 @@ from mjrwriter import Stream, frame_offsets, vp8_pictures
 
 from melter import order, track
 from melter.mjr.reader import MAX_RTP_FRAME
+from melter.mjr.rtp import URI_AUDIO_LEVEL, URI_VIDEO_ORIENTATION
 from melter.track import PURE_PYTHON_ENV, TimedFrame, TrackAnalysis, analyze, timed_frames
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -315,3 +316,22 @@ def test_pieces_out_of_index_order(tmp_path: Path) -> None:
     # The sender's clock stopped during the pause: the pieces' offsets differ by it.
     offsets = [piece.offset_us for piece in analysis.pieces]
     assert abs(offsets[1] - offsets[0] - 4_800_000) < 1_000, offsets
+
+
+@pytest.mark.parametrize("kind", ["audio level", "orientation"])
+def test_elements_without_a_value(tmp_path: Path, pictures: tuple[Any, ...], kind: str) -> None:
+    """RFC 8285's two-byte form allows an element of length 0: it carries no level or
+    rotation, and the recording reads as if the element were absent."""
+    if kind == "audio level":
+        stream = Stream.audio([PAYLOADS[0]] * 100, 960)
+        stream.extension(3, lambda p: b"" if p.index % 2 else bytes((0x80 | 40,)),
+                         two_byte=True, uri=URI_AUDIO_LEVEL)
+    else:
+        stream = Stream.vp8(pictures)
+        stream.extension(3, lambda p: b"" if p.index % 2 else bytes((0x01,)),
+                         two_byte=True, uri=URI_VIDEO_ORIENTATION)
+    analysis = assert_same_as_python(stream.write(tmp_path / "empty-elements.mjr"))
+    if kind == "audio level":
+        assert analysis.levels == {40: 50}
+    else:
+        assert [(degrees, flip) for _, degrees, flip in analysis.rotations] == [(90, False)]
