@@ -70,6 +70,27 @@ cdef inline int64_t py_round(double value):
     return <int64_t>nearbyint(value)
 
 
+cdef struct Timestamps:
+    # RTP timestamps extended past their 32-bit wrap (``_TimelineBuilder.extended``)
+    bint started
+    uint32_t last
+    int64_t extended
+
+
+cdef inline int64_t extend_timestamp(Timestamps *state, uint32_t ts) noexcept:
+    cdef int64_t delta
+    if not state.started:
+        state.started = True
+        state.extended = ts
+    else:
+        delta = <int64_t>((ts - state.last) & 0xFFFFFFFF)
+        if delta >= 0x80000000:
+            delta -= 0x100000000
+        state.extended += delta
+    state.last = ts
+    return state.extended
+
+
 cdef int opus_samples(const unsigned char *payload, Py_ssize_t length):
     """:func:`melter.depay.opus.packet_samples`; -1 where it raises ``ValueError``."""
     cdef int toc, per_frame, code, count, total
@@ -155,6 +176,25 @@ cdef struct Element:
     Py_ssize_t length
 
 
+cdef int put_element(
+    Element *out, int count, int ext_id, Py_ssize_t start, Py_ssize_t length
+) except -1:
+    """Store one element as a dict would: a repeated id keeps its place and takes the new
+    value. Returns the new count."""
+    cdef int i
+    for i in range(count):
+        if out[i].ext_id == ext_id:
+            out[i].start = start
+            out[i].length = length
+            return count
+    if count == MAX_ELEMENTS:
+        raise Fallback("too many header extension elements")
+    out[count].ext_id = ext_id
+    out[count].start = start
+    out[count].length = length
+    return count + 1
+
+
 cdef int parse_elements(_Pkt pkt, Element *out) except -2:
     """The packet's RFC 8285 elements as :func:`melter.mjr.rtp.parse_extensions` reads them
     (a repeated id keeps its first place and its last value); the count, -1 if cut."""
@@ -162,7 +202,7 @@ cdef int parse_elements(_Pkt pkt, Element *out) except -2:
     cdef Py_ssize_t pos = pkt.ext_start
     cdef Py_ssize_t end = pkt.ext_end
     cdef int count = 0
-    cdef int ext_id, i, slot
+    cdef int ext_id
     cdef Py_ssize_t length
     cdef unsigned char byte
     if pkt.profile == 0xBEDE:
@@ -177,18 +217,7 @@ cdef int parse_elements(_Pkt pkt, Element *out) except -2:
             length = (byte & 0x0F) + 1
             if pos + 1 + length > end:
                 return -1
-            slot = count
-            for i in range(count):
-                if out[i].ext_id == ext_id:
-                    slot = i
-                    break
-            if slot == count:
-                if count == MAX_ELEMENTS:
-                    raise Fallback("too many header extension elements")
-                count += 1
-            out[slot].ext_id = ext_id
-            out[slot].start = pos + 1
-            out[slot].length = length
+            count = put_element(out, count, ext_id, pos + 1, length)
             pos += 1 + length
     elif pkt.profile >= 0 and (pkt.profile & 0xFFF0) == 0x1000:
         while pos < end:
@@ -201,18 +230,7 @@ cdef int parse_elements(_Pkt pkt, Element *out) except -2:
             length = data[pos + 1]
             if pos + 2 + length > end:
                 return -1
-            slot = count
-            for i in range(count):
-                if out[i].ext_id == ext_id:
-                    slot = i
-                    break
-            if slot == count:
-                if count == MAX_ELEMENTS:
-                    raise Fallback("too many header extension elements")
-                count += 1
-            out[slot].ext_id = ext_id
-            out[slot].start = pos + 2
-            out[slot].length = length
+            count = put_element(out, count, ext_id, pos + 2, length)
             pos += 2 + length
     return count
 
@@ -669,9 +687,7 @@ cdef class _FirstPass:
     cdef int ext_level  # -1: none
     cdef int ext_orient
     # timeline (melter.track._TimelineBuilder)
-    cdef bint has_ts
-    cdef uint32_t last_ts32
-    cdef int64_t ts_ext
+    cdef Timestamps timestamps
     cdef int64_t first_ts
     cdef list pieces
     cdef set piece_indices
@@ -747,19 +763,9 @@ cdef class _FirstPass:
 
     # -- timeline -----------------------------------------------------------------------------
     cdef inline int64_t extended(self, uint32_t ts):
-        cdef int64_t delta
-        if not self.has_ts:
-            self.has_ts = True
-            self.last_ts32 = ts
+        if not self.timestamps.started:
             self.first_ts = ts
-            self.ts_ext = ts
-            return ts
-        delta = <int64_t>((ts - self.last_ts32) & 0xFFFFFFFF)
-        if delta >= 0x80000000:
-            delta -= 0x100000000
-        self.last_ts32 = ts
-        self.ts_ext += delta
-        return self.ts_ext
+        return extend_timestamp(&self.timestamps, ts)
 
     cdef void _new_piece(self, int64_t index, double t, str reason) except *:
         if self.pieces and self.has_lowest:
@@ -1123,9 +1129,8 @@ def _audio_frames(analysis, frame_class, _OrderedSource source):
     cdef _Locator locate = _Locator(analysis)
     cdef list out = []
     cdef _Pkt item
-    cdef bint has_ts = False
-    cdef uint32_t last_ts32 = 0
-    cdef int64_t ts_ext = 0, delta, first_ts = analysis.first_ts
+    cdef Timestamps timestamps = Timestamps(False, 0, 0)
+    cdef int64_t ts_ext = 0, first_ts = analysis.first_ts
     cdef double clock = analysis.clock_rate
     cdef int level_id = -1 if analysis.audio_level_id is None else analysis.audio_level_id
     cdef int samples, value
@@ -1135,15 +1140,7 @@ def _audio_frames(analysis, frame_class, _OrderedSource source):
     while source.fill(out):
         for entry in out:
             item = <_Pkt>entry
-            if not has_ts:
-                has_ts = True
-                ts_ext = item.ts
-            else:
-                delta = <int64_t>((item.ts - last_ts32) & 0xFFFFFFFF)
-                if delta >= 0x80000000:
-                    delta -= 0x100000000
-                ts_ext += delta
-            last_ts32 = item.ts
+            ts_ext = extend_timestamp(&timestamps, item.ts)
             if check_outliers and item.index in outliers:
                 continue
             data = item.bytes_ptr()
@@ -1171,9 +1168,8 @@ def _video_frames(analysis, frame_class, _OrderedSource source):
     cdef _Locator locate = _Locator(analysis)
     cdef list out = []
     cdef _Pkt item, first
-    cdef bint has_ts = False
-    cdef uint32_t last_ts32 = 0
-    cdef int64_t ts_ext = 0, delta, first_ts = analysis.first_ts
+    cdef Timestamps timestamps = Timestamps(False, 0, 0)
+    cdef int64_t ts_ext = 0, first_ts = analysis.first_ts
     cdef double clock = analysis.clock_rate
     cdef set outliers = analysis.outliers
     cdef bint check_outliers = bool(outliers)
@@ -1188,21 +1184,13 @@ def _video_frames(analysis, frame_class, _OrderedSource source):
     while not done:
         if not source.fill(out):
             done = True
-            if not has_ts:
+            if not timestamps.started:
                 break
             out = [None]
         for entry in out:
             if entry is not None:
                 item = <_Pkt>entry
-                if not has_ts:
-                    has_ts = True
-                    ts_ext = item.ts
-                else:
-                    delta = <int64_t>((item.ts - last_ts32) & 0xFFFFFFFF)
-                    if delta >= 0x80000000:
-                        delta -= 0x100000000
-                    ts_ext += delta
-                last_ts32 = item.ts
+                ts_ext = extend_timestamp(&timestamps, item.ts)
                 if check_outliers and item.index in outliers:
                     continue
                 t = (ts_ext - first_ts) / clock
