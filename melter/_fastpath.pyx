@@ -152,7 +152,6 @@ cdef class _Pkt:
     cdef int64_t index
     cdef int64_t offset
     cdef int64_t arrival_us
-    cdef int64_t ext
     cdef int segment
     cdef int seq
     cdef int pt
