@@ -149,6 +149,9 @@ class PreparedSegment:
     #: frame interval early); written one interval less half an output frame late, the
     #: picture shown is the one nearest the frame's time.
     video_shift_us: int = 0
+    #: The video carries a display rotation or flip (MLT turns the pictures when it reads the
+    #: file itself).
+    rotated: bool = False
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -197,5 +200,7 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 interval,
                 video.codec if video else "",
                 shift_us,
+                bool(video and video.rotations and (video.rotations[0][1] % 360
+                                                    or video.rotations[0][2])),
             )
     return prepared

@@ -99,7 +99,7 @@ def trim_spans(plan: Plan) -> list[tuple[int, int]]:
 
 
 def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: int,
-                   audio_only: bool, trim: bool) -> tuple[str, int]:
+                   audio_only: bool, trim: bool, prescale: bool = False) -> tuple[str, int]:
     document = build_document(
         plan, media, width, height,
         labels=layout.labels.enabled,
@@ -112,6 +112,7 @@ def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: 
         font=layout.labels.font,
         background_image=layout.canvas.background_image,
         audio_only=audio_only,
+        prescale=prescale,
     )
     xml, frames = document.xml, document.frames
     if trim:
@@ -143,8 +144,9 @@ def render(
         for path, preset in outputs:
             width = preset.width or layout.canvas.width
             height = preset.height or layout.canvas.height
+            # Rendered from its first frame on: sources can be scaled before MLT sees them.
             xml, frames = _document_text(plan, media, layout, width, height, preset.audio_only,
-                                         trim)
+                                         trim, prescale=True)
             document = Path(scratch) / f"{path.stem}.mlt"
             document.write_text(xml)
             with atomic_output(path) as temp:

@@ -6,6 +6,9 @@ tracks of ``color`` producers, and names and initials tracks of ``pango`` titles
 every scene is a ``composite`` transition onto track 0 limited to the scene's frames
 (``crop_to_fill`` for crop fit, ``fill`` with centred alignment for letterbox); each audio track
 is mixed into track 0 with ``mix sum=1`` (without ``sum`` every step halves the level).
+For a render read from its first frame on, a segment's video track switches between
+producers that each deliver its pictures already scaled to one cell size (``prescale``, see
+:func:`_picture`).
 
 melt's exit code means little (a missing input, a malformed document or an unknown codec all
 exit 0): inputs are checked before, stderr is scanned for the errors melt prints, and the
@@ -108,8 +111,13 @@ def build_document(
     font: str = "DejaVu Sans",
     background_image: str | None = None,
     audio_only: bool = False,
+    prescale: bool = False,
 ) -> Document:
-    """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas)."""
+    """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas).
+
+    ``prescale``: sources reach MLT already at their cells' sizes (see :func:`_picture`). Only
+    for a render read from its first frame on: such producers cannot seek.
+    """
     fps = plan.fps
     frames = max(1, round(plan.duration_us * fps / 1_000_000))
     sx, sy = width / plan.width, height / plan.height
@@ -144,13 +152,18 @@ def build_document(
     # Each segment is two tracks from one file: its audio for the whole segment (mixed), and
     # its video only where a placement shows it. A track with a picture and no transition on
     # a frame would otherwise cover the whole canvas (MLT shows the top track then).
-    shown: dict[str, list[tuple[int, int]]] = {}
+    # With ``prescale``, a segment shown at several picture sizes gets one producer per size,
+    # each delivering its pictures already at that size; otherwise one producer.
+    shown: dict[str, dict[_Picture | None, list[tuple[int, int]]]] = {}
     for scene in plan.scenes:
         first = _frame(scene.start_us, fps)
         last = min(frames, _frame(scene.end_us, fps)) - 1
         for placement in scene.placements:
             if placement.video and not audio_only and last >= first:
-                shown.setdefault(placement.segment, []).append((first, last))
+                picture = _picture(placement.segment, _scaled(placement.rect, sx, sy),
+                                   placement.fit, media, prescale)
+                by_size = shown.setdefault(placement.segment, {})
+                by_size.setdefault(picture, []).append((first, last))
     heard = {seg for s in plan.scenes for seg in s.audio}
     for number, segment_id in enumerate(sorted(set(shown) | heard)):
         prepared = media[segment_id]
@@ -166,24 +179,28 @@ def build_document(
             transitions.append({"mlt_service": "mix", "a_track": "0",
                                 "b_track": str(len(tracks)), "sum": "1", "always_active": "1"})
             tracks.append(playlist.get("id") or "")
-        if segment_id in shown and prepared.has_video:
-            producer_id = f"seg{number}v"
-            _media_producer(root, producer_id, prepared, audio=False)
-            playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
-            cursor = 0
-            for first, last in _merge_spans(shown[segment_id]):
-                first = max(first, prepared.start_frame)
-                last = min(last, prepared.start_frame + end)
-                if last < first:
-                    continue
-                if first > cursor:
-                    ET.SubElement(playlist, "blank", length=str(first - cursor))
-                ET.SubElement(playlist, "entry", producer=producer_id,
-                              attrib={"in": str(first - prepared.start_frame),
-                                      "out": str(last - prepared.start_frame)})
-                cursor = last + 1
-            track_of[segment_id] = len(tracks)
-            tracks.append(playlist.get("id") or "")
+        if segment_id not in shown or not prepared.has_video:
+            continue
+        # One track per segment: its entries switch between the producers of each size.
+        producers: dict[_Picture | None, str] = {}
+        for size_number, picture in enumerate(shown[segment_id]):
+            producers[picture] = f"seg{number}v{size_number or ''}"
+            _media_producer(root, producers[picture], prepared, audio=False, picture=picture)
+        playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
+        cursor = 0
+        for first, last, picture in _picture_runs(shown[segment_id]):
+            first = max(first, prepared.start_frame)
+            last = min(last, prepared.start_frame + end)
+            if last < first:
+                continue
+            if first > cursor:
+                ET.SubElement(playlist, "blank", length=str(first - cursor))
+            ET.SubElement(playlist, "entry", producer=producers[picture],
+                          attrib={"in": str(first - prepared.start_frame),
+                                  "out": str(last - prepared.start_frame)})
+            cursor = last + 1
+        track_of[segment_id] = len(tracks)
+        tracks.append(playlist.get("id") or "")
 
     def card_track(name: str, entries: list[tuple[int, int]], color: str) -> int:
         """A track of colour cards, one entry per (first, last frame).
@@ -266,16 +283,17 @@ def build_document(
                 "distort": "1", "progressive": "1",
             })
 
-    # Texts last, so they lie over the pictures and cards they label.
-    for number, spec in enumerate(_merge_texts(texts)):
-        text_track = _text_track(root, f"text{number}", spec, font, len(tracks))
-        tracks.append(text_track)
-        transitions.append({
-            "mlt_service": "composite", "a_track": "0", "b_track": str(len(tracks) - 1),
-            "in": spec["in"], "out": spec["out"], "geometry": spec["geometry"],
-            "halign": spec["halign"], "valign": spec["valign"],
-            "aligned": "1", "distort": "0", "progressive": "1",
-        })
+    # Texts last, so they lie over the pictures and cards they label. Texts that never show
+    # at once share a track: every track costs melt a frame request on every output frame.
+    for lane, specs in enumerate(_lanes(_merge_texts(texts))):
+        tracks.append(_text_track(root, f"text{lane}_", specs, font, len(tracks)))
+        for spec in specs:
+            transitions.append({
+                "mlt_service": "composite", "a_track": "0", "b_track": str(len(tracks) - 1),
+                "in": spec["in"], "out": spec["out"], "geometry": spec["geometry"],
+                "halign": spec["halign"], "valign": spec["valign"],
+                "aligned": "1", "distort": "0", "progressive": "1",
+            })
 
     tractor = ET.SubElement(root, "tractor", id="main", attrib={"in": "0", "out": str(frames - 1)})
     multitrack = ET.SubElement(tractor, "multitrack")
@@ -293,11 +311,67 @@ def build_document(
     return Document(xml, frames, fps)
 
 
+@dataclass(frozen=True)
+class _Picture:
+    """The size a segment's pictures are scaled to before MLT sees them, and how."""
+
+    width: int
+    height: int
+    fit: str
+
+
+#: Characters a media path may hold to go into an FFmpeg filter graph without escaping.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
+
+
+def _picture(segment: str, cell: Rect, fit: str, media: dict[str, PreparedSegment],
+             prescale: bool) -> _Picture | None:
+    """Whether (and to what) FFmpeg scales a segment's pictures for ``cell``.
+
+    MLT 7.12 scales every source on every output frame, in packed 4:2:2 with its most exact
+    (and slowest) swscale flags, even when the output has twice the source's frame rate: for
+    a four-person 720p grid that is most of what melt spends beyond ffmpeg. A source whose
+    pictures already have the cell's size is not scaled at all. So the producer reads the
+    file through FFmpeg's ``lavfi`` input: ``movie``, then ``scale`` (bilinear, 4:2:0, once
+    per source picture, as an ffmpeg command would) and ``crop`` for a crop fit. Odd sizes,
+    paths that would need escaping and rotated video (``movie`` does not apply the display
+    rotation that MLT applies) keep MLT's own scaling.
+    """
+    prepared = media.get(segment)
+    if not prescale or prepared is None or not prepared.has_video or prepared.rotated:
+        return None
+    if cell.width % 2 or cell.height % 2 or not _PLAIN_PATH.fullmatch(str(prepared.path)):
+        return None
+    return _Picture(cell.width, cell.height, fit)
+
+
+def _lavfi_resource(path: Path, picture: _Picture) -> str:
+    width, height = picture.width, picture.height
+    if picture.fit == "crop":
+        fitted = (f"scale=w={width}:h={height}:force_original_aspect_ratio=increase"
+                  f":flags=bilinear,crop={width}:{height}")
+    else:
+        fitted = (f"scale=w={width}:h={height}:force_original_aspect_ratio=decrease"
+                  f":force_divisible_by=2:flags=bilinear")
+    # dec_threads: one decoding thread per source, as MLT's own producers have. setsar: a
+    # scaled picture keeps a non-square pixel aspect otherwise, and MLT would scale it again
+    # to square pixels. yuyv422: MLT's working format, converted here once per source
+    # picture; MLT then only copies it on each output frame.
+    return f"lavfi:movie={path}:dec_threads=1,{fitted},setsar=1,format=yuyv422"
+
+
 def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegment,
-                    audio: bool) -> None:
+                    audio: bool, picture: _Picture | None = None) -> None:
     producer = ET.SubElement(root, "producer", id=producer_id,
                              attrib={"in": "0", "out": str(prepared.frames - 1)})
     _prop(producer, "mlt_service", "avformat-novalidate")
+    if picture is not None:
+        _prop(producer, "resource", _lavfi_resource(prepared.path, picture))
+        _prop(producer, "length", prepared.frames)
+        # MLT guesses BT.709 for pictures taller than 576 lines; scaled-up SD stays 601.
+        _prop(producer, "force_colorspace", 601 if prepared.height <= 576 else 709)
+        _prop(producer, "audio_index", -1)
+        return
     _prop(producer, "resource", str(prepared.path))
     _prop(producer, "length", prepared.frames)
     _prop(producer, "seekable", 1)
@@ -311,31 +385,67 @@ def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegmen
     # melt's "first picture at or after the frame's time" is the picture nearest that time.
 
 
-def _text_track(root: ET.Element, name: str, spec: dict[str, str], font: str,
+def _text_track(root: ET.Element, name: str, specs: list[dict[str, str]], font: str,
                 number: int) -> str:
-    """A track holding one ``pango`` title from ``spec``'s in to out; returns its id.
+    """A track of ``pango`` titles, each from its spec's in to out; returns the track's id.
 
-    The title is drawn once, at its own size, and laid over the canvas by a ``composite``
+    A title is drawn once, at its own size, and laid over the canvas by a ``composite``
     transition in MLT's 4:2:2 working format. (``dynamictext`` filters on the tractor cost
     several times more: each one converts the whole canvas to RGBA and back on every frame.)
     A title wider than its box is scaled down to fit (``aligned`` without ``fill``).
+    The specs must not overlap in time (see :func:`_lanes`).
     """
-    first, last = int(spec["in"]), int(spec["out"])
-    producer = ET.SubElement(root, "producer", id=name,
-                             attrib={"in": "0", "out": str(last - first)})
-    _prop(producer, "mlt_service", "pango")
-    _prop(producer, "text", spec["text"])
-    _prop(producer, "family", font)
-    _prop(producer, "size", spec["size"])
-    _prop(producer, "fgcolour", spec["fgcolour"])
-    _prop(producer, "bgcolour", spec["bgcolour"])
-    _prop(producer, "pad", spec["pad"])
-    _prop(producer, "length", last - first + 1)
+    ids = []
+    for index, spec in enumerate(specs):
+        first, last = int(spec["in"]), int(spec["out"])
+        ids.append(f"{name}{index}")
+        producer = ET.SubElement(root, "producer", id=ids[-1],
+                                 attrib={"in": "0", "out": str(last - first)})
+        _prop(producer, "mlt_service", "pango")
+        _prop(producer, "text", spec["text"])
+        _prop(producer, "family", font)
+        _prop(producer, "size", spec["size"])
+        _prop(producer, "fgcolour", spec["fgcolour"])
+        _prop(producer, "bgcolour", spec["bgcolour"])
+        _prop(producer, "pad", spec["pad"])
+        _prop(producer, "length", last - first + 1)
     playlist = ET.SubElement(root, "playlist", id=f"track{number}")
-    if first > 0:
-        ET.SubElement(playlist, "blank", length=str(first))
-    ET.SubElement(playlist, "entry", producer=name, attrib={"in": "0", "out": str(last - first)})
+    cursor = 0
+    for producer_id, spec in zip(ids, specs, strict=True):
+        first, last = int(spec["in"]), int(spec["out"])
+        if first > cursor:
+            ET.SubElement(playlist, "blank", length=str(first - cursor))
+        ET.SubElement(playlist, "entry", producer=producer_id,
+                      attrib={"in": "0", "out": str(last - first)})
+        cursor = last + 1
     return playlist.get("id") or ""
+
+
+def _lanes(specs: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Texts sorted into as few tracks as possible, none overlapping another in its track."""
+    lanes: list[list[dict[str, str]]] = []
+    for spec in sorted(specs, key=lambda t: int(t["in"])):
+        lane = next((lane for lane in lanes if int(lane[-1]["out"]) < int(spec["in"])), None)
+        if lane is None:
+            lanes.append([spec])
+        else:
+            lane.append(spec)
+    return lanes
+
+
+def _picture_runs(
+    by_picture: dict[_Picture | None, list[tuple[int, int]]],
+) -> list[tuple[int, int, _Picture | None]]:
+    """A segment's shown frames in order, as (first, last, picture size) runs."""
+    spans = sorted(((first, last, picture) for picture, pairs in by_picture.items()
+                    for first, last in pairs), key=lambda span: span[0])
+    runs: list[tuple[int, int, _Picture | None]] = []
+    for first, last, picture in spans:
+        if runs and runs[-1][2] == picture and runs[-1][1] + 1 >= first:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], last), picture)
+        else:
+            runs.append((first, last, picture))
+    return runs
 
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
