@@ -50,6 +50,7 @@ OUTPUT_SUFFIX = {"audio": ".opus", "video": ".webm"}
 RTP_CLOCK = {"opus": 48000, "multiopus": 48000, "vp8": 90000, "vp9": 90000, "h264": 90000}
 SHORTER_LENGTHS = (10, 30)  # minutes, built besides --minutes to show memory against length
 JANUS_PP_REC = "/usr/bin/janus-pp-rec"
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "pyav_floor.py"
 
 _FRAME_PREFIX = struct.Struct("!4sIH")  # b"MEET", arrival ms, length
 _SEQ_TS = struct.Struct("!HI")  # RTP bytes 2-7: sequence number, timestamp
@@ -315,6 +316,73 @@ def tool_commands(
     }
 
 
+def pyav_floor(
+    janus: tuple[list[str], Path, Launcher | None],
+    janus_output: dict[str, Any],
+    kind: str,
+    runs: int,
+    log: Path,
+    pair_index: int,
+) -> dict[str, Any]:
+    """Time ``pyav_floor.py`` (start Python, import PyAV, mux janus-pp-rec's packet count of
+    its average size) against janus-pp-rec again, alternating, ``runs`` times each.
+
+    No converter that writes its packets through PyAV's Python API can be faster than this.
+    """
+    packets, size = janus_output.get("packets"), janus_output.get("bytes")
+    if not packets or not size:
+        return {"skipped": "janus-pp-rec's output could not be probed"}
+    janus_command, _, _ = janus
+    floor_out = log.with_name(f"{kind}.pyav-floor{OUTPUT_SUFFIX[kind]}")
+    floor_command = [
+        sys.executable,
+        str(FLOOR_SCRIPT),
+        kind,
+        str(packets),
+        str(size // packets),
+        str(floor_out),
+    ]
+    samples: dict[str, list[Measurement]] = {"janus-pp-rec": [], "pyav floor": []}
+    commands = {"janus-pp-rec": janus_command, "pyav floor": floor_command}
+    for run in range(runs):
+        order = (
+            ["janus-pp-rec", "pyav floor"]
+            if (pair_index + run) % 2
+            else ["pyav floor", "janus-pp-rec"]
+        )
+        for tool in order:
+            measured = run_child(commands[tool], log)
+            if measured.exit_code != 0:
+                return {"skipped": f"{tool} failed (exit {measured.exit_code}); see {log}"}
+            samples[tool].append(measured)
+            print(
+                f"  run {run + 1}/{runs} {tool:<12} {measured.wall_s:7.2f} s wall "
+                f"{measured.cpu_s:7.2f} s cpu {measured.max_rss_kb / 1024:7.1f} MB"
+            )
+    floor_out.unlink(missing_ok=True)
+    medians = {
+        tool: {
+            "wall_s_median": round(_median([r.wall_s for r in rs]), 3),
+            "cpu_s_median": round(_median([r.cpu_s for r in rs]), 3),
+        }
+        for tool, rs in samples.items()
+    }
+    return {
+        "command": " ".join(floor_command),
+        "packets": packets,
+        "payload_bytes": size // packets,
+        **{f"{tool} {key}": value for tool, m in medians.items() for key, value in m.items()},
+        "ratio_wall": round(
+            medians["pyav floor"]["wall_s_median"] / medians["janus-pp-rec"]["wall_s_median"], 2
+        ),
+        "ratio_cpu": round(
+            medians["pyav floor"]["cpu_s_median"]
+            / max(medians["janus-pp-rec"]["cpu_s_median"], 1e-3),
+            2,
+        ),
+    }
+
+
 def _warm_cache(path: Path) -> None:
     with path.open("rb") as handle:
         while handle.read(1 << 22):
@@ -539,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
                     "output": probe,
                 }
             j, m = tools["janus-pp-rec"], tools["melter"]
+            floor = pyav_floor(commands["janus-pp-rec"], j["output"], kind, runs, log, pair_index)
             ok = not any(code for tool in tools.values() for code in tool["exit_codes"])
             j_dur, m_dur = j["output"].get("duration_s"), m["output"].get("duration_s")
             case = {
@@ -556,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                     round(m_dur - j_dur, 3) if j_dur is not None and m_dur is not None else None
                 ),
                 "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                "pyav_floor": floor,
             }
             cases.append(case)
             print(
@@ -574,6 +644,17 @@ def main(argv: list[str] | None = None) -> int:
     flat = flatness(cases)
     print()
     print_table(cases)
+    floors = [c for c in cases if "ratio_wall" in c.get("pyav_floor", {})]
+    if floors:
+        print("\nPyAV floor (start Python, import av, mux janus-pp-rec's packets; no reading):")
+        for c in floors:
+            f = c["pyav_floor"]
+            print(
+                f"  {c['minutes']:>3g}min {c['kind']:<5} {f['packets']:>7} packets of "
+                f"{f['payload_bytes']} B: wall janus-pp-rec {f['janus-pp-rec wall_s_median']:.2f}"
+                f" s, floor {f['pyav floor wall_s_median']:.2f} s, ratio {f['ratio_wall']:.2f}"
+                f" (CPU {f['ratio_cpu']:.2f})"
+            )
     if flat:
         print("\npeak RSS against length (medians):")
         for key, value in flat.items():

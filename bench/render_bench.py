@@ -397,6 +397,26 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
     return inputs, ";\n".join(chains), summary
 
 
+def exact_cells_layout(layout: Any) -> Any:
+    """``layout`` with one fixed quadrant per participant, each exactly the sources' size.
+
+    Four 640x360 cells fill the 1280x720 canvas with no padding and no names: a composition in
+    which nothing is scaled, for melt and for ffmpeg alike.
+    """
+    width, height = VIDEO_SIZE
+    columns = CANVAS[0] // width
+    regions = [
+        {"name": f"cell{n}", "sources": [person.uid], "x": (n % columns) * width,
+         "y": (n // columns) * height, "width": width, "height": height, "padding": 0,
+         "max_rows": 1, "max_columns": 1}
+        for n, person in enumerate(PEOPLE)
+    ]
+    return type(layout).model_validate({
+        "name": "source-size-cells", "canvas": layout.canvas.model_dump(),
+        "regions": regions, "labels": {"enabled": False},
+    })
+
+
 def ffmpeg_command(inputs: list[Path], script: Path, output: Path) -> list[str]:
     command = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
     for path in inputs:
@@ -770,34 +790,48 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-    # The MLT document melter renders (for melt alone) and the ffmpeg graph.
+    # The MLT document melter renders (for melt alone), the ffmpeg graph, and diagnostics.
     preset = PRESETS["mp4"]
-    xml, doc_frames = _document_text(plan, media, layout, layout.canvas.width,
-                                     layout.canvas.height, False, False)
-    assert doc_frames == frames
-    document = work / "melter.mlt"
-    document.write_text(xml)
     consumer = ["real_time=-1", *(f"{k}={v}" for k, v in preset.properties.items())]
-    melt_cmd = [melt_binary(), "-progress2", str(document), "-consumer",
-                f"avformat:{outputs['melt']}", *consumer]
-    inputs, graph, graph_summary = ffmpeg_graph(plan, media, frames, layout.labels.size)
-    script = work / "ffmpeg_filter.txt"
-    script.write_text(graph + "\n")
-    ffmpeg_cmd = ffmpeg_command(inputs, script, outputs["ffmpeg"])
-    # Diagnostics: both without the name labels (what drawing them costs each tool).
+    scratch = work / "scratch.mp4"
+
+    def melt_for(name: str, the_plan: Any, the_layout: Any, prescale: bool = True,
+                 output: Path = scratch) -> list[str]:
+        """Write the document melter writes for ``the_plan``; return melt's command for it."""
+        xml, doc_frames = _document_text(the_plan, media, the_layout, the_layout.canvas.width,
+                                         the_layout.canvas.height, False, False,
+                                         prescale=prescale)
+        assert doc_frames == frames
+        document = work / f"{name}.mlt"
+        document.write_text(xml)
+        return [melt_binary(), "-progress2", str(document), "-consumer", f"avformat:{output}",
+                *consumer]
+
+    def ffmpeg_for(name: str, the_plan: Any, labels: bool, output: Path = scratch
+                   ) -> tuple[list[str], list[Path], Path, str, dict[str, Any]]:
+        """Write the filter script for ``the_plan``; return ffmpeg's command and its parts."""
+        inputs, graph, summary = ffmpeg_graph(the_plan, media, frames, layout.labels.size,
+                                              labels=labels)
+        script = work / f"{name}.txt"
+        script.write_text(graph + "\n")
+        return ffmpeg_command(inputs, script, output), inputs, script, graph, summary
+
+    melt_cmd = melt_for("melter", plan, layout, output=outputs["melt"])
+    ffmpeg_cmd, inputs, script, graph, graph_summary = ffmpeg_for(
+        "ffmpeg_filter", plan, True, outputs["ffmpeg"])
+    # The same document with MLT scaling every source itself (what preview and chunks use).
+    melt_scaling_cmd = melt_for("melter-mlt-scaling", plan, layout, prescale=False)
+    # Both without the name labels (what drawing them costs each tool).
     bare = layout.model_copy(update={"labels": layout.labels.model_copy(
         update={"enabled": False})})
-    bare_xml, _ = _document_text(plan, media, bare, layout.canvas.width,
-                                 layout.canvas.height, False, False)
-    bare_document = work / "melter-no-labels.mlt"
-    bare_document.write_text(bare_xml)
-    scratch = work / "scratch.mp4"
-    melt_bare_cmd = [melt_binary(), "-progress2", str(bare_document), "-consumer",
-                     f"avformat:{scratch}", *consumer]
-    _, bare_graph, _ = ffmpeg_graph(plan, media, frames, labels=False)
-    bare_script = work / "ffmpeg_filter_no_labels.txt"
-    bare_script.write_text(bare_graph + "\n")
-    ffmpeg_bare_cmd = ffmpeg_command(inputs, bare_script, scratch)
+    melt_bare_cmd = melt_for("melter-no-labels", plan, bare)
+    ffmpeg_bare_cmd = ffmpeg_for("ffmpeg_filter_no_labels", plan, False)[0]
+    # The floor: each participant in a fixed quadrant exactly the sources' size, no names, so
+    # nothing is scaled. No document melter writes for this meeting does less per frame.
+    exact = exact_cells_layout(layout)
+    exact_plan, _ = plan_meeting(meeting, exact)
+    melt_exact_cmd = melt_for("melter-source-size-cells", exact_plan, exact)
+    ffmpeg_exact_cmd = ffmpeg_for("ffmpeg_filter_source_size_cells", exact_plan, False)[0]
     prep_dir = work / "prep-only"
     prep_cmd = [sys.executable, "-c",
                 "import sys; from pathlib import Path; from melter.meeting import discover; "
@@ -808,9 +842,12 @@ def main(argv: list[str] | None = None) -> int:
         "melter render": (render_cmd, env),
         "melt alone": (melt_cmd, melt_environment()),
         "ffmpeg": (ffmpeg_cmd, None),
+        "melt, MLT scaling": (melt_scaling_cmd, melt_environment()),
         "media preparation": (prep_cmd, env),
         "melt alone, no labels": (melt_bare_cmd, melt_environment()),
         "ffmpeg, no labels": (ffmpeg_bare_cmd, None),
+        "melt, source-size cells": (melt_exact_cmd, melt_environment()),
+        "ffmpeg, source-size cells": (ffmpeg_exact_cmd, None),
     }
 
     # 3. Timed runs, in turns; the first contender moves on every round.
@@ -848,8 +885,12 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {"melter render / ffmpeg": ratio("melter render", "ffmpeg"),
               "melt alone / ffmpeg": ratio("melt alone", "ffmpeg"),
               "melter render / melt alone": ratio("melter render", "melt alone"),
+              "melt, MLT scaling / ffmpeg": ratio("melt, MLT scaling", "ffmpeg"),
               "melt / ffmpeg, both without labels": ratio("melt alone, no labels",
-                                                          "ffmpeg, no labels")}
+                                                          "ffmpeg, no labels"),
+              "melt, source-size cells / ffmpeg": ratio("melt, source-size cells", "ffmpeg"),
+              "melt / ffmpeg, both source-size cells": ratio("melt, source-size cells",
+                                                             "ffmpeg, source-size cells")}
 
     # 4. Equal work?
     mids = [round((s.start_us + s.end_us) / 2e6, 2) for s in plan.scenes]
@@ -899,7 +940,10 @@ def main(argv: list[str] | None = None) -> int:
             "ffmpeg graph": graph_summary,
             "media preparation": " ".join(prep_cmd),
             "melt alone, no labels": " ".join(melt_bare_cmd),
+            "melt, MLT scaling": " ".join(melt_scaling_cmd),
             "ffmpeg, no labels": " ".join(ffmpeg_bare_cmd),
+            "melt, source-size cells": " ".join(melt_exact_cmd),
+            "ffmpeg, source-size cells": " ".join(ffmpeg_exact_cmd),
         },
         "results": results,
         "ratios": ratios,
