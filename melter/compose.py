@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
+
 from melter.convert import convert_tracks
 from melter.layout.model import Layout, load_layout
 from melter.layout.speaker import (
@@ -152,6 +154,10 @@ class PreparedSegment:
     #: The video carries a display rotation or flip (MLT turns the pictures when it reads the
     #: file itself).
     rotated: bool = False
+    #: Channels of the file's audio stream (0: none).
+    audio_channels: int = 0
+    #: The file's first video key frame time, where MLT puts the segment's time zero.
+    first_video_us: int = 0
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -167,6 +173,25 @@ def _frame_interval(video: TrackAnalysis | None) -> float:
     if video is None or video.frames < 2 or video.duration_us <= 0:
         return 0.0
     return video.duration_us / 1e6 / (video.frames - 1)
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    """The prepared file's audio channel count, and its first video key frame's time (us).
+
+    MLT counts a file's time from that key frame, for its audio too; an engine that reads the
+    audio another way needs it to stay in step with what MLT shows (milliseconds to read).
+    """
+    with av.open(str(path)) as container:
+        audio = container.streams.audio
+        channels = audio[0].codec_context.channels if audio else 0
+        first_video_us = 0
+        if container.streams.video:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.time_base and packet.is_keyframe:
+                    first_video_us = round(float(packet.pts * packet.time_base) * 1e6)
+                    break
+        return channels, first_video_us
 
 
 def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, PreparedSegment]:
@@ -202,5 +227,6 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 shift_us,
                 bool(video and video.rotations and (video.rotations[0][1] % 360
                                                     or video.rotations[0][2])),
+                *_probe(path),
             )
     return prepared
