@@ -15,7 +15,7 @@ from pathlib import Path
 
 import av
 
-from melter.convert import convert_tracks
+from melter.convert import CONTAINERS, convert_tracks
 from melter.layout.model import Layout, load_layout
 from melter.layout.speaker import (
     LevelTrack,
@@ -158,6 +158,13 @@ class PreparedSegment:
     audio_channels: int = 0
     #: The file's first video key frame time, where MLT puts the segment's time zero.
     first_video_us: int = 0
+    #: Audio Matroska cannot carry as sent (G.711, G.722, L16) goes decoded into a WAV file of
+    #: its own, whose time zero is that same key frame's.
+    audio_path: Path | None = None
+
+    @property
+    def audio_file(self) -> Path:
+        return self.audio_path or self.path
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -210,12 +217,23 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             shift_us = max(0, round((interval - 0.5 / fps) * 1e6)) if interval else 0
             key = _segment_key(segment, origin_us + shift_us)
             path = workdir / f"{participant.id}-{segment.index}-{key}.mkv"
-            if not path.exists():
-                convert_tracks(segment.tracks, path, origin_us=origin_us,
-                               video_shift_us=shift_us)
+            audio = segment.audio
+            apart = audio is not None and audio.codec not in CONTAINERS[".mkv"][1]
+            remuxed = [t for t in segment.tracks if not (apart and t is audio)]
+            channels, first_video_us = 0, 0
+            if remuxed:
+                if not path.exists():
+                    convert_tracks(remuxed, path, origin_us=origin_us, video_shift_us=shift_us)
+                channels, first_video_us = _probe(path)
+            audio_path = None
+            if apart and audio is not None:
+                audio_path = path.with_suffix(".wav")
+                if not audio_path.exists():
+                    convert_tracks([audio], audio_path, origin_us=origin_us + first_video_us)
+                channels = _probe(audio_path)[0]
             prepared[segment.id] = PreparedSegment(
                 segment.id,
-                path,
+                path if remuxed else audio_path or path,
                 start_frame,
                 max(1, end_frame - start_frame),
                 segment.audio is not None,
@@ -227,6 +245,8 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 shift_us,
                 bool(video and video.rotations and (video.rotations[0][1] % 360
                                                     or video.rotations[0][2])),
-                *_probe(path),
+                channels,
+                first_video_us,
+                audio_path,
             )
     return prepared

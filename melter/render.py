@@ -113,6 +113,8 @@ def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: 
         background_image=layout.canvas.background_image,
         audio_only=audio_only,
         prescale=prescale,
+        # A trimmed render jumps over the stretches where nobody is present.
+        mix_audio=prescale and not trim,
     )
     xml, frames = document.xml, document.frames
     if trim:

@@ -37,7 +37,7 @@ def write_meeting(folder: Path) -> None:
         stream.write(folder / f"videoroom-77-user-{user}-{start}-audio-0.mjr")
 
 
-def mixed(document_xml: str, path: Path, frames: int) -> np.ndarray:
+def render_audio(document_xml: str, path: Path, frames: int) -> np.ndarray:
     """Render the document's audio (32-bit float PCM, stereo); returns (channels, samples)."""
     path.with_suffix(".mlt").write_text(document_xml)
     run_melt(path.with_suffix(".mlt"), ["-consumer", f"avformat:{path}", "acodec=pcm_f32le",
@@ -56,14 +56,14 @@ def renders(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     media = prepare_media(meeting, work / "media", 30)
     plan, _ = plan_meeting(meeting, load_layout("audio-only"))
     out = {}
-    for prescale in (False, True):
-        document = build_document(plan, media, 1280, 720, audio_only=True, prescale=prescale)
+    for mixed in (False, True):
+        document = build_document(plan, media, 1280, 720, audio_only=True, mix_audio=mixed)
         tree = ET.fromstring(document.xml)
         resources = [e.text or "" for e in tree.iter("property") if e.get("name") == "resource"]
         mixes = [r for r in resources if r.startswith("lavfi:")]
         # One producer mixes all three voices, or each voice has its own.
-        assert (len(mixes), len(resources)) == ((1, 2) if prescale else (0, 4)), resources
-        out[prescale] = mixed(document.xml, work / f"mix-{prescale}.mkv", document.frames)
+        assert (len(mixes), len(resources)) == ((1, 2) if mixed else (0, 4)), resources
+        out[mixed] = render_audio(document.xml, work / f"mix-{mixed}.mkv", document.frames)
     return out, plan, media
 
 
@@ -77,7 +77,7 @@ def test_each_voice_starts_and_stops_where_the_tracks_did(renders) -> None:  # t
     out, _, _ = renders
     for _, _, tone, joins, seconds in VOICES:
         edges = {}
-        for prescale, audio in out.items():
+        for mixed, audio in out.items():
             # Silence around the mix, so a voice heard from the first or to the last sample
             # has an onset and an end.
             silence = np.zeros(RATE // 10)
@@ -87,10 +87,10 @@ def test_each_voice_starts_and_stops_where_the_tracks_did(renders) -> None:  # t
             # Each voice is heard from where it joined, to within the Opus pre-skip.
             on = rising_edges(times, amplitude, 0.15)
             off = rising_edges(times[::-1], amplitude[::-1], 0.15, min_gap=-1e9)
-            assert on and off, (tone, prescale)
-            edges[prescale] = (on[0], off[0])
-            assert abs(on[0] - joins) < 0.012, (tone, prescale, on[0])
-            assert abs(off[0] - (joins + seconds)) < 0.025, (tone, prescale, off[0])
+            assert on and off, (tone, mixed)
+            edges[mixed] = (on[0], off[0])
+            assert abs(on[0] - joins) < 0.012, (tone, mixed, on[0])
+            assert abs(off[0] - (joins + seconds)) < 0.025, (tone, mixed, off[0])
         # Both ways agree to a fraction of a frame.
         assert abs(edges[True][0] - edges[False][0]) < 0.010, (tone, edges)
         assert abs(edges[True][1] - edges[False][1]) < 0.010, (tone, edges)
@@ -100,12 +100,12 @@ def test_each_voice_keeps_its_level_in_both_channels(renders) -> None:  # type: 
     out, _, _ = renders
     for _, codec, tone, joins, seconds in VOICES:
         levels = {}
-        for prescale, audio in out.items():
+        for mixed, audio in out.items():
             for channel in (0, 1):
                 decoded = DecodedAudio(audio[channel].astype(np.float32), RATE, 0.0)
                 _, amplitude = tone_envelope(decoded, tone, window=0.04, hop=0.01,
                                              start=joins + 0.2, end=joins + seconds - 0.2)
-                levels[prescale, channel] = float(np.median(amplitude))
+                levels[mixed, channel] = float(np.median(amplitude))
         # The writer's tones are 0.3 of full scale; G.711 and Opus keep that to a few percent.
         for key, level in levels.items():
             assert abs(level - 0.3) < 0.03, (codec, key, level)

@@ -112,11 +112,14 @@ def build_document(
     background_image: str | None = None,
     audio_only: bool = False,
     prescale: bool = False,
+    mix_audio: bool = False,
 ) -> Document:
     """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas).
 
     ``prescale``: sources reach MLT already at their cells' sizes (see :func:`_picture`). Only
-    for a render read from its first frame on: such producers cannot seek.
+    for a render read from its first frame on: such producers cannot seek backwards.
+    ``mix_audio``: all audio comes mixed from one input (see :func:`_audio_mix`). Only for a
+    render read from its first frame to its last without a jump: it cannot seek at all.
     """
     fps = plan.fps
     frames = max(1, round(plan.duration_us * fps / 1_000_000))
@@ -166,7 +169,7 @@ def build_document(
                 by_size.setdefault(picture, []).append((first, last))
     heard = {seg for s in plan.scenes for seg in s.audio}
     audible = [media[seg] for seg in sorted(heard) if media[seg].has_audio]
-    mix = _audio_mix(audible, frames, fps) if prescale else None
+    mix = _audio_mix(audible, frames, fps) if mix_audio else None
     if mix is not None:
         producer = ET.SubElement(root, "producer", id="mix",
                                  attrib={"in": "0", "out": str(frames - 1)})
@@ -394,14 +397,16 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
     """
     if not segments:
         return None
-    if any(not _PLAIN_PATH.fullmatch(str(m.path)) or m.audio_channels != 2 for m in segments):
+    if any(not _PLAIN_PATH.fullmatch(str(m.audio_file)) or m.audio_channels != 2
+           for m in segments):
         return None
     chains, labels = [], []
     for number, prepared in enumerate(segments):
         last = min(prepared.frames, frames - prepared.start_frame)
-        skip = round(prepared.first_video_us * _MIX_RATE / 1e6)
+        # A WAV of its own already starts at the key frame (see PreparedSegment.audio_path).
+        skip = 0 if prepared.audio_path else round(prepared.first_video_us * _MIX_RATE / 1e6)
         chains.append(
-            f"amovie={prepared.path},aresample={_MIX_RATE}:first_pts=0,"
+            f"amovie={prepared.audio_file},aresample={_MIX_RATE}:first_pts=0,"
             f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
             f"atrim=start_sample={skip}:end_sample={skip + _samples(last, fps)},"
             f"asetpts=PTS-STARTPTS,"
@@ -430,7 +435,7 @@ def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegmen
         _prop(producer, "force_colorspace", 601 if prepared.height <= 576 else 709)
         _prop(producer, "audio_index", -1)
         return
-    _prop(producer, "resource", str(prepared.path))
+    _prop(producer, "resource", str(prepared.audio_file if audio else prepared.path))
     _prop(producer, "length", prepared.frames)
     _prop(producer, "seekable", 1)
     _prop(producer, "threads", 1)

@@ -228,8 +228,10 @@ def _document(planned: Planned, record: JobRecord, k: int, audio_only: bool,
     width = preset.width or layout.canvas.width
     height = preset.height or layout.canvas.height
     media = prepare_media(planned.meeting, folder, planned.fps)
+    # The audio pass reads the meeting from its first frame on, as a single render does (and
+    # so gives the same samples); video chunks start mid-meeting.
     xml, frames = _document_text(planned.plan, media, layout, width, height, audio_only,
-                                 record.spec.trim)
+                                 record.spec.trim, prescale=audio_only)
     handle, name = tempfile.mkstemp(prefix="melter-", suffix=".mlt")
     with os.fdopen(handle, "w") as out:
         out.write(xml)
