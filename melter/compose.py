@@ -146,10 +146,13 @@ class PreparedSegment:
     #: output frame, the latest picture taken before it.
     frame_interval: float = 0.0
     codec: str = ""
-    #: How much later than their wall-clock times the pictures were written. melt shows, at
-    #: each output frame, the first picture at or after the frame's time (up to a source
-    #: frame interval early); written one interval less half an output frame late, the
-    #: picture shown is the one nearest the frame's time.
+    #: How much later than their wall-clock times the pictures were written. MLT numbers a
+    #: source's pictures by rounding their times to its frame rate, and shows at each output
+    #: frame the picture whose number rounds from the frame's time: a 15 fps picture first
+    #: shows on an output frame up to one source interval before its time plus the shift.
+    #: Written half a source interval late, each picture first shows within one output frame
+    #: (30 fps) of the time it was taken, either side (the file's first picture at time zero,
+    #: see ``convert_tracks``' ``lead_in``).
     video_shift_us: int = 0
     #: The video carries a display rotation or flip (MLT turns the pictures when it reads the
     #: file itself).
@@ -167,8 +170,12 @@ class PreparedSegment:
         return self.audio_path or self.path
 
 
+#: Changes whenever prepared files are written differently, so older ones are not reused.
+_PREPARED_LAYOUT = "2: first picture repeated at time zero, pictures half a source interval late"
+
+
 def _segment_key(segment: Segment, start_us: int) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_PREPARED_LAYOUT.encode())
     for track in segment.tracks:
         stat = track.path.stat()
         digest.update(f"{track.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -214,7 +221,7 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             end_frame = min(total_frames, math.ceil((segment.end_us - meeting.start_us) / frame_us))
             video = segment.video
             interval = _frame_interval(video)
-            shift_us = max(0, round((interval - 0.5 / fps) * 1e6)) if interval else 0
+            shift_us = round((interval or 1 / fps) / 2 * 1e6) if video is not None else 0
             key = _segment_key(segment, origin_us + shift_us)
             path = workdir / f"{participant.id}-{segment.index}-{key}.mkv"
             audio = segment.audio
@@ -223,7 +230,8 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             channels, first_video_us = 0, 0
             if remuxed:
                 if not path.exists():
-                    convert_tracks(remuxed, path, origin_us=origin_us, video_shift_us=shift_us)
+                    convert_tracks(remuxed, path, origin_us=origin_us, video_shift_us=shift_us,
+                                   lead_in=True)
                 channels, first_video_us = _probe(path)
             audio_path = None
             if apart and audio is not None:

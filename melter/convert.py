@@ -238,7 +238,7 @@ def _audio_packets(
 
 def _video_packets(
     stream: Stream, analysis: TrackAnalysis, origin_us: int, report: ConvertReport,
-    shift_us: int = 0,
+    shift_us: int = 0, lead_in: bool = False,
 ) -> Iterator[_Timed]:
     last_pts = -1
     origin_us -= shift_us
@@ -248,6 +248,16 @@ def _video_packets(
     pending_us = 0
     for frame in timed_frames(analysis):
         pts = max(frame.wall_us - origin_us, last_pts + 1)
+        if lead_in and pending is None and pts > 0 and frame.keyframe:
+            # The first picture once more at time zero: MLT counts a file's time from its
+            # first video key frame (its audio too), so that frame must be at zero.
+            first = av.Packet(frame.data)
+            first.stream = stream
+            first.pts = first.dts = rescale(0)
+            first.is_keyframe = True
+            first.duration = rescale(pts)
+            last_pts = 0
+            yield 0, first
         if pending is not None:
             pending.duration = rescale(pts - pending_us)
             yield pending_us, pending
@@ -274,12 +284,13 @@ def _mux(
     origin_us: int,
     report: ConvertReport,
     video_shift_us: int = 0,
+    lead_in: bool = False,
 ) -> None:
     """Interleave the tracks' packets by time ourselves, so the muxer buffers next to nothing
     (whole tracks written one after the other would sit in its interleaving queue)."""
     container.start_encoding()  # the header fixes each stream's time base
     sources = [
-        _video_packets(s, a, origin_us, report, video_shift_us)
+        _video_packets(s, a, origin_us, report, video_shift_us, lead_in)
         if a.kind == "video"
         else _audio_packets(s, a, origin_us, report)
         for a, s in zip(analyses, streams, strict=True)
@@ -298,11 +309,13 @@ def convert(inputs: list[Path], output: Path) -> ConvertReport:
 def convert_tracks(
     analyses: list[TrackAnalysis], output: Path, origin_us: int | None = None,
     video_shift_us: int = 0,
+    lead_in: bool = False,
 ) -> ConvertReport:
     """Write analysed tracks into ``output``; time zero is ``origin_us`` (default: earliest).
 
     ``video_shift_us`` writes every picture that much later than its wall-clock time (for a
-    renderer that shows pictures early; see :mod:`melter.compose`).
+    renderer that shows pictures early; see :mod:`melter.compose`). ``lead_in`` writes the
+    first picture once more at time zero (for MLT, which counts time from the first picture).
     """
     suffix = output.suffix.lower()
     analyses = list(analyses)
@@ -351,7 +364,7 @@ def convert_tracks(
             options = {"movflags": "+faststart"} if format_name == "mp4" else {}
             with av.open(str(temp), "w", format=format_name, options=options) as container:
                 streams = [_open_stream(container, a) for a in analyses]
-                _mux(container, streams, analyses, origin_us, report, video_shift_us)
+                _mux(container, streams, analyses, origin_us, report, video_shift_us, lead_in)
     for analysis in analyses:
         report.warnings.extend(analysis.warnings)
     return report

@@ -196,7 +196,8 @@ def test_each_tone_is_audible_only_while_present(rendered: Rendered) -> None:
             assert amplitude[absent].max() < 0.0005, (person.name, amplitude[absent].max())
 
 
-def test_flash_and_tone_doubling_stay_within_one_frame(rendered: Rendered) -> None:
+def flashes_of(rendered: Rendered) -> dict[str, list[float]]:
+    """Each participant's white sync flashes: output times of the frames they start on."""
     plan = rendered.plan
     brightness: dict[str, list[tuple[float, float]]] = {p.pid: [] for p in rendered.people}
     with av.open(str(rendered.path)) as container:
@@ -207,27 +208,61 @@ def test_flash_and_tone_doubling_stay_within_one_frame(rendered: Rendered) -> No
                 cell = cell_of(plan, person.pid, t)
                 if cell is not None:
                     brightness[person.pid].append((t, float(centre_colour(picture, cell).min())))
+    return {pid: [t for (t, b), (_, prev) in zip(samples[1:], samples, strict=False)
+                  if b > 200 >= prev]
+            for pid, samples in brightness.items()}
+
+
+def doubling_onset(rendered: Rendered, person: Person, near_t: float) -> float | None:
+    """When the person's tone doubles near ``near_t`` (None: no doubling there)."""
+    if any(a - 0.2 < near_t < b + 0.2 for a, b in person.pauses):
+        return None  # no audio then: the edge found would be the pause's click
+    # 80 ms Hann windows keep a neighbour's tone 50 Hz away out; the centred window's
+    # half-height crossing marks the onset.
+    times, amplitude = tone_envelope(rendered.audio, 2 * person.tone, window=0.08,
+                                     hop=0.001, start=near_t - 0.4, end=near_t + 0.4)
+    if len(amplitude) == 0 or amplitude.max() < 0.05:
+        return None  # no doubled tone: a marker outside a speaking turn
+    edges = rising_edges(times, amplitude, amplitude.max() / 2)
+    near = [d for d in edges if abs(d - near_t) < 0.3]
+    assert near, (person.name, near_t)
+    return near[0]
+
+
+def test_flash_and_tone_doubling_stay_within_one_frame(rendered: Rendered) -> None:
+    flashes = flashes_of(rendered)
     paired = 0
     for person in rendered.people:
-        samples = brightness[person.pid]
-        flashes = [t for (t, b), (_, prev) in zip(samples[1:], samples, strict=False)
-                   if b > 200 >= prev]
-        for flash in flashes:
-            if any(a - 0.2 < flash < b + 0.2 for a, b in person.pauses):
-                continue  # no audio then: the edge found would be the pause's click
-            # 80 ms Hann windows keep a neighbour's tone 50 Hz away out; the centred window's
-            # half-height crossing marks the onset.
-            times, amplitude = tone_envelope(rendered.audio, 2 * person.tone, window=0.08,
-                                             hop=0.001, start=flash - 0.4, end=flash + 0.4)
-            if len(amplitude) == 0 or amplitude.max() < 0.05:
-                continue  # no doubled tone: a marker outside a speaking turn
-            edges = rising_edges(times, amplitude, amplitude.max() / 2)
-            near = [d for d in edges if abs(d - flash) < 0.3]
-            assert near, (person.name, flash)
-            offset = near[0] - flash
+        for flash in flashes[person.pid]:
+            onset = doubling_onset(rendered, person, flash)
+            if onset is None:
+                continue
+            offset = onset - flash
             assert abs(offset) <= FRAME + 0.002, (person.name, flash, offset)
             paired += 1
     assert paired >= len(rendered.people)
+
+
+def test_flashes_and_tones_come_at_the_publishers_own_times(rendered: Rendered) -> None:
+    """Each marker sits where the publisher's media clock put it (every 5 s from its zero):
+    the flash within one output frame of that time (a 15 fps picture first shows on one of
+    two output frames), the tone's doubling within a few milliseconds of it. Relative sync
+    alone would pass with both early or late."""
+    files = json.loads((FIXTURES / rendered.meeting_name / "manifest.json").read_text())["files"]
+    manifest_zero_us = min(f["mjr_first_packet_us"] for f in files)
+    shift = (manifest_zero_us - rendered.meeting.start_us) / 1e6  # manifest to output time
+    flashes = flashes_of(rendered)
+    checked = 0
+    for person in rendered.people:
+        zero = person.clock_t0 + shift
+        for flash in flashes[person.pid]:
+            expected = zero + 5 * round((flash - zero) / 5)
+            assert abs(flash - expected) <= FRAME + 0.003, (person.name, flash, expected)
+            onset = doubling_onset(rendered, person, expected)
+            if onset is not None:
+                assert abs(onset - expected) <= 0.008, (person.name, onset, expected)
+                checked += 1
+    assert checked >= len(rendered.people)
 
 
 def test_name_labels_sit_in_the_bottom_left_corner_of_each_tile(rendered: Rendered) -> None:

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from melter.compose import PreparedSegment
@@ -157,14 +157,24 @@ def build_document(
     # a frame would otherwise cover the whole canvas (MLT shows the top track then).
     # With ``prescale``, a segment shown at several picture sizes gets one producer per size,
     # each delivering its pictures already at that size; otherwise one producer.
+    # Names FFmpeg draws into those pictures need no title track (see _drawtext).
     shown: dict[str, dict[_Picture | None, list[tuple[int, int]]]] = {}
-    for scene in plan.scenes:
+    drawn: set[tuple[int, int]] = set()
+    label_px = max(8, round(label_size * sy))
+    for scene_number, scene in enumerate(plan.scenes):
         first = _frame(scene.start_us, fps)
         last = min(frames, _frame(scene.end_us, fps)) - 1
-        for placement in scene.placements:
+        for number, placement in enumerate(scene.placements):
             if placement.video and not audio_only and last >= first:
-                picture = _picture(placement.segment, _scaled(placement.rect, sx, sy),
-                                   placement.fit, media, prescale)
+                cell = _scaled(placement.rect, sx, sy)
+                picture = _picture(placement.segment, cell, placement.fit, media, prescale)
+                label = None
+                if labels and picture is not None and picture.fit == "crop":
+                    label = _drawn_label(placement.display, label_px, cell, label_color,
+                                         label_background, font)
+                if label is not None and picture is not None:
+                    picture = replace(picture, label=label)
+                    drawn.add((scene_number, number))
                 by_size = shown.setdefault(placement.segment, {})
                 by_size.setdefault(picture, []).append((first, last))
     heard = {seg for s in plan.scenes for seg in s.audio}
@@ -249,12 +259,12 @@ def build_document(
     # card composited into a cell would be scaled with it), and only between in and out.
     texts: list[dict[str, str]] = []
     cards: dict[tuple[str, Rect], list[tuple[int, int]]] = {}
-    for scene in plan.scenes:
+    for scene_number, scene in enumerate(plan.scenes):
         first = _frame(scene.start_us, fps)
         last = min(frames, _frame(scene.end_us, fps)) - 1
         if last < first:
             continue
-        for placement in scene.placements:
+        for number, placement in enumerate(scene.placements):
             cell = _scaled(placement.rect, sx, sy)
             if audio_only:
                 continue
@@ -281,8 +291,9 @@ def build_document(
                         "halign": "center", "valign": "middle",
                         "fgcolour": mlt_colour(placeholder_text_color), "bgcolour": "#00000000",
                     })
-            if labels and (placement.video or placeholder_text != "name"):
-                size = max(8, round(label_size * sy))
+            if (labels and (placement.video or placeholder_text != "name")
+                    and (scene_number, number) not in drawn):
+                size = label_px
                 inset = Rect(cell.x + 4, cell.y, cell.width - 8, cell.height - 4)
                 texts.append({
                     "in": str(first), "out": str(last),
@@ -330,12 +341,25 @@ def build_document(
 
 
 @dataclass(frozen=True)
+class _Label:
+    """A name FFmpeg's ``drawtext`` writes into a segment's scaled pictures (see
+    :func:`_drawn_label`)."""
+
+    text: str
+    size: int
+    colour: str
+    background: str
+    font: str
+
+
+@dataclass(frozen=True)
 class _Picture:
     """The size a segment's pictures are scaled to before MLT sees them, and how."""
 
     width: int
     height: int
     fit: str
+    label: _Label | None = None
 
 
 #: Characters a media path may hold to go into an FFmpeg filter graph without escaping.
@@ -375,7 +399,68 @@ def _lavfi_resource(path: Path, picture: _Picture) -> str:
     # scaled picture keeps a non-square pixel aspect otherwise, and MLT would scale it again
     # to square pixels. yuyv422: MLT's working format, converted here once per source
     # picture; MLT then only copies it on each output frame.
-    return f"lavfi:movie={path}:dec_threads=1,{fitted},setsar=1,format=yuyv422"
+    label = _drawtext(picture.label) if picture.label else ""
+    return f"lavfi:movie={path}:dec_threads=1,{fitted}{label},setsar=1,format=yuyv422"
+
+
+#: Zero-width marks that reach below the baseline and above the ascenders (cedilla, double
+#: acute): appended to the text of the box's pass, they give every name's box one height.
+_STRUTS = "\u0327\u030b"
+#: DejaVu Sans's descent, in ems: the baseline sits that far above the box's lower padding.
+_DESCENT_EM = 0.236
+
+
+def _drawtext(label: _Label) -> str:
+    """Two ``drawtext`` passes writing ``label`` into the bottom-left corner of the picture.
+
+    The layout of MLT's ``pango`` titles: 4 pixels in from the cell's left and bottom edges,
+    6 pixels of box around the text. The first pass draws only the box (transparent text,
+    with struts so the box does not depend on the letters), the second the letters, both on
+    one baseline. No extra MLT track or transition is needed, which melt would pay for on
+    every output frame (``bench/README.md``).
+    """
+    size = label.size
+    baseline = f"h-10-{round(size * _DESCENT_EM)}-max_glyph_a"
+    common = (f"font={_graph_value(label.font)}:expansion=none:fontsize={size}"
+              f":x=10:y={baseline}")
+    box = (f"drawtext=text={_graph_value(label.text + _STRUTS)}:{common}:fontcolor=0x00000000"
+           f":box=1:boxcolor={_ffmpeg_colour(label.background)}:boxborderw=6")
+    text = (f"drawtext=text={_graph_value(label.text)}:{common}"
+            f":fontcolor={_ffmpeg_colour(label.colour)}")
+    return f",{box},{text}"
+
+
+def _graph_value(text: str) -> str:
+    """``text`` as one option value in an FFmpeg filter graph: quoted for the filter's option
+    parser, then escaped for the graph parser (FFmpeg's "Notes on filtergraph escaping")."""
+    quoted = "'" + text.replace("'", "'\\''") + "'"
+    return re.sub(r"([\\'\[\],;])", r"\\\1", quoted)
+
+
+def _ffmpeg_colour(colour: str) -> str:
+    """``#RRGGBB`` or ``#RRGGBBAA`` as FFmpeg's ``0xRRGGBB[AA]``."""
+    return "0x" + colour[1:]
+
+
+#: Scripts DejaVu Sans covers and ``drawtext`` lays out right without text shaping: Latin,
+#: Greek and Cyrillic (others keep MLT's ``pango`` titles, which shape and fall back).
+_DRAWABLE = re.compile(r"[\u0020-\u007e\u00a0-\u024f\u0370-\u03ff\u0400-\u04ff]+")
+
+
+def _drawn_label(text: str, size: int, cell: Rect, colour: str, background: str,
+                 font: str) -> _Label | None:
+    """A label FFmpeg can draw in place of a ``pango`` title, or None.
+
+    Only in the default font (its metrics set the box), for text in the scripts above, and
+    for names sure to fit their cell at one em a character (a longer one keeps ``pango``,
+    which shrinks it to fit). No ``?``: MLT would take it for a query string in the input's
+    name.
+    """
+    if font != "DejaVu Sans" or not _DRAWABLE.fullmatch(text) or "?" in text:
+        return None
+    if len(text) * size > cell.width - 8 - 12 or size + 16 > cell.height:
+        return None
+    return _Label(text, size, colour, background, font)
 
 
 #: The mix's sample rate: the output presets' rate, so MLT does not resample it.
@@ -389,9 +474,9 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
     melt pays for every track and transition on every output frame (a four-person meeting:
     about 1.5 s of CPU a minute, against 0.2 s for FFmpeg's mix of the same audio). Each
     input is padded from its file's time zero (``first_pts``), started where MLT starts the
-    segment (its first video key frame, see :class:`PreparedSegment`) so sound and pictures
-    keep the relation MLT gives them, cut where the segment's entry would end, and delayed
-    to its first output frame, all counted in samples. Only stereo files: MLT copies mono to
+    segment (its first video key frame, which prepare_media puts at zero, see
+    :class:`PreparedSegment`), cut where the segment's entry would end, and delayed to its
+    first output frame, all counted in samples. Only stereo files: MLT copies mono to
     both channels where FFmpeg's upmix would lower it by 3 dB, so other layouts keep their
     tracks. A single producer cannot seek, so only renders read from the first frame use it.
     """
@@ -444,8 +529,9 @@ def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegmen
         _prop(producer, "vcodec", "vp8")
     # One decoder per producer: the audio track never decodes pictures and vice versa.
     _prop(producer, "video_index" if audio else "audio_index", -1)
-    # Pictures were written late by prepare_media (see PreparedSegment.video_shift_us), so
-    # melt's "first picture at or after the frame's time" is the picture nearest that time.
+    # Pictures were written half a source interval late by prepare_media, and the file's
+    # first picture is at time zero (see PreparedSegment.video_shift_us), so each picture
+    # first shows within an output frame of the time it was taken.
 
 
 def _text_track(root: ET.Element, name: str, specs: list[dict[str, str]], font: str,
