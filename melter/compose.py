@@ -142,8 +142,7 @@ class PreparedSegment:
     has_video: bool
     width: int
     height: int
-    #: The video's typical frame interval (seconds): the engine needs it to show, at each
-    #: output frame, the latest picture taken before it.
+    #: The video's typical frame interval (seconds): the pictures' shift is half of it.
     frame_interval: float = 0.0
     codec: str = ""
     #: How much later than their wall-clock times the pictures were written. MLT numbers a
