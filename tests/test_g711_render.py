@@ -12,10 +12,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from mediacheck import decode_audio, rising_edges, tone_envelope
+from mediacheck import DecodedAudio, decode_audio, rising_edges, tone_envelope
 from mjrwriter import T0_US, Stream, g711_payloads, vp8_pictures
 
 from melter.compose import plan_meeting, prepare_media
+from melter.engine.mlt import build_document
 from melter.layout.model import load_layout
 from melter.meeting import discover
 from melter.render import PRESETS, render
@@ -100,3 +101,25 @@ def test_the_g711_publisher_shows_its_picture(rendered) -> None:  # type: ignore
     colour = picture[cell.y + cell.height // 2, cell.x + cell.width // 2].astype(int)
     assert np.abs(colour - GREEN).max() < 30, colour
     assert plan_meeting(meeting, load_layout("grid"))[0].duration_us == plan.duration_us
+
+
+def test_mono_voices_join_the_mix_at_full_level_in_both_channels(rendered) -> None:  # type: ignore[no-untyped-def]
+    meeting, result, out, media_dir = rendered
+    media = prepare_media(meeting, media_dir, 30)
+    document = build_document(result.plan, media, 1280, 720, prescale=True, mix_audio=True)
+    # One input mixes all three voices; the two G.711 ones are mono, copied to both channels.
+    assert document.xml.count("amovie=") == 3 and document.xml.count("pan=stereo") == 2
+    with av.open(str(out)) as container:
+        stereo = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)],
+                                axis=1)
+    assert stereo.shape[0] == 2
+    for _, codec, tone, joins, leaves, _ in PEOPLE:
+        levels = []
+        for channel in stereo:
+            decoded = DecodedAudio(channel.astype(np.float32), 48000, 0.0)
+            _, amplitude = tone_envelope(decoded, tone, window=0.04, hop=0.01,
+                                         start=joins + 0.2, end=leaves - 0.2)
+            levels.append(float(np.median(amplitude)))
+        # Written at 0.3 of full scale: FFmpeg's own upmix would give 0.21 (3 dB less).
+        assert all(abs(level - 0.3) < 0.015 for level in levels), (codec, levels)
+        assert abs(levels[0] - levels[1]) < 0.002, (codec, levels)

@@ -476,13 +476,14 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
     input is padded from its file's time zero (``first_pts``), started where MLT starts the
     segment (its first video key frame, which prepare_media puts at zero, see
     :class:`PreparedSegment`), cut where the segment's entry would end, and delayed to its
-    first output frame, all counted in samples. Only stereo files: MLT copies mono to
-    both channels where FFmpeg's upmix would lower it by 3 dB, so other layouts keep their
-    tracks. A single producer cannot seek, so only renders read from the first frame use it.
+    first output frame, all counted in samples. Mono is copied into both channels at full
+    level, as MLT does (FFmpeg's own upmix would lower it by 3 dB); files of more channels
+    keep their tracks. A single producer cannot seek, so only renders read from the first
+    frame to the last without a jump use it.
     """
     if not segments:
         return None
-    if any(not _PLAIN_PATH.fullmatch(str(m.audio_file)) or m.audio_channels != 2
+    if any(not _PLAIN_PATH.fullmatch(str(m.audio_file)) or m.audio_channels not in (1, 2)
            for m in segments):
         return None
     chains, labels = [], []
@@ -490,8 +491,9 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
         last = min(prepared.frames, frames - prepared.start_frame)
         # A WAV of its own already starts at the key frame (see PreparedSegment.audio_path).
         skip = 0 if prepared.audio_path else round(prepared.first_video_us * _MIX_RATE / 1e6)
+        upmix = ",pan=stereo|c0=c0|c1=c0" if prepared.audio_channels == 1 else ""
         chains.append(
-            f"amovie={prepared.audio_file},aresample={_MIX_RATE}:first_pts=0,"
+            f"amovie={prepared.audio_file},aresample={_MIX_RATE}:first_pts=0{upmix},"
             f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
             f"atrim=start_sample={skip}:end_sample={skip + _samples(last, fps)},"
             f"asetpts=PTS-STARTPTS,"
