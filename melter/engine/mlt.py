@@ -168,15 +168,26 @@ def build_document(
             if placement.video and not audio_only and last >= first:
                 cell = _scaled(placement.rect, sx, sy)
                 picture = _picture(placement.segment, cell, placement.fit, media, prescale)
-                label = None
                 if labels and picture is not None and picture.fit == "crop":
                     label = _drawn_label(placement.display, label_px, cell, label_color,
                                          label_background, font)
-                if label is not None and picture is not None:
-                    picture = replace(picture, label=label)
-                    drawn.add((scene_number, number))
+                    if label is not None:
+                        picture = replace(picture, label=label)
+                        drawn.add((scene_number, number))
                 by_size = shown.setdefault(placement.segment, {})
                 by_size.setdefault(picture, []).append((first, last))
+    def audio_track(producer_id: str, start: int, last: int) -> None:
+        """A track playing ``producer_id`` from frame ``start`` (its frames 0 to ``last``),
+        mixed into track 0."""
+        playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
+        if start > 0:
+            ET.SubElement(playlist, "blank", length=str(start))
+        ET.SubElement(playlist, "entry", producer=producer_id,
+                      attrib={"in": "0", "out": str(last)})
+        transitions.append({"mlt_service": "mix", "a_track": "0",
+                            "b_track": str(len(tracks)), "sum": "1", "always_active": "1"})
+        tracks.append(playlist.get("id") or "")
+
     heard = {seg for s in plan.scenes for seg in s.audio}
     audible = [media[seg] for seg in sorted(heard) if media[seg].has_audio]
     mix = _audio_mix(audible, frames, fps) if mix_audio else None
@@ -187,26 +198,13 @@ def build_document(
         _prop(producer, "resource", mix)
         _prop(producer, "length", frames)
         _prop(producer, "video_index", -1)
-        playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
-        ET.SubElement(playlist, "entry", producer="mix",
-                      attrib={"in": "0", "out": str(frames - 1)})
-        transitions.append({"mlt_service": "mix", "a_track": "0",
-                            "b_track": str(len(tracks)), "sum": "1", "always_active": "1"})
-        tracks.append(playlist.get("id") or "")
+        audio_track("mix", 0, frames - 1)
     for number, segment_id in enumerate(sorted(set(shown) | heard)):
         prepared = media[segment_id]
         end = min(prepared.frames, frames - prepared.start_frame) - 1
         if segment_id in heard and prepared.has_audio and mix is None:
-            producer_id = f"seg{number}a"
-            _media_producer(root, producer_id, prepared, audio=True)
-            playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
-            if prepared.start_frame > 0:
-                ET.SubElement(playlist, "blank", length=str(prepared.start_frame))
-            ET.SubElement(playlist, "entry", producer=producer_id,
-                          attrib={"in": "0", "out": str(end)})
-            transitions.append({"mlt_service": "mix", "a_track": "0",
-                                "b_track": str(len(tracks)), "sum": "1", "always_active": "1"})
-            tracks.append(playlist.get("id") or "")
+            _media_producer(root, f"seg{number}a", prepared, audio=True)
+            audio_track(f"seg{number}a", prepared.start_frame, end)
         if segment_id not in shown or not prepared.has_video:
             continue
         # One track per segment: its entries switch between the producers of each size.
