@@ -321,20 +321,10 @@ def ffmpeg_graph(plan: Any, media: dict[str, Any], frames: int,
         interval = prepared.frame_interval or 1 / 15
         source_rate = round(1 / interval)
         # Where a picture lands on the ffmpeg timeline: file time + the segment's first frame
-        # + offset. The offsets were calibrated against melt's output with the white block
-        # that sweeps across the pictures (it tells which source picture a frame shows).
-        # melter since d82f123 writes the pictures late (PreparedSegment.video_shift_us), and
-        # melt then shows, at an output frame's time t, the picture nearest t (ties to the
-        # later one). overlay shows the latest picture stamped at or before t, so pictures
-        # are moved back by the shift, half a source interval and half an output frame (the
-        # middle of the band of offsets that give the same pictures). Older melter set a
-        # producer video_delay instead, and melt showed the latest picture taken strictly
-        # before t: half an output frame + 1 ms later.
-        video_shift_us = getattr(prepared, "video_shift_us", None)
-        if video_shift_us is None:
-            offset = 0.5 / fps + 0.001
-        else:
-            offset = -video_shift_us / 1e6 - interval / 2 - 0.5 / fps
+        # + offset. melt shows each picture from the output frame nearest its time (prepared
+        # files keep the pictures' own times); overlay shows the latest picture stamped at or
+        # before an output frame's time, so pictures are moved back by half an output frame.
+        offset = -0.5 / fps
         for name, (first, last, placement) in zip(names, uses, strict=True):
             # Keep from the picture shown at the scene's first frame to the one at its last.
             start = max(0.0, (first - prepared.start_frame) / fps - offset - interval - 0.001)

@@ -142,20 +142,13 @@ class PreparedSegment:
     has_video: bool
     width: int
     height: int
-    #: The video's typical frame interval (seconds): the pictures' shift is half of it.
+    #: The video's typical frame interval (seconds; 0 without video or with one picture).
     frame_interval: float = 0.0
     codec: str = ""
-    #: How much later than their wall-clock times the pictures were written. MLT numbers a
-    #: source's pictures by rounding their times to its frame rate, and shows at each output
-    #: frame the picture whose number rounds from the frame's time: a 15 fps picture first
-    #: shows on an output frame up to one source interval before its time plus the shift.
-    #: Written half a source interval late, each picture first shows within one output frame
-    #: (30 fps) of the time it was taken, either side (the file's first picture at time zero,
-    #: see ``convert_tracks``' ``lead_in``).
-    video_shift_us: int = 0
-    #: The video carries a display rotation or flip (MLT turns the pictures when it reads the
-    #: file itself).
-    rotated: bool = False
+    #: The display rotation the pictures need (degrees clockwise) and a horizontal flip after
+    #: it, as the recording's video orientation extension first said.
+    rotation: int = 0
+    flip: bool = False
     #: Channels of the file's audio stream (0: none).
     audio_channels: int = 0
     #: The file's first video key frame time, where MLT puts the segment's time zero.
@@ -170,7 +163,7 @@ class PreparedSegment:
 
 
 #: Changes whenever prepared files are written differently, so older ones are not reused.
-_PREPARED_LAYOUT = "2: first picture repeated at time zero, pictures half a source interval late"
+_PREPARED_LAYOUT = "3: first picture repeated at time zero, pictures at their own times"
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -186,6 +179,14 @@ def _frame_interval(video: TrackAnalysis | None) -> float:
     if video is None or video.frames < 2 or video.duration_us <= 0:
         return 0.0
     return video.duration_us / 1e6 / (video.frames - 1)
+
+
+def _orientation(video: TrackAnalysis | None) -> tuple[int, bool]:
+    """The turn (degrees clockwise) and flip the recording's first orientation asks for."""
+    if video is None or not video.rotations:
+        return 0, False
+    _, degrees, flip = video.rotations[0]
+    return degrees % 360, bool(flip)
 
 
 def _probe(path: Path) -> tuple[int, int]:
@@ -219,9 +220,7 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             origin_us = meeting.start_us + round(start_frame * frame_us)
             end_frame = min(total_frames, math.ceil((segment.end_us - meeting.start_us) / frame_us))
             video = segment.video
-            interval = _frame_interval(video)
-            shift_us = round((interval or 1 / fps) / 2 * 1e6) if video is not None else 0
-            key = _segment_key(segment, origin_us + shift_us)
+            key = _segment_key(segment, origin_us)
             path = workdir / f"{participant.id}-{segment.index}-{key}.mkv"
             audio = segment.audio
             apart = audio is not None and audio.codec not in CONTAINERS[".mkv"][1]
@@ -229,10 +228,10 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             channels, first_video_us = 0, 0
             if remuxed:
                 if not path.exists():
-                    convert_tracks(remuxed, path, origin_us=origin_us, video_shift_us=shift_us,
-                                   lead_in=True)
+                    convert_tracks(remuxed, path, origin_us=origin_us, lead_in=True)
                 channels, first_video_us = _probe(path)
             audio_path = None
+            rotation, flip = _orientation(video)
             if apart and audio is not None:
                 audio_path = path.with_suffix(".wav")
                 if not audio_path.exists():
@@ -247,11 +246,10 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 video is not None,
                 video.max_width if video else 0,
                 video.max_height if video else 0,
-                interval,
+                _frame_interval(video),
                 video.codec if video else "",
-                shift_us,
-                bool(video and video.rotations and (video.rotations[0][1] % 360
-                                                    or video.rotations[0][2])),
+                rotation,
+                flip,
                 channels,
                 first_video_us,
                 audio_path,

@@ -99,7 +99,14 @@ def trim_spans(plan: Plan) -> list[tuple[int, int]]:
 
 
 def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: int,
-                   audio_only: bool, trim: bool, prescale: bool = False) -> tuple[str, int]:
+                   audio_only: bool, trim: bool,
+                   window: tuple[int, int] | None = None) -> tuple[str, int]:
+    """The MLT document of a render, and its frame count. ``window``: only those frames
+    (first, last) will be rendered, with melt's ``in`` and ``out`` (frames of the trimmed
+    timeline when ``trim``)."""
+    spans = trim_spans(plan) if trim else []
+    if window is not None and trim:
+        window = (_untrimmed(window[0], spans), _untrimmed(window[1], spans))
     document = build_document(
         plan, media, width, height,
         labels=layout.labels.enabled,
@@ -112,13 +119,12 @@ def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: 
         font=layout.labels.font,
         background_image=layout.canvas.background_image,
         audio_only=audio_only,
-        prescale=prescale,
+        window=window,
         # A trimmed render jumps over the stretches where nobody is present.
-        mix_audio=prescale and not trim,
+        mix_audio=window is None and not trim,
     )
     xml, frames = document.xml, document.frames
     if trim:
-        spans = trim_spans(plan)
         entries = "".join(
             f'  <entry producer="main" in="{a}" out="{b}"/>\n' for a, b in spans
         )
@@ -126,6 +132,15 @@ def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: 
         xml = xml.replace('producer="main">', 'producer="trimmed">', 1)
         frames = sum(b - a + 1 for a, b in spans)
     return xml, frames
+
+
+def _untrimmed(frame: int, spans: list[tuple[int, int]]) -> int:
+    """The meeting's frame that frame ``frame`` of the trimmed timeline shows."""
+    for first, last in spans:
+        if frame <= last - first:
+            return first + frame
+        frame -= last - first + 1
+    return spans[-1][1] if spans else frame
 
 
 def render(
@@ -146,9 +161,8 @@ def render(
         for path, preset in outputs:
             width = preset.width or layout.canvas.width
             height = preset.height or layout.canvas.height
-            # Rendered from its first frame on: sources can be scaled before MLT sees them.
             xml, frames = _document_text(plan, media, layout, width, height, preset.audio_only,
-                                         trim, prescale=True)
+                                         trim)
             document = Path(scratch) / f"{path.stem}.mlt"
             document.write_text(xml)
             with atomic_output(path) as temp:
@@ -186,7 +200,7 @@ def preview(
     with tempfile.TemporaryDirectory(prefix="melter-") as scratch:
         media = prepare_media(meeting, workdir or Path(scratch) / "media", fps)
         xml, _ = _document_text(plan, media, layout, layout.canvas.width, layout.canvas.height,
-                                False, False)
+                                False, False, window=(frame, frame))
         document = Path(scratch) / "preview.mlt"
         document.write_text(xml)
         with atomic_output(output) as temp:

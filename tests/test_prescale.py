@@ -1,7 +1,7 @@
 """Sources scaled by FFmpeg before MLT sees them show the same pictures, at the same frames.
 
-A render read from its first frame on hands MLT each source already at its cell's size (an
-FFmpeg ``lavfi`` graph per segment and size); preview and chunk renders keep MLT's own scaling.
+A render hands MLT each source already at its cell's size (an FFmpeg ``lavfi`` graph per
+segment and size), or leaves the scaling to MLT (``prescale=False``, as for odd cell sizes).
 Both documents are rendered here from the same prepared media and compared frame by frame:
 a picture one frame early or late shows up at every sync flash, and a wrong size or fit at
 the cell's edges.
@@ -70,8 +70,10 @@ def test_prescaled_sources_show_the_same_pictures_at_the_same_frames(
         resources = [e.text or "" for e in ET.fromstring(document.xml).iter("property")
                      if e.get("name") == "resource"]
         lavfi = [r for r in resources if r.startswith("lavfi:")]
+        scaling = [r for r in lavfi if "scale=" in r]
         # Every shown segment goes through FFmpeg's scaler when asked to, else none does.
-        assert len(lavfi) >= 3 if prescale else not lavfi
+        assert len(lavfi) >= 3
+        assert len(scaling) >= 3 if prescale else not scaling
         path = tmp_path / f"prescale-{prescale}.mlt"
         path.write_text(document.xml)
         out = tmp_path / f"prescale-{prescale}.mp4"
@@ -105,14 +107,21 @@ def test_prescaled_sources_show_the_same_pictures_at_the_same_frames(
         assert in_bar.max() < 20 and middle.max() > 60, (in_bar, middle)
 
 
-@pytest.mark.parametrize("degrees", [90, 180])
-def test_rotated_video_is_rendered_upright(tmp_path: Path, degrees: int) -> None:
-    """A segment with a display rotation keeps MLT's reader, which turns the pictures."""
+@pytest.mark.parametrize(("degrees", "flip", "red_side"), [
+    (90, False, "top"), (180, False, "right"), (270, False, "bottom"), (0, True, "right"),
+    (90, True, "top"),
+])
+def test_rotated_video_is_rendered_upright(tmp_path: Path, degrees: int, flip: bool,
+                                           red_side: str) -> None:
+    """A segment with a display rotation is turned upright before it is scaled: clockwise by
+    the orientation's degrees, then mirrored if it says so, as FFmpeg shows a file
+    ``melter convert`` wrote (90 with a flip keeps red on top; a flip before the turn would
+    put it at the bottom)."""
     folder = tmp_path / "meeting"
     folder.mkdir()
     pictures = vp8_pictures(45, split=True)  # left half red, right half blue
     start = T0_US
-    Stream.vp8(pictures, start_us=start).orientation(3, degrees).write(
+    Stream.vp8(pictures, start_us=start).orientation(3, degrees, flip=flip).write(
         folder / f"videoroom-4321-user-7-{start}-video-1.mjr")
     meeting = discover([folder])
     out = tmp_path / "rotated.mp4"
@@ -120,10 +129,10 @@ def test_rotated_video_is_rendered_upright(tmp_path: Path, degrees: int) -> None
     picture = decode(out)[45]
     cell = result.plan.scenes[0].placements[0].rect
     x, y = cell.x + cell.width // 2, cell.y + cell.height // 2
-    # Clockwise by 90 puts the red (left) half on top; by 180, on the right.
-    if degrees == 90:
-        red, blue = picture[y - cell.height // 4, x], picture[y + cell.height // 4, x]
-    else:
-        red, blue = picture[y, x + cell.width // 4], picture[y, x - cell.width // 4]
+    dx, dy = cell.width // 4, cell.height // 4
+    sides = {"top": picture[y - dy, x], "bottom": picture[y + dy, x],
+             "left": picture[y, x - dx], "right": picture[y, x + dx]}
+    opposite = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+    red, blue = sides[red_side], sides[opposite[red_side]]
     assert red[0] > 150 and red[2] < 90, red
     assert blue[2] > 150 and blue[0] < 90, blue

@@ -6,9 +6,11 @@ tracks of ``color`` producers, and names and initials tracks of ``pango`` titles
 every scene is a ``composite`` transition onto track 0 limited to the scene's frames
 (``crop_to_fill`` for crop fit, ``fill`` with centred alignment for letterbox); each audio track
 is mixed into track 0 with ``mix sum=1`` (without ``sum`` every step halves the level).
-For a render read from its first frame on, a segment's video track switches between
-producers that each deliver its pictures already scaled to one cell size (``prescale``, see
-:func:`_picture`).
+Every segment's pictures reach MLT through an FFmpeg ``lavfi`` graph (see :func:`_source_graph`)
+that turns them upright, scales them to their cell (one producer per cell size; a segment's
+video track switches between them) and resamples them to the output frame rate, each picture
+from the output frame nearest its own time: MLT then shows source frame n on output frame n,
+whatever rate the publisher sent at.
 
 melt's exit code means little (a missing input, a malformed document or an unknown codec all
 exit 0): inputs are checked before, stderr is scanned for the errors melt prints, and the
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from melter.compose import PreparedSegment
 from melter.errors import MelterError
-from melter.plan import Plan, Rect
+from melter.plan import VIDEO_OFF_US, Plan, Rect
 
 _PROGRESS = re.compile(r"Current Frame:\s*(\d+),\s*percentage:\s*(\d+)")
 _ERRORS = (
@@ -111,13 +113,18 @@ def build_document(
     font: str = "DejaVu Sans",
     background_image: str | None = None,
     audio_only: bool = False,
-    prescale: bool = False,
+    prescale: bool = True,
     mix_audio: bool = False,
+    window: tuple[int, int] | None = None,
 ) -> Document:
     """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas).
 
-    ``prescale``: sources reach MLT already at their cells' sizes (see :func:`_picture`). Only
-    for a render read from its first frame on: such producers cannot seek backwards.
+    ``prescale``: sources reach MLT already at their cells' sizes (see :func:`_picture`);
+    without it MLT scales them.
+    ``window``: only output frames ``first`` to ``last`` will be rendered (melt's ``in`` and
+    ``out``): each video source starts reading at ``first`` instead of decoding its file from
+    the start (the sources cannot seek, see :func:`_source_graph`), so the document shows
+    those frames only.
     ``mix_audio``: all audio comes mixed from one input (see :func:`_audio_mix`). Only for a
     render read from its first frame to its last without a jump: it cannot seek at all.
     """
@@ -203,27 +210,32 @@ def build_document(
         prepared = media[segment_id]
         end = min(prepared.frames, frames - prepared.start_frame) - 1
         if segment_id in heard and prepared.has_audio and mix is None:
-            _media_producer(root, f"seg{number}a", prepared, audio=True)
+            _audio_producer(root, f"seg{number}a", prepared)
             audio_track(f"seg{number}a", prepared.start_frame, end)
         if segment_id not in shown or not prepared.has_video:
             continue
-        # One track per segment: its entries switch between the producers of each size.
+        # One track per segment: its entries switch between the producers of each size,
+        # which start reading the file at the window's first frame.
+        skip = max(0, window[0] - prepared.start_frame) if window else 0
+        entries: list[tuple[int, int, _Picture | None]] = []
+        for first, last, picture in _picture_runs(shown[segment_id]):
+            first = max(first, prepared.start_frame + skip)
+            last = min(last, prepared.start_frame + end)
+            if last >= first:
+                entries.append((first, last, picture))
         producers: dict[_Picture | None, str] = {}
-        for size_number, picture in enumerate(shown[segment_id]):
-            producers[picture] = f"seg{number}v{size_number or ''}"
-            _media_producer(root, producers[picture], prepared, audio=False, picture=picture)
+        for _, _, picture in entries:
+            if picture not in producers:
+                producers[picture] = f"seg{number}v{len(producers) or ''}"
+                _video_producer(root, producers[picture], prepared, picture, fps, skip)
         playlist = ET.SubElement(root, "playlist", id=f"track{len(tracks)}")
         cursor = 0
-        for first, last, picture in _picture_runs(shown[segment_id]):
-            first = max(first, prepared.start_frame)
-            last = min(last, prepared.start_frame + end)
-            if last < first:
-                continue
+        for first, last, picture in entries:
             if first > cursor:
                 ET.SubElement(playlist, "blank", length=str(first - cursor))
             ET.SubElement(playlist, "entry", producer=producers[picture],
-                          attrib={"in": str(first - prepared.start_frame),
-                                  "out": str(last - prepared.start_frame)})
+                          attrib={"in": str(first - prepared.start_frame - skip),
+                                  "out": str(last - prepared.start_frame - skip)})
             cursor = last + 1
         track_of[segment_id] = len(tracks)
         tracks.append(playlist.get("id") or "")
@@ -360,10 +372,6 @@ class _Picture:
     label: _Label | None = None
 
 
-#: Characters a media path may hold to go into an FFmpeg filter graph without escaping.
-_PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
-
-
 def _picture(segment: str, cell: Rect, fit: str, media: dict[str, PreparedSegment],
              prescale: bool) -> _Picture | None:
     """Whether (and to what) FFmpeg scales a segment's pictures for ``cell``.
@@ -371,21 +379,66 @@ def _picture(segment: str, cell: Rect, fit: str, media: dict[str, PreparedSegmen
     MLT 7.12 scales every source on every output frame, in packed 4:2:2 with its most exact
     (and slowest) swscale flags, even when the output has twice the source's frame rate: for
     a four-person 720p grid that is most of what melt spends beyond ffmpeg. A source whose
-    pictures already have the cell's size is not scaled at all. So the producer reads the
-    file through FFmpeg's ``lavfi`` input: ``movie``, then ``scale`` (bilinear, 4:2:0, once
-    per source picture, as an ffmpeg command would) and ``crop`` for a crop fit. Odd sizes,
-    paths that would need escaping and rotated video (``movie`` does not apply the display
-    rotation that MLT applies) keep MLT's own scaling.
+    pictures already have the cell's size is not scaled at all. So the source's graph scales
+    (bilinear, once per source picture, as an ffmpeg command would) and crops for a crop
+    fit. Odd sizes (which MLT's 4:2:2 pictures cannot have) are left to MLT.
     """
     prepared = media.get(segment)
-    if not prescale or prepared is None or not prepared.has_video or prepared.rotated:
+    if not prescale or prepared is None or not prepared.has_video:
         return None
-    if cell.width % 2 or cell.height % 2 or not _PLAIN_PATH.fullmatch(str(prepared.path)):
+    if cell.width % 2 or cell.height % 2:
         return None
     return _Picture(cell.width, cell.height, fit)
 
 
-def _lavfi_resource(path: Path, picture: _Picture) -> str:
+def _source_graph(prepared: PreparedSegment, picture: _Picture | None, fps: int,
+                  skip: int) -> str:
+    """The ``lavfi`` input that hands MLT one segment's pictures, ``skip`` frames in.
+
+    MLT's own reader numbers a file's pictures by rounding their times to the rate it guesses
+    for the file and shows, at each output frame, the first picture whose number is not
+    below the frame's: pictures land early or late by up to a source interval, by an amount
+    that depends on the source's rate, and a variable rate defeats any fixed correction.
+    Here FFmpeg's ``fps`` filter resamples the pictures to the output rate instead: output
+    frame n shows the last picture whose time rounds to n or before it, so each picture is
+    shown from the output frame nearest its own time until the next one takes over, and MLT
+    maps the resampled frames one to one. The first picture is repeated back to the
+    segment's first frame (``start_time``).
+
+    Such an input cannot seek; a render that starts mid-meeting (``skip``) makes ``movie``
+    seek to the key frame before it instead, and drops what lies more than the longest
+    picture hold (see :data:`melter.plan.VIDEO_OFF_US`) before it without scaling it.
+    """
+    start = skip / fps
+    source = f"movie={_graph_path(prepared.path)}:dec_threads=1"
+    filters = [source]
+    if skip:
+        filters[0] += f":seek_point={start:.6f}"
+        filters.append(f"trim=start={max(0.0, start - VIDEO_OFF_US / 1e6 - 0.5):.6f}")
+    filters += _upright(prepared.rotation, prepared.flip)
+    if picture is not None:
+        filters.append(_fitted(picture))
+        # A scaled picture keeps a non-square pixel aspect otherwise, and MLT would scale
+        # it again to square pixels.
+        filters.append("setsar=1")
+    # yuyv422: MLT's working format, converted here once per source picture; MLT then only
+    # copies it on each output frame.
+    filters.append("format=yuyv422")
+    filters.append(f"fps=fps={fps}:start_time={start:.6f}:round=near")
+    # The last picture is held to the segment's end: ``fps`` stops at it, and MLT would show
+    # a blank picture for the frames it is asked for beyond.
+    filters.append(f"tpad=stop_mode=clone:stop={max(1, prepared.frames - skip)}")
+    return "lavfi:" + ",".join(filters)
+
+
+def _upright(rotation: int, flip: bool) -> list[str]:
+    """Filters that turn pictures ``rotation`` degrees clockwise, then mirror them if
+    ``flip`` (as the display matrix ``convert`` writes for the orientation extension)."""
+    turns = {90: ["transpose=clock"], 180: ["hflip", "vflip"], 270: ["transpose=cclock"]}
+    return turns.get(rotation, []) + (["hflip"] if flip else [])
+
+
+def _fitted(picture: _Picture) -> str:
     width, height = picture.width, picture.height
     if picture.fit == "crop":
         fitted = (f"scale=w={width}:h={height}:force_original_aspect_ratio=increase"
@@ -393,12 +446,21 @@ def _lavfi_resource(path: Path, picture: _Picture) -> str:
     else:
         fitted = (f"scale=w={width}:h={height}:force_original_aspect_ratio=decrease"
                   f":force_divisible_by=2:flags=bilinear")
-    # dec_threads: one decoding thread per source, as MLT's own producers have. setsar: a
-    # scaled picture keeps a non-square pixel aspect otherwise, and MLT would scale it again
-    # to square pixels. yuyv422: MLT's working format, converted here once per source
-    # picture; MLT then only copies it on each output frame.
-    label = _drawtext(picture.label) if picture.label else ""
-    return f"lavfi:movie={path}:dec_threads=1,{fitted}{label},setsar=1,format=yuyv422"
+    return fitted + (_drawtext(picture.label) if picture.label else "")
+
+
+#: Characters a media path may hold to go into an FFmpeg filter graph without escaping.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
+
+
+def _graph_path(path: Path) -> str:
+    """``path`` as a file name option of a ``lavfi`` input: escaped for FFmpeg's graph
+    parser where needed, and with ``?`` escaped for MLT, which would take the rest for a
+    query string."""
+    text = str(path)
+    if _PLAIN_PATH.fullmatch(text):
+        return text
+    return _graph_value(text).replace("?", "\\?")
 
 
 #: Zero-width marks that reach below the baseline and above the ascenders (cedilla, double
@@ -481,8 +543,7 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
     """
     if not segments:
         return None
-    if any(not _PLAIN_PATH.fullmatch(str(m.audio_file)) or m.audio_channels not in (1, 2)
-           for m in segments):
+    if any(m.audio_channels not in (1, 2) for m in segments):
         return None
     chains, labels = [], []
     for number, prepared in enumerate(segments):
@@ -491,7 +552,7 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
         skip = 0 if prepared.audio_path else round(prepared.first_video_us * _MIX_RATE / 1e6)
         upmix = ",pan=stereo|c0=c0|c1=c0" if prepared.audio_channels == 1 else ""
         chains.append(
-            f"amovie={prepared.audio_file},aresample={_MIX_RATE}:first_pts=0{upmix},"
+            f"amovie={_graph_path(prepared.audio_file)},aresample={_MIX_RATE}:first_pts=0{upmix},"
             f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
             f"atrim=start_sample={skip}:end_sample={skip + _samples(last, fps)},"
             f"asetpts=PTS-STARTPTS,"
@@ -508,30 +569,33 @@ def _samples(frames: int, fps: int) -> int:
     return round(frames * _MIX_RATE / fps)
 
 
-def _media_producer(root: ET.Element, producer_id: str, prepared: PreparedSegment,
-                    audio: bool, picture: _Picture | None = None) -> None:
+def _audio_producer(root: ET.Element, producer_id: str, prepared: PreparedSegment) -> None:
+    """A segment's audio as MLT reads it from the prepared file (see :func:`_audio_mix` for
+    the single input that usually replaces these)."""
     producer = ET.SubElement(root, "producer", id=producer_id,
                              attrib={"in": "0", "out": str(prepared.frames - 1)})
     _prop(producer, "mlt_service", "avformat-novalidate")
-    if picture is not None:
-        _prop(producer, "resource", _lavfi_resource(prepared.path, picture))
-        _prop(producer, "length", prepared.frames)
-        # MLT guesses BT.709 for pictures taller than 576 lines; scaled-up SD stays 601.
-        _prop(producer, "force_colorspace", 601 if prepared.height <= 576 else 709)
-        _prop(producer, "audio_index", -1)
-        return
-    _prop(producer, "resource", str(prepared.audio_file if audio else prepared.path))
+    _prop(producer, "resource", str(prepared.audio_file))
     _prop(producer, "length", prepared.frames)
     _prop(producer, "seekable", 1)
     _prop(producer, "threads", 1)
-    if prepared.codec == "vp8" and not audio:
-        # MLT 7.12 otherwise decodes VP8 with libvpx, slower than FFmpeg's own decoder.
-        _prop(producer, "vcodec", "vp8")
-    # One decoder per producer: the audio track never decodes pictures and vice versa.
-    _prop(producer, "video_index" if audio else "audio_index", -1)
-    # Pictures were written half a source interval late by prepare_media, and the file's
-    # first picture is at time zero (see PreparedSegment.video_shift_us), so each picture
-    # first shows within an output frame of the time it was taken.
+    # One decoder per producer: the audio track never decodes pictures.
+    _prop(producer, "video_index", -1)
+
+
+def _video_producer(root: ET.Element, producer_id: str, prepared: PreparedSegment,
+                    picture: _Picture | None, fps: int, skip: int) -> None:
+    """A segment's pictures through :func:`_source_graph`, from frame ``skip`` of the
+    segment on (the producer's frame 0)."""
+    length = max(1, prepared.frames - skip)
+    producer = ET.SubElement(root, "producer", id=producer_id,
+                             attrib={"in": "0", "out": str(length - 1)})
+    _prop(producer, "mlt_service", "avformat-novalidate")
+    _prop(producer, "resource", _source_graph(prepared, picture, fps, skip))
+    _prop(producer, "length", length)
+    # MLT guesses BT.709 for pictures taller than 576 lines; scaled-up SD stays 601.
+    _prop(producer, "force_colorspace", 601 if prepared.height <= 576 else 709)
+    _prop(producer, "audio_index", -1)
 
 
 def _text_track(root: ET.Element, name: str, specs: list[dict[str, str]], font: str,

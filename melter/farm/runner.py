@@ -219,7 +219,7 @@ def _chunk_props(preset: Any) -> list[str]:
 
 
 def _document(planned: Planned, record: JobRecord, k: int, audio_only: bool,
-              folder: Path) -> tuple[Path, int]:
+              folder: Path, window: tuple[int, int] | None = None) -> tuple[Path, int]:
     from melter.compose import prepare_media
     from melter.render import PRESETS, _document_text
 
@@ -229,9 +229,9 @@ def _document(planned: Planned, record: JobRecord, k: int, audio_only: bool,
     height = preset.height or layout.canvas.height
     media = prepare_media(planned.meeting, folder, planned.fps)
     # The audio pass reads the meeting from its first frame on, as a single render does (and
-    # so gives the same samples); video chunks start mid-meeting.
+    # so gives the same samples); video chunks start mid-meeting, at their window.
     xml, frames = _document_text(planned.plan, media, layout, width, height, audio_only,
-                                 record.spec.trim, prescale=audio_only)
+                                 record.spec.trim, window)
     handle, name = tempfile.mkstemp(prefix="melter-", suffix=".mlt")
     with os.fdopen(handle, "w") as out:
         out.write(xml)
@@ -250,7 +250,7 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     output = record.outputs[k]
     preset = PRESETS[output.preset]
     attempt.stage("preparing media")
-    document, _ = _document(planned, record, k, False, cache_dir(attempt))
+    document, _ = _document(planned, record, k, False, cache_dir(attempt), (first, last))
     folder = record.tmp_dir(k)
     temp = attempt_dir(attempt, record, k) / f"v{i}{output.path.suffix}"
     try:
