@@ -6,10 +6,13 @@ Three layers:
   any header, frames given as bytes (or ``(arrival ms, bytes)`` for ``MJR00002``).
 * Media helpers make real codec payloads with PyAV encoders (Opus at 10/20/40/60 ms, VP8,
   H.264, G.711 µ/A-law, G.722, L16) plus the RTP packetizers a WebRTC sender would use
-  (VP8 payload descriptor, H.264 single NAL / STAP-A / FU-A, RED).
+  (VP8 payload descriptor, H.264 single NAL / STAP-A / FU-A, RED); sync markers too: a tone
+  that doubles its frequency at chosen instants (:func:`marker_tone`, encoded by
+  :func:`opus_signal_packets`) and solid pictures with white flashes (:func:`flash_pictures`).
 * :class:`Stream` is a list of RTP packets with send-order indices and arrival times; tests
   edit it (reorder, duplicate, drop, SSRC change, timestamp jumps, pauses, clock skew,
-  extensions, CSRCs, padding) and write it as a recording.
+  extensions, CSRCs, padding) and write it as a recording. Video pictures come at a constant
+  rate or at any RTP times given (``Stream.video(..., ticks=...)``).
 
 The RTP serialiser here is written independently of ``melter.mjr.rtp`` so that parsing is
 checked against a second implementation, not against itself.
@@ -262,6 +265,46 @@ def opus_packets(
     return tuple(packets[:count])
 
 
+def opus_signal_packets(samples: np.ndarray, frame_ms: int = 20) -> tuple[bytes, ...]:
+    """Real Opus packets (libopus, mono, 48 kHz) of any signal; one per whole ``frame_ms``.
+
+    Decoded with OpusHead's pre-skip (as Melter's containers say), the audio lines up with
+    ``samples``: sample ``n`` plays ``n / 48000`` s after the first packet's RTP time.
+    """
+    size = 48 * frame_ms
+    count = len(samples) // size
+    padded = np.concatenate([np.asarray(samples, dtype=np.float64), np.zeros(9600)])
+    packets = _encode_audio(
+        "libopus",
+        padded,
+        48000,
+        size,
+        {"frame_duration": str(frame_ms), "application": "audio", "b": "32000"},
+    )
+    assert len(packets) >= count, (len(packets), count)
+    return tuple(packets[:count])
+
+
+def marker_tone(
+    seconds: float,
+    freq: float,
+    markers: Sequence[float],
+    rate: int = 48000,
+    amplitude: float = 0.3,
+    length: float = 0.1,
+) -> np.ndarray:
+    """A sine at ``freq`` that doubles its frequency for ``length`` s from each marker time
+    (seconds from the first sample), phase-continuous so the switch makes no click."""
+    count = round(seconds * rate)
+    frequency = np.full(count, float(freq))
+    for marker in markers:
+        first = round(marker * rate)
+        frequency[max(0, first) : max(0, first + round(length * rate))] = 2 * freq
+    # The phase reached at each sample's start: sample n is sin(2 pi sum_{k<n} f_k / rate).
+    phase = 2 * np.pi * np.concatenate([[0.0], np.cumsum(frequency[:-1])]) / rate
+    return amplitude * np.sin(phase)
+
+
 def opus_silence_packet(frame_ms: int = 20) -> bytes:
     """A tiny CELT packet like the ones DTX senders emit (decodes to silence)."""
     toc = {10: 0xF0, 20: 0xF8}[frame_ms]
@@ -382,6 +425,55 @@ def h264_pictures(
         "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:repeat-headers=1:log-level=none",
     }
     return _encode_video("libx264", count, size, color, fps, gop, options)
+
+
+@functools.lru_cache(maxsize=64)
+def flash_pictures(
+    codec: str,
+    count: int,
+    color: tuple[int, int, int],
+    white: frozenset[int] = frozenset(),
+    size: tuple[int, int] = (320, 240),
+    gop: int = 60,
+) -> tuple[Picture, ...]:
+    """Solid ``color`` pictures (VP8 or H.264, as :func:`vp8_pictures` / :func:`h264_pictures`
+    encode them), all white at the numbers in ``white``: sync flashes with no moving parts."""
+    width, height = size
+    if codec == "vp8":
+        encoder = "libvpx"
+        options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0",
+                   "auto-alt-ref": "0"}
+    elif codec == "h264":
+        encoder = "libx264"
+        options = {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "profile": "baseline",
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:repeat-headers=1"
+                           ":log-level=none",
+        }
+    else:
+        raise ValueError(codec)
+    ctx = av.CodecContext.create(encoder, "w")
+    assert isinstance(ctx, av.VideoCodecContext)
+    ctx.width, ctx.height = size
+    ctx.pix_fmt = "yuv420p"
+    ctx.time_base = Fraction(1, 30)
+    ctx.framerate = Fraction(30)
+    ctx.gop_size = gop
+    ctx.bit_rate = 400_000
+    ctx.options = options
+    ctx.open()
+    out: list[Picture] = []
+    for index in range(count):
+        image = np.empty((height, width, 3), np.uint8)
+        image[:] = (255, 255, 255) if index in white else color
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+        frame.pts = index
+        out += [Picture(bytes(p), bool(p.is_keyframe), *size) for p in ctx.encode(frame)]
+    out += [Picture(bytes(p), bool(p.is_keyframe), *size) for p in ctx.encode(None)]
+    assert len(out) == count and out[0].keyframe, (len(out), count)
+    return tuple(out)
 
 
 def vp8_descriptor(start: bool, picture_id: int | None = None, partition: int = 0) -> bytes:
@@ -573,25 +665,39 @@ class Stream:
         seq: int = 1,
         ts: int = 0,
         start_us: int = T0_US,
+        ticks: Sequence[int] | None = None,
     ) -> Stream:
-        """Each picture is the list of its payloads: same timestamp, marker on the last."""
+        """Each picture is the list of its payloads: same timestamp, marker on the last.
+
+        Pictures come ``1/fps`` apart, or at ``ticks`` (90 kHz, one per picture, from the
+        first picture: any spacing); each arrives at its own time after ``start_us``.
+        """
+        if ticks is not None:
+            assert len(ticks) == len(pictures) and ticks[0] == 0, (len(ticks), len(pictures))
         packets = []
         index = 0
         for number, payloads in enumerate(pictures):
-            ticks = round(number * 90000 / fps)
-            arrival = start_us + round(number * 1_000_000 / fps)
+            if ticks is None:
+                offset = round(number * 90000 / fps)
+                arrival = start_us + round(number * 1_000_000 / fps)
+                interval = round(90000 / fps)
+            else:
+                offset = ticks[number]
+                arrival = start_us + round(offset * 1_000_000 / 90000)
+                following = ticks[number + 1] if number + 1 < len(ticks) else None
+                interval = following - offset if following is not None else round(90000 / fps)
             for part, payload in enumerate(payloads):
                 packets.append(
                     Packet(
                         index,
                         (seq + index) & 0xFFFF,
-                        (ts + ticks) & 0xFFFFFFFF,
+                        (ts + offset) & 0xFFFFFFFF,
                         payload,
                         arrival,
                         ssrc=ssrc,
                         pt=pt,
                         marker=part == len(payloads) - 1,
-                        duration=round(90000 / fps),
+                        duration=interval,
                     )
                 )
                 index += 1
