@@ -122,11 +122,11 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
 def _free_link_net(seed: int) -> ipaddress.IPv4Network:
     """A /30 of :data:`LINK_BLOCK` that overlaps no network on the host."""
     used = _networks_in_use()
-    nets = list(LINK_BLOCK.subnets(new_prefix=30))
+    nets = [ipaddress.IPv4Network(n) for n in LINK_BLOCK.subnets(new_prefix=30)]
     for step in range(len(nets)):
         net = nets[(seed + step) % len(nets)]
         if not any(net.overlaps(other) for other in used):
-            return ipaddress.IPv4Network(net)
+            return net
     raise RuntimeError(f"no free /30 left in {LINK_BLOCK}")
 
 
@@ -409,49 +409,109 @@ class JanusSession:
 
 # --- synthetic media -----------------------------------------------------------------------
 
+#: Sync markers: for :data:`FLASH_S` at every multiple of :data:`MARKER_PERIOD_S` of a
+#: publisher's media clock (from the first one on), its picture is white and its tone doubled.
+MARKER_PERIOD_S = 5
+FLASH_S = Fraction(1, 10)
+AUDIO_RATE = 48000
+#: Samples per 20 ms audio frame.
+AUDIO_FRAME = 960
+
+
+class MediaClock:
+    """One publisher's media clock, shared by its audio and video tracks.
+
+    Its zero ``Z`` is the first ``recv`` of either track: video frame ``n`` is due at
+    ``Z + n / fps`` and audio sample ``s`` at ``Z + s / 48000``, and the frames' pts follow
+    that clock, so both tracks' RTP timestamps count from the same instant.
+    """
+
+    def __init__(self) -> None:
+        self.zero: float | None = None  # time.monotonic()
+        self.zero_wall: float | None = None  # the same instant, seconds since the epoch
+
+    def start(self) -> float:
+        """Start the clock if it has not started yet; its zero (monotonic seconds)."""
+        if self.zero is None:
+            before = time.time()
+            self.zero = time.monotonic()
+            after = time.time()
+            self.zero_wall = (before + after) / 2
+        return self.zero
+
 
 class _Paced:
-    """Wall-clock pacing shared by both tracks: item ``n`` is due at ``start + n * period``."""
+    """Wall-clock pacing of one track on a (shared) :class:`MediaClock`.
 
-    def __init__(self, period: float) -> None:
-        self.period = period
-        self.count = 0
-        self.first_wall: float | None = None
-        self._start = 0.0
+    Item ``n`` is due at ``Z + n / rate``. A track whose first ``recv`` comes after the clock
+    started begins with the item due then (the latest one not in the future), without a burst
+    to catch up on the ones before.
+    """
+
+    def __init__(self, rate: Fraction | int, clock: MediaClock | None = None) -> None:
+        self.rate = Fraction(rate)  # items per second
+        self.clock = clock if clock is not None else MediaClock()
+        self.first: int | None = None  # the first item's number
+        self.count = 0  # items handed out
+        self.first_wall: float | None = None  # wall clock of the first recv
 
     async def next(self) -> int:
+        zero = self.clock.start()
         now = time.monotonic()
-        if self.first_wall is None:
-            self._start = now
+        if self.first is None:
             self.first_wall = time.time()
+            self.first = max(0, int((now - zero) * self.rate))
         else:
-            delay = self._start + self.count * self.period - now
+            delay = zero + float((self.first + self.count) / self.rate) - now
             if delay > 0:
                 await asyncio.sleep(delay)
         self.count += 1
-        return self.count - 1
+        return self.first + self.count - 1
+
+
+def flash_frame(n: int, fps: int) -> bool:
+    """Whether video frame ``n`` (due at ``n / fps``) lies in a marker's white flash."""
+    t = Fraction(n, fps)
+    return t >= MARKER_PERIOD_S and t % MARKER_PERIOD_S < FLASH_S
+
+
+def doubled_before(s: np.ndarray, rate: int = AUDIO_RATE) -> np.ndarray:
+    """For samples ``s``: how many samples before each are in a marker (tone doubled)."""
+    period = MARKER_PERIOD_S * rate
+    flash = int(FLASH_S * rate)
+    k = s // period
+    return np.where(k >= 1, (k - 1) * flash + np.minimum(s % period, flash), 0)
 
 
 def colour_track(rgb: tuple[int, int, int], size: tuple[int, int] = (320, 240),
-                 fps: int = 15) -> Any:
-    """A video track of one solid colour (converted to YUV once: every frame is the same)."""
+                 fps: int = 15, clock: MediaClock | None = None, markers: bool = False) -> Any:
+    """A video track of one solid colour (converted to YUV once: every frame is the same);
+    with ``markers``, white for :data:`FLASH_S` at every :data:`MARKER_PERIOD_S`."""
     import av
     from aiortc import MediaStreamTrack
+
+    def yuv(colour: tuple[int, int, int]) -> np.ndarray:
+        picture = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        picture[:] = colour
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        return frame.reformat(format="yuv420p").to_ndarray()
 
     class ColourTrack(MediaStreamTrack):
         kind = "video"
 
         def __init__(self) -> None:
             super().__init__()
-            picture = np.empty((size[1], size[0], 3), dtype=np.uint8)
-            picture[:] = rgb
-            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
-            self._yuv = frame.reformat(format="yuv420p").to_ndarray()
-            self.pace = _Paced(1 / fps)
+            self._yuv = yuv(rgb)
+            self._white = yuv((255, 255, 255)) if markers else self._yuv
+            self.pace = _Paced(fps, clock)
+            self.flashes = 0  # white frames sent
 
         async def recv(self) -> av.VideoFrame:
             n = await self.pace.next()
-            frame = av.VideoFrame.from_ndarray(self._yuv, format="yuv420p")
+            white = markers and flash_frame(n, fps)
+            self.flashes += white
+            frame = av.VideoFrame.from_ndarray(self._white if white else self._yuv,
+                                               format="yuv420p")
             frame.pts = n * 90000 // fps
             frame.time_base = Fraction(1, 90000)
             return frame
@@ -459,24 +519,32 @@ def colour_track(rgb: tuple[int, int, int], size: tuple[int, int] = (320, 240),
     return ColourTrack()
 
 
-def tone_track(hz: float, amplitude: float = 0.3, rate: int = 48000, ptime: float = 0.02) -> Any:
-    """An audio track of one sine, phase-continuous across 20 ms frames."""
+def tone_track(hz: float, amplitude: float = 0.3, rate: int = AUDIO_RATE,
+               ptime: float = 0.02, clock: MediaClock | None = None,
+               markers: bool = False) -> Any:
+    """An audio track of one sine, phase-continuous across 20 ms frames; with ``markers``, at
+    twice the frequency for :data:`FLASH_S` at every :data:`MARKER_PERIOD_S` (still
+    phase-continuous: the phase advances twice as fast over those samples)."""
     import av
     from aiortc import MediaStreamTrack
 
     samples = int(rate * ptime)
+    assert not markers or rate == AUDIO_RATE
 
     class ToneTrack(MediaStreamTrack):
         kind = "audio"
 
         def __init__(self) -> None:
             super().__init__()
-            self.pace = _Paced(ptime)
+            self.pace = _Paced(Fraction(rate, samples), clock)
 
         async def recv(self) -> av.AudioFrame:
             n = await self.pace.next()
-            t = (n * samples + np.arange(samples)) / rate
-            wave = (amplitude * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+            s = n * samples + np.arange(samples, dtype=np.int64)
+            if markers:
+                s = s + doubled_before(s, rate)
+            cycles = np.mod(hz * s / rate, 1.0)
+            wave = (amplitude * 32767 * np.sin(2 * np.pi * cycles)).astype(np.int16)
             frame = av.AudioFrame.from_ndarray(wave.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate = rate
             frame.pts = n * samples
@@ -487,6 +555,10 @@ def tone_track(hz: float, amplitude: float = 0.3, rate: int = 48000, ptime: floa
 
 
 # --- publishers and the meeting ------------------------------------------------------------
+
+#: aiortc's codec choices by Person.codec: MIME type, and the fmtp parameters preferred first.
+VIDEO_CODECS = {"vp8": ("video/VP8", {}),
+                "h264": ("video/H264", {"profile-level-id": "42e01f"})}
 
 
 @dataclass(frozen=True)
@@ -501,6 +573,12 @@ class Person:
     #: ``unpublish`` then (later) ``leave``; ``leave`` alone; or neither (present at destroy).
     unpublish_at: float | None = None
     leave_at: float | None = None
+    #: video frames per second, picture size (width, height) and codec (``vp8`` or ``h264``)
+    fps: int = 15
+    size: tuple[int, int] = (320, 240)
+    codec: str = "vp8"
+    #: sync markers: white picture and doubled tone for 100 ms at every 5 s of the media clock
+    markers: bool = False
 
 
 #: Three participants: X stays until the room is destroyed, Y unpublishes then leaves, Z
@@ -524,6 +602,24 @@ class Sent:
     audio_frames: int = 0
     #: the addresses of the ICE candidates in Janus's answer
     janus_candidates: list[str] = field(default_factory=list)
+    #: the media clock's zero Z (wall clock; :attr:`first_media` is the same instant)
+    clock_zero: float = 0.0
+    #: the number of each track's first frame on that clock (one of them is 0)
+    video_first: int = 0
+    audio_first: int = 0
+    #: white video frames sent until ``stopped``
+    flash_frames: int = 0
+    #: when the requests left: join, publish, unpublish and leave (``None``: not sent)
+    joined: float = 0.0
+    published: float = 0.0
+    unpublished: float | None = None
+    left: float | None = None
+    #: when the PeerConnection reached "connected"
+    connected: float = 0.0
+    janus_session: int = 0
+    janus_handle: int = 0
+    #: the video codec's fmtp line in Janus's answer
+    video_fmtp: str = ""
 
 
 @dataclass
@@ -561,6 +657,17 @@ async def _keepalive(session: JanusSession, period: float = 20.0) -> None:
             await session.keepalive()
 
 
+def _answer_fmtp(sdp: str, kind: str) -> str:
+    """The fmtp of the first payload type of the answer's ``m=<kind>`` section."""
+    section = sdp.split(f"m={kind} ", 1)[-1].split("\nm=", 1)[0]
+    lines = section.splitlines()
+    payload = lines[0].split()[2] if lines and len(lines[0].split()) > 2 else ""
+    for line in lines:
+        if line.startswith(f"a=fmtp:{payload} "):
+            return line.split(" ", 1)[1].strip()
+    return ""
+
+
 async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
                      destroyed: asyncio.Event) -> None:
     from aiortc import (
@@ -575,32 +682,49 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
     await session.create()
     keepalive = asyncio.create_task(_keepalive(session))
     handle = await session.attach()
-    await session.message(handle, {"request": "join", "ptype": "publisher", "room": room,
-                                   "id": person.pid, "display": person.name})
+    sent.janus_session, sent.janus_handle = session.id, handle
+    sent.joined = (await session.message(
+        handle, {"request": "join", "ptype": "publisher", "room": room, "id": person.pid,
+                 "display": person.name})).sent
     # No STUN server: aiortc would otherwise ask a public one for a reflexive candidate.
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    video, audio = colour_track(person.rgb), tone_track(person.tone)
+    clock = MediaClock()  # both tracks' pts and pacing count from its zero
+    video = colour_track(person.rgb, person.size, person.fps, clock, person.markers)
+    audio = tone_track(person.tone, clock=clock, markers=person.markers)
+    video_mime, preferred = VIDEO_CODECS[person.codec]
     # Audio first, as browsers do: Janus names the files ``audio-0`` and ``video-1``.
-    for track, mime in ((audio, "audio/opus"), (video, "video/VP8")):
+    for track, mime in ((audio, "audio/opus"), (video, video_mime)):
         transceiver = pc.addTransceiver(track, direction="sendonly")
-        codecs = RTCRtpSender.getCapabilities(track.kind).codecs
-        transceiver.setCodecPreferences([c for c in codecs if c.mimeType == mime])
+        codecs = [c for c in RTCRtpSender.getCapabilities(track.kind).codecs
+                  if c.mimeType == mime]
+        if track is video:
+            codecs.sort(key=lambda c: any(c.parameters.get(k) != v
+                                          for k, v in preferred.items()))
+        transceiver.setCodecPreferences(codecs)
     connected = asyncio.Event()
 
     @pc.on("connectionstatechange")
     def _state() -> None:
         if pc.connectionState == "connected":
+            sent.connected = time.time()
             connected.set()
+
+    def counts() -> None:
+        sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
+        sent.flash_frames = video.flashes
 
     try:
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate
-        jsep = (await session.message(
-            handle, {"request": "publish", "audiocodec": "opus", "videocodec": "vp8"},
-            jsep={"type": "offer", "sdp": pc.localDescription.sdp, "trickle": False})).jsep
+        reply = await session.message(
+            handle, {"request": "publish", "audiocodec": "opus", "videocodec": person.codec},
+            jsep={"type": "offer", "sdp": pc.localDescription.sdp, "trickle": False})
+        sent.published = reply.sent
+        jsep = reply.jsep
         assert jsep is not None and jsep["type"] == "answer", jsep
         # a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ …
         sent.janus_candidates = [line.split()[4] for line in jsep["sdp"].splitlines()
                                  if line.startswith("a=candidate:")]
+        sent.video_fmtp = _answer_fmtp(jsep["sdp"], "video")
         await pc.setRemoteDescription(RTCSessionDescription(jsep["sdp"], "answer"))
         await asyncio.wait_for(connected.wait(), 15.0)
 
@@ -610,16 +734,23 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
             if at is None:
                 continue
             await _sleep_until(t0, at)
-            counts = video.pace.count, audio.pace.count
-            reply = await session.message(handle, {"request": request})
-            if not sent.stopped:
-                sent.stopped = reply.sent
-                sent.video_frames, sent.audio_frames = counts
+            stopping = not sent.stopped
+            if stopping:
+                counts()
+            request_sent = (await session.message(handle, {"request": request})).sent
+            if request == "unpublish":
+                sent.unpublished = request_sent
+            else:
+                sent.left = request_sent
+            if stopping:
+                sent.stopped = request_sent
         if not sent.stopped:
             await destroyed.wait()
-            sent.video_frames, sent.audio_frames = video.pace.count, audio.pace.count
+            counts()
     finally:
-        sent.first_media = min(t.pace.first_wall or time.time() for t in (video, audio))
+        sent.first_media = clock.zero_wall or time.time()
+        sent.clock_zero = sent.first_media
+        sent.video_first, sent.audio_first = video.pace.first or 0, audio.pace.first or 0
         await pc.close()
         keepalive.cancel()
         await session.destroy()
@@ -628,16 +759,19 @@ async def _publisher(url: str, room: int, person: Person, t0: float, sent: Sent,
 async def run_meeting(
     url: str, rec_dir: Path, people: tuple[Person, ...] = DEFAULT_PEOPLE,
     destroy_at: float = DEFAULT_DESTROY_AT, room: int | None = None,
+    description: str = "melter end-to-end",
 ) -> MeetingLog:
     """Create a recorded room, run the publishers' schedule, destroy the room."""
     room = room or 2000 + secrets.randbelow(7000)
     admin = JanusSession(url)
     await admin.create()
     handle = await admin.attach()
+    # The room takes every codec its publishers use (in the order they first appear).
+    videocodecs = ",".join(dict.fromkeys(p.codec for p in people))
     await admin.message(handle, {"request": "create", "room": room, "publishers": 6,
                                  "record": True, "rec_dir": str(rec_dir),
-                                 "audiocodec": "opus", "videocodec": "vp8",
-                                 "description": "melter end-to-end"})
+                                 "audiocodec": "opus", "videocodec": videocodecs,
+                                 "description": description})
     log = MeetingLog(room, time.time())
     t0 = time.monotonic()
     destroyed = asyncio.Event()
@@ -951,6 +1085,8 @@ def measure(path: Path, rec_dir: Path, log: MeetingLog, layout: str = "grid") ->
     with av.open(str(path)) as container:
         for frame in container.decode(container.streams.video[0]):
             frames += 1
+            if frame.pts is None or frame.time_base is None:
+                continue
             number = round(float(frame.pts * frame.time_base) * fps)
             if number not in wanted:
                 continue
