@@ -1,10 +1,12 @@
 """A long meeting rendered in chunks on several workers equals the single-pass render.
 
-A 90 s synthetic meeting (three people joining and leaving, so there are scene boundaries to
-cut at; one of them flashes white and doubles its tone every 10 s) is rendered three ways on
-the farm: in one piece, in chunks by one worker, and in chunks by two workers. The chunked
-files must have the single pass's frame count, its audio sample for sample, the same picture
-at every frame, and the same flash-to-tone sync; two workers must beat one.
+A 90 s synthetic meeting of 10 fps publishers (three people joining and leaving, so there are
+scene boundaries to cut at; one of them flashes white and doubles its tone every 10 s, once
+right at the first chunk's end) is rendered three ways on the farm: in one piece, in chunks by
+one worker, and in chunks by two workers. The chunked files must have the single pass's frame
+count, its audio sample for sample, the same picture at every frame, and the same
+flash-to-tone sync, each flash on the output frame nearest its picture; two workers must beat
+one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from test_farm_helpers import (
     FRAME,
+    MARKER_AT,
+    VIDEO_LAG,
     FarmHarness,
     FrameStats,
     audio_samples,
@@ -74,6 +78,10 @@ def test_chunked_render_equals_single_pass_and_scales(harness: FarmHarness) -> N
     ref_audio = audio_samples(reference)
     ref = frame_stats(reference)
     ref_sync = _sync(reference, ref)
+    # One marker's first picture comes right at the first chunk's end: the chunk border.
+    border = (ranges[0][1] + 1) * FRAME
+    assert any(abs(flash - border) < 0.001 for flash in ref.white_onsets()), border
+    assert abs(border - (MARKER_AT + 20)) < 0.001
     for name in ("chunked-1.mp4", "chunked-2.mp4"):
         path = harness.outputs / name
         assert video_frame_count(path) == frames
@@ -85,9 +93,11 @@ def test_chunked_render_equals_single_pass_and_scales(harness: FarmHarness) -> N
         assert audio.shape == ref_audio.shape and float(np.abs(audio - ref_audio).max()) == 0
         sync = _sync(path, stats)
         assert sync == ref_sync
-        # Within one picture of the 15 fps sources (the engine shows the latest picture taken
-        # before each output frame, as test_render checks on the real recordings).
-        assert all(abs(offset) <= 1 / 15 + 0.005 for offset in sync), sync
+        # Each marker picture, taken 10 ms after an output frame's time, shows from that
+        # frame: the tone starts 10 ms after the flash (within the 2 ms onset measure), and
+        # so within half an output frame (+3 ms), the promised sync.
+        assert all(abs(offset - VIDEO_LAG) <= 0.003 for offset in sync), sync
+        assert all(abs(offset) <= FRAME / 2 + 0.003 for offset in sync), sync
         manifest = json.loads((harness.outputs / f"{name}.manifest.json").read_text())
         assert len(manifest["timings"]["chunks"]) == two["chunks"]
     assert two_s < one_s, (one_s, two_s)

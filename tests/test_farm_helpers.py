@@ -336,9 +336,14 @@ class Person:
 
 
 MARKER_EVERY = 10.0
+#: Markers at 7 s, 17 s, 27 s…: the first chunk ends at 27 s, where person 602 joins.
+MARKER_AT = 7.0
 MARKER_LENGTH = 0.2
-VIDEO_FPS = 15
-GROUP = 3  # pictures per encoded group (a key frame each): 0.2 s at 15 fps
+VIDEO_FPS = 10
+GROUP = 2  # pictures per encoded group (a key frame each): 0.2 s at 10 fps
+#: Pictures are taken this long after a multiple of 0.1 s of the meeting, so a marker's first
+#: picture falls between two 30 fps output frames, nearer the earlier one.
+VIDEO_LAG = 0.010
 
 
 def long_meeting_people(seconds: float) -> list[Person]:
@@ -356,7 +361,8 @@ def _opus(person: Person) -> list[bytes]:
     freq = np.full(len(t), person.tone)
     if person.markers:
         phase = np.mod(t, MARKER_EVERY)
-        freq[(phase >= MARKER_EVERY / 2) & (phase < MARKER_EVERY / 2 + MARKER_LENGTH)] *= 2
+        onset = MARKER_AT + VIDEO_LAG
+        freq[(phase >= onset) & (phase < onset + MARKER_LENGTH)] *= 2
     pcm = np.round(0.3 * np.sin(2 * np.pi * np.cumsum(freq) / rate) * 32767).astype(np.int16)
     encoder = av.CodecContext.create("libopus", "w")
     encoder.sample_rate = rate  # type: ignore[attr-defined]
@@ -375,8 +381,8 @@ def _opus(person: Person) -> list[bytes]:
 
 
 def write_long_meeting(folder: Path, seconds: float) -> list[Person]:
-    """A VideoRoom meeting of three synthetic people; person 601 flashes white and doubles its
-    tone for 0.2 s at 5 s, 15 s, 25 s… of the meeting (sync markers)."""
+    """A VideoRoom meeting of three synthetic people at 10 fps; person 601 flashes white and
+    doubles its tone for 0.2 s at 7.01 s, 17.01 s, 27.01 s… of the meeting (sync markers)."""
     folder.mkdir(parents=True, exist_ok=True)
     people = long_meeting_people(seconds)
     for number, person in enumerate(people):
@@ -391,9 +397,10 @@ def write_long_meeting(folder: Path, seconds: float) -> list[Person]:
         for g in range(groups):
             t = g * GROUP / VIDEO_FPS + person.start
             phase = t % MARKER_EVERY
-            marked = person.markers and abs(phase - MARKER_EVERY / 2) < 1e-6
+            marked = person.markers and abs(phase - MARKER_AT) < 1e-6
             pictures.extend(white if marked else normal)
-        video = Stream.vp8(pictures, start_us=first, ssrc=0x2000 + number)
+        video = Stream.vp8(pictures, start_us=first + round(VIDEO_LAG * 1e6), fps=VIDEO_FPS,
+                           ssrc=0x2000 + number)
         video.write(folder / f"videoroom-77-user-{person.uid}-{first + 91}-video-1.mjr")
     (folder / "meeting.yaml").write_text(yaml.safe_dump({"room": "77"}))
     return people
