@@ -30,6 +30,7 @@ cdef enum:
     RECENT_SIZE = 2048
     MAX_ELEMENTS = 64
     MAX_RTP_FRAME = 1500
+    ARRIVAL_WRAP_WINDOW_MS = 3600000
     READ_BUFFER = 262144
 
 # melter.track's constants (kept equal by a test: this module cannot import melter.track,
@@ -49,6 +50,7 @@ CONSTANTS = {
     "ENVELOPE_WINDOW_S": ENVELOPE_WINDOW_S,
     "VIDEO_GAP_S": VIDEO_GAP_S,
     "MAX_RTP_FRAME": MAX_RTP_FRAME,
+    "ARRIVAL_WRAP_WINDOW_MS": ARRIVAL_WRAP_WINDOW_MS,
     "RECENT_SIZE": RECENT_SIZE,
 }
 
@@ -265,7 +267,8 @@ cdef class _OrderedSource:
     cdef int64_t offset  # file offset of buf[pos]
     cdef int64_t end  # stop here (the first pass's end) or -1
     cdef int64_t base_us
-    cdef int64_t last_arrival
+    cdef int64_t last_arrival  # the raw u32 value
+    cdef int64_t wraps
     cdef bint eof
     cdef list pending
     # orderer
@@ -301,6 +304,7 @@ cdef class _OrderedSource:
         self.end = end
         self.base_us = base_us
         self.last_arrival = 0
+        self.wraps = 0
         self.eof = False
         self.pending = []
         self.window = REORDER_WINDOW
@@ -364,13 +368,14 @@ cdef class _OrderedSource:
         if not self._have(10 + length):
             raise Fallback(f"file ends inside a frame at byte {self.offset}")
         p = self.bufp + self.pos
-        if arrival < self.last_arrival and self.last_arrival - arrival > 0x7FFFFFFF:
-            arrival += 1 << 32
+        if (arrival < ARRIVAL_WRAP_WINDOW_MS
+                and self.last_arrival >= (<int64_t>1 << 32) - ARRIVAL_WRAP_WINDOW_MS):
+            self.wraps += 1
         self.last_arrival = arrival
         pkt = _Pkt.__new__(_Pkt)
         pkt.data = PyBytes_FromStringAndSize(<const char *>p + 10, length)
         pkt.offset = self.offset
-        pkt.arrival_us = self.base_us + arrival * 1000
+        pkt.arrival_us = self.base_us + (arrival + (self.wraps << 32)) * 1000
         self.pos += 10 + length
         self.offset += 10 + length
         # RtpPacket.parse
@@ -704,6 +709,9 @@ cdef class _FirstPass:
     cdef double lowest_t
     cdef double lowest_d
     cdef set outliers
+    cdef bint first_checked
+    cdef bint has_first_packet
+    cdef int64_t first_packet_us
     # consume
     cdef bint has_last_end
     cdef double last_end_t
@@ -748,6 +756,8 @@ cdef class _FirstPass:
         self.piece_indices = set()
         self.pending = []
         self.outliers = analysis.outliers
+        self.has_first_packet = analysis.header.first_packet_us is not None
+        self.first_packet_us = analysis.header.first_packet_us or 0
         self.last_index = -1
         self.last_segment = -1
         self.last_rot = -1
@@ -844,6 +854,12 @@ cdef class _FirstPass:
         self.segment = item.segment
         d = <double>item.arrival_us / 1e6 - t
         if not self.has_ref:
+            if not self.first_checked:
+                self.first_checked = True
+                if (self.has_first_packet and fabs(<double>(item.arrival_us - self.first_packet_us))
+                        > MAX_DELAY_S * 1e6):
+                    self.outliers.add(item.index)
+                    return [(item, t, True)]
             self._normal(t, d)
             return None
         if new_ssrc:

@@ -570,6 +570,7 @@ class _TimelineBuilder:
         self.segment = 0
         self.window_count = 0
         self.piece_indices: set[int] = set()
+        self.first_checked = False
 
     def extended(self, ts: int) -> int:
         if self.last_ts32 is None:
@@ -610,6 +611,11 @@ class _TimelineBuilder:
             return [(item, t, False)]
         d = item.arrival_us / 1e6 - t
         if self.ref is None:
+            if not self.first_checked:
+                self.first_checked = True
+                if self._damaged_first(item.arrival_us):
+                    analysis.outliers.add(item.index)
+                    return [(item, t, True)]
             return [self._normal(item, t, d)]
         if new_ssrc:
             # A new sender's clock owes nothing to the old one: anchor it afresh.
@@ -636,6 +642,14 @@ class _TimelineBuilder:
         if t - self.pending[0][1] >= JUMP_CONFIRM_S or len(self.pending) >= 200:
             return self._start_piece("clock-jump")
         return []
+
+    def _damaged_first(self, arrival_us: int) -> bool:
+        """Whether the first packet's arrival time is damaged: Janus writes the header's
+        first-packet time as it writes that packet, so the two agree within any delay. Its
+        arrival sets the reference every later packet is judged by, so a damaged one would
+        make the rest of the track a clock jump."""
+        first_packet_us = self.analysis.header.first_packet_us
+        return first_packet_us is not None and abs(arrival_us - first_packet_us) > MAX_DELAY_S * 1e6
 
     def _new_piece(self, index: int, t: float, reason: str) -> Piece:
         piece = Piece(index, t, reason)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from mjrwriter import Stream, frame_offsets, vp8_pictures
 
 from melter import order, track
-from melter.mjr.reader import MAX_RTP_FRAME
+from melter.mjr.reader import ARRIVAL_WRAP_WINDOW_MS, MAX_RTP_FRAME
 from melter.mjr.rtp import URI_AUDIO_LEVEL, URI_VIDEO_ORIENTATION
 from melter.track import PURE_PYTHON_ENV, TimedFrame, TrackAnalysis, analyze, timed_frames
 
@@ -91,6 +91,7 @@ def test_constants_match_the_python_passes() -> None:
     ):
         assert constants[name] == getattr(track, name), name
     assert constants["MAX_RTP_FRAME"] == MAX_RTP_FRAME
+    assert constants["ARRIVAL_WRAP_WINDOW_MS"] == ARRIVAL_WRAP_WINDOW_MS
     assert constants["RECENT_SIZE"] == order._RECENT
 
 

@@ -35,6 +35,10 @@ _V1_PREFIX = struct.Struct("!8sH")
 #: Janus never records an RTP packet larger than its MTU-sized buffer; janus-pp-rec skips such
 #: frames too. A bigger length in an audio/video file means the length field is damaged.
 MAX_RTP_FRAME = 1500
+#: The u32 millisecond arrival counter wraps after 49.7 days. A wrap is taken only from the
+#: counter's last hour to its first: one damaged arrival time anywhere else (a changed top
+#: byte) must not move every later packet 49.7 days on.
+ARRIVAL_WRAP_WINDOW_MS = 3_600_000
 _READ_CHUNK = 1 << 16
 
 
@@ -223,7 +227,8 @@ class MjrReader:
         read = handle.read
         unpack = _V2_PREFIX.unpack
         max_length = self._max_length()
-        last_arrival = 0
+        last_arrival = 0  # the raw u32 value
+        wraps = 0
         while True:
             prefix = read(10)
             if len(prefix) < 10:
@@ -242,10 +247,11 @@ class MjrReader:
             if len(data) < length:
                 self._truncated(offset, f"a {length}-byte frame")
                 return
-            if arrival < last_arrival and last_arrival - arrival > 0x7FFFFFFF:
-                arrival += 1 << 32  # the u32 millisecond counter wrapped (49.7 days)
+            if (arrival < ARRIVAL_WRAP_WINDOW_MS
+                    and last_arrival >= (1 << 32) - ARRIVAL_WRAP_WINDOW_MS):
+                wraps += 1  # the u32 millisecond counter wrapped (49.7 days)
             last_arrival = arrival
-            yield MjrFrame(offset, arrival, data)
+            yield MjrFrame(offset, arrival + (wraps << 32), data)
             offset += 10 + length
 
     def _frames_v1(self, handle: IO[bytes]) -> Iterator[MjrFrame]:

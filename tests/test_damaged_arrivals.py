@@ -1,0 +1,123 @@
+"""One damaged arrival time in a real recording leaves the track as long as it was.
+
+Janus stores each packet's arrival as a u32 count of milliseconds. Changing the top byte of one
+packet's count moves that packet about 49 days on; before, the reader took the next packet for a
+wrap of the counter (every later packet 49.7 days on) and a damaged first packet became the
+reference the whole track was judged by: a 49-day track, and a converter that built 49 days
+of silence until memory ran out. Both passes (compiled and Python) must drop the one packet
+with a warning and keep the track's times.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+from mjrwriter import Stream, make_header, write_mjr
+
+from melter.mjr.reader import MjrReader
+from melter.track import PURE_PYTHON_ENV, analyze
+
+FIXTURES = Path(__file__).parent / "fixtures"
+THREE, TWO = FIXTURES / "dev-three-party-vp8", FIXTURES / "dev-two-party-h264"
+RECORDINGS = {
+    "opus": THREE / "videoroom-2001-user-501-1795700513534356-audio-0.mjr",
+    "vp8": THREE / "videoroom-2001-user-501-1795700513534447-video-1.mjr",
+    "h264": TWO / "videoroom-2002-user-511-1795700544681330-video-1.mjr",
+}
+WHERE = ["first", "second", "middle", "last"]
+
+
+def frame_starts(data: bytes) -> list[int]:
+    """Byte offsets of an MJR00002 file's frame prefixes."""
+    size = struct.unpack_from("!H", data, 8)[0]
+    pos, starts = 10 + size, []
+    while pos + 10 <= len(data):
+        assert data[pos:pos + 4] == b"MEET"
+        starts.append(pos)
+        pos += 10 + struct.unpack_from("!H", data, pos + 8)[0]
+    return starts
+
+
+def damaged_copy(source: Path, where: str, folder: Path) -> tuple[Path, int]:
+    """``source`` with the top byte of one packet's arrival time inverted; the byte's offset."""
+    data = bytearray(source.read_bytes())
+    starts = frame_starts(bytes(data))
+    index = {"first": 0, "second": 1, "middle": len(starts) // 2, "last": len(starts) - 1}[where]
+    offset = starts[index] + 4
+    data[offset] ^= 0xFF
+    path = folder / f"{where}-{source.name}"
+    path.write_bytes(data)
+    return path, offset
+
+
+def test_one_wild_arrival_is_not_a_counter_wrap(tmp_path: Path) -> None:
+    packets = Stream.opus(0.1).packets
+    written = [0, 20, 0xFF00_0028, 60, 80]
+    path = write_mjr(tmp_path / "spike.mjr", make_header(),
+                     [(ms, p.to_bytes()) for ms, p in zip(written, packets, strict=True)])
+    assert [f.arrival_ms for f in MjrReader(path).frames()] == written
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("codec", sorted(RECORDINGS))
+def test_one_damaged_arrival_keeps_the_track_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str, where: str, compiled: bool
+) -> None:
+    if not compiled:
+        monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    source = RECORDINGS[codec]
+    clean = analyze(source)
+    path, offset = damaged_copy(source, where, tmp_path)
+    damaged = analyze(path)
+    moved_start = damaged.start_us - clean.start_us
+    moved_end = damaged.end_us - clean.end_us
+    assert abs(moved_start) <= 100_000 and abs(moved_end) <= 100_000, (moved_start, moved_end)
+    assert abs(damaged.frames - clean.frames) <= 1
+    assert all(gap.length_us <= 5_000_000 for gap in damaged.gaps), damaged.gaps
+    assert any(str(path) in warning and "damaged" in warning for warning in damaged.warnings), (
+        offset, damaged.warnings)
+
+
+def _convert_peak_kib(source: Path, output: Path) -> int:
+    """``melter convert source -o output`` in a child under a 2 GiB address-space cap; its
+    peak resident memory in KiB."""
+    script = (
+        "import resource, sys\n"
+        "from melter.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        ["prlimit", f"--as={2 << 30}", sys.executable, "-c", script, "convert", str(source),
+         "-o", str(output)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stderr.split("PEAK")[-1].split()[0])
+
+
+@pytest.mark.parametrize("codec", ["opus", "vp8"])
+def test_converting_a_damaged_recording_costs_what_the_clean_one_does(tmp_path: Path,
+                                                                      codec: str) -> None:
+    source = RECORDINGS[codec]
+    suffix = ".opus" if codec == "opus" else ".webm"
+    clean_out = tmp_path / f"clean{suffix}"
+    clean_peak = _convert_peak_kib(source, clean_out)
+    for where in ("first", "middle"):
+        path, _ = damaged_copy(source, where, tmp_path)
+        out = tmp_path / f"{where}{suffix}"
+        peak = _convert_peak_kib(path, out)
+        with av.open(str(clean_out)) as a, av.open(str(out)) as b:
+            clean_s, damaged_s = a.duration / 1e6, b.duration / 1e6
+        print(f"\n{codec} {where}: {damaged_s:.3f} s (clean {clean_s:.3f} s), peak RSS "
+              f"{peak / 1024:.0f} MiB (clean {clean_peak / 1024:.0f} MiB)")
+        assert abs(damaged_s - clean_s) <= 1.0
+        assert peak <= clean_peak * 1.2 + 20 * 1024
