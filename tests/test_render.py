@@ -62,19 +62,27 @@ class Rendered:
         return self.result.plan
 
 
+def media_end_us(file: dict) -> float:
+    """When a file's last packet was due: its first packet's arrival plus the RTP span (the
+    sender's media clock). Not the last packet's arrival: a publisher that stalls sends its
+    last packets late (janus-10fps-vp8 was recorded on a loaded machine; some of its packets
+    arrived up to 0.9 s after their time)."""
+    return file["mjr_first_packet_us"] + file["rtp"]["rtp_span_s"] * 1e6
+
+
 def truth(meeting_name: str) -> tuple[list[Person], float]:
-    """Participants' presence from the manifest (first and last packet Janus got)."""
+    """Participants' presence from the manifest (when Janus got the first packet, and how long
+    the media clock ran from there)."""
     data = json.loads((FIXTURES / meeting_name / "manifest.json").read_text())
     files = data["files"]
     start_us = min(f["mjr_first_packet_us"] for f in files)
-    end_us = max(f["mjr_first_packet_us"] + f["rtp"]["file_offset_ms_last"] * 1000 for f in files)
+    end_us = max(media_end_us(f) for f in files)
     people = []
     for person in data["participants"]:
         mine = [f for f in files if f["participant"] == person["name"]]
         join = min(f["mjr_first_packet_us"] for f in mine)
-        # The last audio packet plays for 20 ms after it arrived.
-        leave = max(f["mjr_first_packet_us"] + f["rtp"]["file_offset_ms_last"] * 1000
-                    for f in mine) + 20_000
+        # The last audio packet plays for 20 ms.
+        leave = max(media_end_us(f) for f in mine) + 20_000
         t0 = person["actual"]["media_clock_t0_epoch"] * 1e6
         pauses = [((t0 + a * 1e6 - start_us) / 1e6, (t0 + b * 1e6 - start_us) / 1e6)
                   for a, b in person.get("audio_gaps_s", [])]
