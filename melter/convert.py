@@ -30,6 +30,7 @@ from av.video.stream import VideoStream
 
 from melter.depay import audio_depacketizer
 from melter.errors import MelterError, UnsupportedError
+from melter.limits import check_meeting_span, check_recording_span
 from melter.track import TrackAnalysis, analyze, data_messages, timed_frames
 
 MICROSECONDS = Fraction(1, 1_000_000)
@@ -336,9 +337,13 @@ def convert_tracks(
     if "data" in kinds:
         raise UnsupportedError(f"{analyses[kinds.index('data')].path}: a data recording "
                                "converts to .srt")
+    for analysis in analyses:
+        check_recording_span(analysis.path, analysis.start_us, analysis.end_us)
     if origin_us is None:
         origin_us = min(a.start_us for a in analyses)
     end_us = max(a.end_us for a in analyses)
+    if len(analyses) > 1:
+        check_meeting_span(origin_us, end_us)
     report.start_us = origin_us
     report.duration_us = end_us - origin_us
     if suffix in DECODED:
@@ -402,7 +407,9 @@ def _write_wav(analysis: TrackAnalysis, temp: Path, origin_us: int, report: Conv
                 continue
             fill, _ = placed
             if fill:
-                write(np.zeros(fill * channels, dtype=np.int16))
+                # In blocks of a second: a gap may last hours.
+                for start in range(0, fill, placer.rate):
+                    write(np.zeros(min(placer.rate, fill - start) * channels, dtype=np.int16))
                 placer.position += fill
                 placer.silence_samples += fill
             decoded = []

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from melter.errors import InputError, MelterError
+from melter.limits import check_meeting_span, check_recording_span
 from melter.mjr.reader import EmptyRecordingError, MjrReader
 from melter.track import TrackAnalysis, analyze
 
@@ -226,7 +227,9 @@ def discover(
                 continue
             if kind == "data":
                 continue
-            infos.append(_FileInfo(path, file_room, user, kind, analyze(path)))
+            analysis = analyze(path)
+            check_recording_span(path, analysis.start_us, analysis.end_us)
+            infos.append(_FileInfo(path, file_room, user, kind, analysis))
         except EmptyRecordingError as exc:
             skipped.append(f"{exc} (skipped)")
         except InputError as exc:
@@ -270,4 +273,6 @@ def discover(
     participants.sort(key=lambda p: (p.start_us, p.id))
     for order, participant in enumerate(participants):
         participant.joined_order = order
+    check_meeting_span(min(p.start_us for p in participants),
+                       max(p.end_us for p in participants))
     return Meeting(room or (next(iter(rooms)) if len(rooms) == 1 else None), participants, skipped)

@@ -9,7 +9,7 @@ bytes out, ``ValueError`` naming the field when a payload is malformed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -64,9 +64,10 @@ class AudioDepacketizer(ABC):
     def extradata(self) -> bytes | None:
         return None
 
-    def silence(self, samples: int) -> list[tuple[bytes, int]]:
+    def silence(self, samples: int) -> Iterator[tuple[bytes, int]]:
         """Codec packets that decode to ``samples`` of silence, as ``(packet, samples)``.
 
+        Generated as they are written, never all at once: a gap may last hours.
         May fall short of ``samples`` by less than the format's smallest frame.
         """
         raise NotImplementedError

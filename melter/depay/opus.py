@@ -7,6 +7,7 @@ use 10, 40 or 60 ms ptimes and code-3 packets carry up to 48 frames.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from melter.depay.base import AudioDepacketizer
 
@@ -74,14 +75,13 @@ class OpusDepacketizer(AudioDepacketizer):
     def extradata(self) -> bytes:
         return opus_head(self.channels)
 
-    def silence(self, samples: int) -> list[tuple[bytes, int]]:
-        out: list[tuple[bytes, int]] = []
+    def silence(self, samples: int) -> Iterator[tuple[bytes, int]]:
         remaining = samples
         for size in (960, 480, 240, 120):
+            frame = bytes((_SILENCE_TOC[size], 0xFF, 0xFE))
             while remaining >= size:
-                out.append((bytes((_SILENCE_TOC[size], 0xFF, 0xFE)), size))
+                yield frame, size
                 remaining -= size
-        return out
 
 
 class MultiopusDepacketizer(OpusDepacketizer):
@@ -103,10 +103,8 @@ class MultiopusDepacketizer(OpusDepacketizer):
     def extradata(self) -> bytes:
         return opus_head(6, 1, self.STREAMS, self.COUPLED, self.MAPPING)
 
-    def silence(self, samples: int) -> list[tuple[bytes, int]]:
-        out: list[tuple[bytes, int]] = []
+    def silence(self, samples: int) -> Iterator[tuple[bytes, int]]:
         for frame, size in super().silence(samples):
             # Self-delimited framing (RFC 6716 Appendix B): the frame length after the TOC.
             delimited = bytes((frame[0], len(frame) - 1)) + frame[1:]
-            out.append((delimited * (self.STREAMS - 1) + frame, size))
-        return out
+            yield delimited * (self.STREAMS - 1) + frame, size

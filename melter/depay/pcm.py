@@ -6,6 +6,8 @@ PyAV). Their durations follow from the payload size alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from melter.depay.base import AudioDepacketizer
 
 
@@ -16,10 +18,12 @@ class _FixedRate(AudioDepacketizer):
     def samples(self, payload: bytes) -> int:
         return int(len(payload) / self.bytes_per_sample)
 
-    def silence(self, samples: int) -> list[tuple[bytes, int]]:
-        if samples <= 0:
-            return []
-        return [(self.silence_byte * int(samples * self.bytes_per_sample), samples)]
+    def silence(self, samples: int) -> Iterator[tuple[bytes, int]]:
+        # In blocks of a second: a gap may last hours.
+        while samples > 0:
+            block = min(samples, self.sample_rate)
+            yield self.silence_byte * int(block * self.bytes_per_sample), block
+            samples -= block
 
     @property
     def is_pcm(self) -> bool:
