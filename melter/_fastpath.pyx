@@ -268,6 +268,7 @@ cdef class _OrderedSource:
     cdef int64_t end  # stop here (the first pass's end) or -1
     cdef int64_t base_us
     cdef int64_t last_arrival  # the raw u32 value
+    cdef int64_t before_last_arrival
     cdef int64_t wraps
     cdef bint eof
     cdef list pending
@@ -304,6 +305,7 @@ cdef class _OrderedSource:
         self.end = end
         self.base_us = base_us
         self.last_arrival = 0
+        self.before_last_arrival = 0
         self.wraps = 0
         self.eof = False
         self.pending = []
@@ -369,8 +371,10 @@ cdef class _OrderedSource:
             raise Fallback(f"file ends inside a frame at byte {self.offset}")
         p = self.bufp + self.pos
         if (arrival < ARRIVAL_WRAP_WINDOW_MS
-                and self.last_arrival >= (<int64_t>1 << 32) - ARRIVAL_WRAP_WINDOW_MS):
+                and self.last_arrival >= (<int64_t>1 << 32) - ARRIVAL_WRAP_WINDOW_MS
+                and self.before_last_arrival >= (<int64_t>1 << 32) - ARRIVAL_WRAP_WINDOW_MS):
             self.wraps += 1
+        self.before_last_arrival = self.last_arrival
         self.last_arrival = arrival
         pkt = _Pkt.__new__(_Pkt)
         pkt.data = PyBytes_FromStringAndSize(<const char *>p + 10, length)
@@ -820,7 +824,8 @@ cdef class _FirstPass:
         for entry in pending:
             item = <_Pkt>entry[0]
             deviation = <double>entry[2] - (self.ref if self.has_ref else 0.0)
-            damaged = deviation < -JUMP_TOLERANCE_S or deviation > MAX_DELAY_S
+            damaged = (deviation < -JUMP_TOLERANCE_S or deviation > MAX_DELAY_S
+                       or <double>entry[1] < self.last_t - JUMP_TOLERANCE_S)
             if damaged:
                 self.outliers.add(item.index)
             out.append((item, entry[1], damaged))
@@ -922,6 +927,10 @@ cdef class _FirstPass:
         cdef double gap, duration
         cdef Element elements[MAX_ELEMENTS]
         cdef const unsigned char *data = item.bytes_ptr()
+        if (self.has_last_end and same_segment and t < self.last_end_t - JUMP_TOLERANCE_S
+                and not starts_piece):
+            self.outliers.add(item.index)
+            return
         if starts_piece and self.has_last_end:
             self.piece_starts[item.index] = (self.last_index, self.last_end_t)
         self.last_index = item.index

@@ -333,6 +333,12 @@ def _first_pass_python(reader: MjrReader, analysis: TrackAnalysis) -> _FirstPass
         nonlocal last_end_t, last_index, last_rot, last_segment
         packet = item.packet
         same_segment = item.segment == last_segment
+        if (last_end_t is not None and same_segment and t < last_end_t - JUMP_TOLERANCE_S
+                and item.index not in timeline.piece_indices):
+            # Well behind the packets before it in sequence order, yet on the arrival clock:
+            # its sequence number is damaged. Kept, it would end the track early.
+            analysis.outliers.add(item.index)
+            return
         lost = item.index - last_index - 1 if last_index >= 0 and same_segment else 0
         if item.index in timeline.piece_indices and last_end_t is not None:
             piece_starts[item.index] = (last_index, last_end_t)
@@ -430,7 +436,7 @@ def _finish_analysis(
     if analysis.outliers:
         analysis.warnings.append(
             f"{path}: left out {len(analysis.outliers)} packets whose RTP timestamps contradict "
-            "their arrival times (damaged)"
+            "their arrival times or sequence numbers (damaged)"
         )
     if stats.invalid:
         analysis.warnings.append(
@@ -674,9 +680,11 @@ class _TimelineBuilder:
         out = []
         for item, t, d in pending:
             deviation = d - (self.ref or 0.0)
-            # Arriving before its own timestamp, or later than any jitter buffer holds:
-            # the timestamp is wrong, not the network.
-            damaged = deviation < -JUMP_TOLERANCE_S or deviation > MAX_DELAY_S
+            # Arriving before its own timestamp, or later than any jitter buffer holds: the
+            # timestamp is wrong, not the network. So is a timestamp well behind the packets
+            # before it in sequence order that starts no new clock piece.
+            damaged = (deviation < -JUMP_TOLERANCE_S or deviation > MAX_DELAY_S
+                       or t < self.last_t - JUMP_TOLERANCE_S)
             if damaged:
                 self.analysis.outliers.add(item.index)
             out.append((item, t, damaged))

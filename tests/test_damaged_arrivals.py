@@ -121,3 +121,32 @@ def test_converting_a_damaged_recording_costs_what_the_clean_one_does(tmp_path: 
               f"{peak / 1024:.0f} MiB (clean {clean_peak / 1024:.0f} MiB)")
         assert abs(damaged_s - clean_s) <= 1.0
         assert peak <= clean_peak * 1.2 + 20 * 1024
+
+
+@pytest.mark.parametrize("value", ["1e999", "-1e999", "NaN", "1" + "0" * 30])
+def test_a_header_time_beyond_any_date_is_ignored(tmp_path: Path, value: str) -> None:
+    """``s``/``u`` that no clock gives (infinite, not a number, 10^30 µs) are left out of the
+    header, as a missing one is: the recording still reads."""
+    packets = Stream.opus(0.2).packets
+    body = f'{{"t":"a","c":"opus","s":{value},"u":{value}}}'.encode()
+    path = write_mjr(tmp_path / "h.mjr", body,
+                     [(20 * n, p.to_bytes()) for n, p in enumerate(packets)])
+    header = MjrReader(path).header
+    assert header.created_us is None and header.first_packet_us is None
+    assert analyze(path).frames == len(packets)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_damaged_sequence_number_does_not_end_the_track_early(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """One packet's sequence number 2 000 ahead sorts it last, while its timestamp and arrival
+    say it belongs 0.7 s earlier: it is left out, and the track keeps its end."""
+    if not compiled:
+        monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    stream = Stream.opus(3.0)
+    clean = analyze(stream.write(tmp_path / "clean.mjr"))
+    stream.packets[115].seq = (stream.packets[115].seq + 2000) & 0xFFFF
+    damaged = analyze(stream.write(tmp_path / "seq.mjr"))
+    assert damaged.end_us == clean.end_us
+    assert len(damaged.outliers) == 1
+    assert all(clean.start_us <= g.start_us <= clean.end_us for g in damaged.gaps)

@@ -194,3 +194,26 @@ def test_cli_on_mutated_recordings(
             assert output.exists()
         codes.append(result.returncode)
     assert codes  # both outcomes are allowed; the point is: no crash, no traceback
+
+
+#: The CI slice of ``bench/fuzz_bench.py``'s run (which takes 100 000 cases).
+SLICE_SEED = 20261202
+SLICE_CASES = 2000
+
+
+def test_seeded_slice_of_the_damage_benchmark() -> None:
+    """2 000 damaged prefixes of real Opus, VP8 and H.264 recordings (every damage kind of
+    ``fuzzcases``, arrival times and the JSON header included) through inspect, convert and
+    plan, each worker under a 3 GiB address-space cap and 20 s a case: no traceback, no hang,
+    no cap hit, nothing inconsistent."""
+    import fuzzcases
+
+    summary = fuzzcases.run(SLICE_SEED, SLICE_CASES, workers=2)
+    print(f"\n{summary.cases} cases in {summary.seconds:.0f} s: {dict(summary.outcomes)}; "
+          f"slowest {summary.slowest[:3]}")
+    assert summary.cases == SLICE_CASES
+    assert summary.failures == 0, summary.findings[:10]
+    assert summary.outcomes["ok"] > SLICE_CASES // 4 and summary.outcomes["refused"] > 0
+    kinds = {group.split("/")[1] for group in summary.by_kind}
+    assert kinds == set(fuzzcases.DAMAGE)
+

@@ -35,9 +35,9 @@ _V1_PREFIX = struct.Struct("!8sH")
 #: Janus never records an RTP packet larger than its MTU-sized buffer; janus-pp-rec skips such
 #: frames too. A bigger length in an audio/video file means the length field is damaged.
 MAX_RTP_FRAME = 1500
-#: The u32 millisecond arrival counter wraps after 49.7 days. A wrap is taken only from the
-#: counter's last hour to its first: one damaged arrival time anywhere else (a changed top
-#: byte) must not move every later packet 49.7 days on.
+#: The u32 millisecond arrival counter wraps after 49.7 days. A wrap is taken only from two
+#: packets in the counter's last hour to one in its first: one damaged arrival time (a changed
+#: byte, or a whole wild value) must not move every later packet 49.7 days on.
 ARRIVAL_WRAP_WINDOW_MS = 3_600_000
 _READ_CHUNK = 1 << 16
 
@@ -138,10 +138,14 @@ def _parse_json_header(path: Path, variant: Variant, raw: bytes, frames_offset: 
                 extensions[ext_id] = uri
 
     def _int(name: str) -> int | None:
+        # Times in µs since the epoch: anything beyond 2^53 (year 2255), infinite or not a
+        # number is a damaged header, not a time.
         value = info.get(name)
-        return (
-            int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if not -(2**53) <= value <= 2**53:  # also False for NaN
+            return None
+        return int(value)
 
     return MjrHeader(
         variant=variant,
@@ -227,7 +231,7 @@ class MjrReader:
         read = handle.read
         unpack = _V2_PREFIX.unpack
         max_length = self._max_length()
-        last_arrival = 0  # the raw u32 value
+        last_arrival = before_last = 0  # raw u32 values
         wraps = 0
         while True:
             prefix = read(10)
@@ -247,10 +251,10 @@ class MjrReader:
             if len(data) < length:
                 self._truncated(offset, f"a {length}-byte frame")
                 return
-            if (arrival < ARRIVAL_WRAP_WINDOW_MS
-                    and last_arrival >= (1 << 32) - ARRIVAL_WRAP_WINDOW_MS):
+            top = (1 << 32) - ARRIVAL_WRAP_WINDOW_MS
+            if arrival < ARRIVAL_WRAP_WINDOW_MS and last_arrival >= top and before_last >= top:
                 wraps += 1  # the u32 millisecond counter wrapped (49.7 days)
-            last_arrival = arrival
+            before_last, last_arrival = last_arrival, arrival
             yield MjrFrame(offset, arrival + (wraps << 32), data)
             offset += 10 + length
 
