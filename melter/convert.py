@@ -11,6 +11,7 @@ are complete: a failed conversion never leaves a half file or replaces a good on
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import tempfile
@@ -75,18 +76,52 @@ class ConvertReport:
     duration_us: int = 0
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target``; renamed onto it only if the block succeeds."""
+    """A temporary path beside ``target``; renamed onto it only if the block succeeds.
+
+    The file gets the mode any new file of the user gets (0644 under the usual umask, not
+    ``mkstemp``'s 0600: web servers and other containers read outputs), and reaches the disk
+    before it takes the name, so a crash never leaves a named but partial output. A full
+    disk is said in words, with the folder.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(
         prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=target.parent
     )
+    os.fchmod(handle, 0o666 & ~_umask())
     os.close(handle)
     temp = Path(temp_name)
     try:
-        yield temp
+        try:
+            yield temp
+            with open(temp, "rb") as written:
+                os.fsync(written.fileno())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise MelterError(f"no space left on device at {target.parent} (writing "
+                                  f"{target.name})") from None
+            raise
         os.replace(temp, target)
+        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     finally:
         if temp.exists():
             temp.unlink()

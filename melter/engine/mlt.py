@@ -19,6 +19,7 @@ caller checks the output file after.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -40,6 +41,10 @@ _ERRORS = (
     re.compile(r"Failed to open", re.IGNORECASE),
     re.compile(r"Unable to (?:find|open)", re.IGNORECASE),
 )
+
+
+#: What melt's avformat consumer prints when a write fails (the number is -errno).
+_WRITE_FAILED = re.compile(r"error writing (?:video|audio) frame: -(\d+)")
 
 
 class RenderError(MelterError):
@@ -745,6 +750,26 @@ def run_melt(
     stderr = "\n".join(lines)
     problems = [line for line in lines if any(p.search(line) for p in _ERRORS)]
     if process.returncode != 0 or problems:
+        written = _write_failure(lines, consumer)
+        if written:
+            raise RenderError(written)
         detail = "; ".join(problems[:3]) or f"exit code {process.returncode}"
         raise RenderError(f"melt failed: {detail}")
     return stderr
+
+
+def _write_failure(lines: list[str], consumer: list[str]) -> str | None:
+    """Why melt could not write its output, in words, naming where (melt itself only says
+    ``error writing video frame: -28``)."""
+    target = next((Path(item.split(":", 1)[1]) for item in consumer
+                   if item.startswith("avformat:")), None)
+    for line in lines:
+        match = _WRITE_FAILED.search(line)
+        if match is None and "No space left on device" not in line:
+            continue
+        code = int(match.group(1)) if match else errno.ENOSPC
+        where = target.parent if target is not None else "the output"
+        if code == errno.ENOSPC:
+            return f"no space left on device at {where}"
+        return f"cannot write the output in {where}: {os.strerror(code)}"
+    return None
