@@ -948,8 +948,11 @@ cdef class _FirstPass:
                     )
             duration = samples / 48000.0
             self.media_us += py_round(duration * 1e6)
+            if not self.has_last_end or not same_segment or starts_piece:
+                self.last_end_t = t + duration
+            elif t + duration > self.last_end_t:
+                self.last_end_t = t + duration
             self.has_last_end = True
-            self.last_end_t = t + duration
             self.frames += 1
             if self.ext_level >= 0:
                 for i in range(count):

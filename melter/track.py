@@ -362,7 +362,12 @@ def _first_pass_python(reader: MjrReader, analysis: TrackAnalysis) -> _FirstPass
                     raw_gaps.append((item.index, last_end_t, gap, cause, lost))
             duration = samples / depay.sample_rate
             analysis.media_us += round(duration * 1e6)
-            last_end_t = t + duration
+            # Never backwards inside a piece: a packet a little behind the one before it in
+            # sequence order (a damaged sequence number) must not end the track early.
+            if last_end_t is None or not same_segment or item.index in timeline.piece_indices:
+                last_end_t = t + duration
+            else:
+                last_end_t = max(last_end_t, t + duration)
             analysis.frames += 1
             # An element without a value (two-byte form, length 0) says nothing.
             value = packet.extensions.get(ext_level) if ext_level is not None else None
@@ -445,8 +450,13 @@ def _finish_analysis(
         )
     locate = PieceLocator(analysis)
     starts = {piece.first_index for piece in analysis.pieces}
-    analysis.start_us = locate.wall(analysis.pieces[0].first_index, 0.0)
-    analysis.end_us = locate.wall(facts.last_index, facts.last_end_t or 0.0)
+    # A clock piece may be placed before the one read first (a timestamp reset, or a damaged
+    # first packet): the track spans from the earliest piece start to the latest piece end.
+    analysis.start_us = min(locate.wall(piece.first_index, piece.t_start)
+                            for piece in analysis.pieces)
+    ends = [locate.wall(index, t) for index, t in facts.piece_starts.values()]
+    ends.append(locate.wall(facts.last_index, facts.last_end_t or 0.0))
+    analysis.end_us = max(analysis.start_us, *ends)
     gaps = [
         Gap(locate.wall(index, t), round(length * 1e6), cause, lost)
         for index, t, length, cause, lost in facts.raw_gaps
