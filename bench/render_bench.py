@@ -101,8 +101,8 @@ def snapshot_melter(folder: Path) -> Path:
     folder.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(REPO / "melter", folder / "melter", ignore=ignore)
-    # melter.layout.model finds the built-in layouts beside the package.
-    shutil.copytree(REPO / "layouts", folder / "layouts", ignore=ignore)
+    # Where an install puts them (setup.py): the package melter.layout.builtin.
+    shutil.copytree(REPO / "layouts", folder / "melter" / "layout" / "builtin", ignore=ignore)
     return folder
 
 

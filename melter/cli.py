@@ -274,6 +274,9 @@ def swarm_apply(
 ) -> None:
     """Create the plan's networks: each node's config-only network on its own engine, then the
     swarm macvlan network on a manager. Existing identical networks are left alone."""
+    from melter.extras import require
+
+    require("deploy", "`melter swarm apply`")
     from melter.swarm.apply import apply, engine_urls
     from melter.swarm.plan import load_inventory
     from melter.swarm.plan import plan as make_plan
@@ -303,8 +306,10 @@ def layouts_list() -> None:
     """The built-in layouts."""
     from melter.layout.model import builtin_names, load_layout
 
+    # One unwrapped line per layout, its name first, so scripts can read the list.
     for name in builtin_names():
-        out.print(f"{name:14} {load_layout(name).description}")
+        description = " ".join(load_layout(name).description.split())
+        sys.stdout.write(f"{name:14} {description}\n")
 
 
 @layouts_app.command("show")
@@ -478,6 +483,11 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted")
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        from melter.extras import missing_module_message
+
+        _fail(missing_module_message(exc) or f"{type(exc).__name__}: {exc}")
+        sys.exit(EXIT_INPUT)
     except Exception as exc:  # anything unforeseen still gets one line, not a traceback
         _fail(f"{type(exc).__name__}: {exc}")
         sys.exit(EXIT_INPUT)

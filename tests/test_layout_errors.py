@@ -32,7 +32,7 @@ from test_layout_rules import (
 
 from melter.compose import plan_meeting
 from melter.errors import InputError
-from melter.layout.model import BUILTIN_DIR, builtin_names, load_layout, parse_layout
+from melter.layout.model import builtin_dir, builtin_names, load_layout, parse_layout
 from melter.meeting import discover
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -189,7 +189,7 @@ def test_layouts_schema_is_json_that_validates_the_builtins() -> None:
     assert "regions" in schema.get("required", [])
     validator = jsonschema.Draft202012Validator(schema)
     for name in builtin_names():
-        data = yaml.safe_load((BUILTIN_DIR / f"{name}.yaml").read_text())
+        data = yaml.safe_load((builtin_dir() / f"{name}.yaml").read_text())
         errors = [e.message for e in validator.iter_errors(data)]
         assert not errors, (name, errors)
     # Unknown fields are refused by the schema too.

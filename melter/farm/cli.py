@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from melter.errors import MelterError
+from melter.extras import missing_module_message, require
 
 farm_app = typer.Typer(
     add_completion=False,
@@ -32,6 +33,11 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 TERMINAL = ("done", "failed", "cancelled")
+
+
+def _need_farm(command: str, *also: str) -> None:
+    """Stop with the ``pip install`` line when the farm extra is missing."""
+    require("farm", f"`melter {command}`", *also)
 
 
 def _farm() -> Any:
@@ -71,6 +77,7 @@ def submit(
     max_attempts: Annotated[int | None, typer.Option("--max-attempts")] = None,
 ) -> None:
     """Queue a render on the farm; prints the job id."""
+    _need_farm("submit")
     if priority not in ("auto", "manual"):
         raise typer.BadParameter("auto or manual", param_hint="--priority")
     presets = preset or []
@@ -174,6 +181,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the state as JSON")] = False,
 ) -> None:
     """A job's state, progress, attempts and outputs."""
+    _need_farm("status")
     info = _watch(job_id) if watch else _farm().status(job_id)
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
@@ -192,6 +200,7 @@ def jobs(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
     """The farm's jobs, newest first."""
+    _need_farm("jobs")
     found = _farm().jobs(limit, state)
     if as_json:
         for info in found:
@@ -218,6 +227,7 @@ def jobs(
 @farm_app.command()
 def cancel(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
     """Cancel a job: queued work is dropped, running melt processes are killed."""
+    _need_farm("cancel")
     state = _farm().cancel(job_id)
     if state == "cancelled":
         err.print(f"{job_id}: cancelled")
@@ -231,6 +241,7 @@ def cancel(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
 def retry(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
     """Run a failed or cancelled job again; render a done job again as a new version (prints
     the id of the job that runs)."""
+    _need_farm("retry")
     sys.stdout.write(_farm().retry(job_id) + "\n")
 
 
@@ -247,6 +258,7 @@ def worker(
 ) -> None:
     """Run a farm worker (Celery, prefork pool); SIGTERM is a warm shutdown that lets running
     renders finish."""
+    _need_farm("worker")
     from melter.farm.app import app
     from melter.farm.config import require_broker
 
@@ -268,6 +280,7 @@ def healthcheck(
 ) -> None:
     """Exit 0 while the local worker's event loop runs (its health file is fresh), else 1;
     no broker round trip."""
+    _need_farm("healthcheck")
     from melter.farm.config import load_config
     from melter.farm.health import check
 
@@ -291,6 +304,7 @@ def flower(
 ) -> None:
     """Flower, the Celery dashboard, on Melter's app, behind basic auth
     (MELTER_FLOWER_USER / MELTER_FLOWER_PASSWORD)."""
+    _need_farm("flower", "flower")
     from melter.farm.config import load_config, require_broker
 
     config = load_config()
@@ -318,6 +332,12 @@ def main() -> None:
         farm_app()
     except MelterError as exc:
         sys.stderr.write(f"melter: error: {' '.join(str(exc).split())}\n")
+        sys.exit(1)
+    except ModuleNotFoundError as exc:
+        message = missing_module_message(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"melter: error: {message}\n")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("melter: error: interrupted\n")

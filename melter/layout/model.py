@@ -10,6 +10,8 @@ placeholder card for participants without video.
 from __future__ import annotations
 
 import re
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,9 +26,10 @@ from pydantic import (
     model_validator,
 )
 
-from melter.errors import InputError
+from melter.errors import InputError, MelterError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent.parent / "layouts"
+# The top-level ``layouts/`` folder, installed as this package (setup.py maps it).
+BUILTIN_PACKAGE = "melter.layout.builtin"
 _COLOR = re.compile(r"^#(?:[0-9a-fA-F]{6}|[0-9a-fA-F]{8})$")
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|px)?\s*$")
 _TIME = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$|^(\d+(?:\.\d+)?)s?$")
@@ -228,36 +231,64 @@ def _message(source: str, exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def builtin_dir() -> Traversable:
+    """The built-in layouts as package data, so they are found wherever Melter is installed
+    (wheel, sdist build or editable checkout), never by a path relative to the source tree."""
+    try:
+        return resources.files(BUILTIN_PACKAGE)
+    except ModuleNotFoundError:
+        raise MelterError(f"no built-in layouts: the package {BUILTIN_PACKAGE} is not "
+                          "installed (reinstall melter)") from None
+
+
 def builtin_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    """The names of the built-in layouts; none at all is a broken install, not an empty
+    list (a command listing nothing and succeeding would hide it)."""
+    folder = builtin_dir()
+    names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
+                   if p.name.endswith(".yaml") and p.is_file())
+    if not names:
+        raise MelterError(f"no built-in layouts in {folder} (package {BUILTIN_PACKAGE}); "
+                          "reinstall melter")
+    return names
+
+
+def _builtin(name: str) -> Traversable | None:
+    """A built-in layout by bare name; a name with a path separator is a file, never a
+    built-in."""
+    if "/" in name or "\\" in name:
+        return None
+    candidate = builtin_dir() / f"{name}.yaml"
+    return candidate if candidate.is_file() else None
 
 
 def load_layout(name_or_path: str | Path) -> Layout:
     """A built-in layout by name, or a layout file."""
     path = Path(name_or_path)
+    source: Path | Traversable = path
     if not path.suffix and not path.exists():
-        candidate = BUILTIN_DIR / f"{name_or_path}.yaml"
-        if not candidate.exists():
+        found = _builtin(str(name_or_path))
+        if found is None:
             raise InputError(
                 path,
                 f"no such layout (built-ins: {', '.join(builtin_names())}; or give a YAML file)",
             )
-        path = candidate
+        source = found
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(path, exc.strerror or str(exc)) from None
     except yaml.YAMLError as exc:
-        raise InputError(path, f"not valid YAML ({exc})") from None
-    layout = parse_layout(data, str(path))
+        raise InputError(str(source), f"not valid YAML ({exc})") from None
+    layout = parse_layout(data, str(source))
     for number, rule in enumerate(layout.rules):
         if rule.layout is not None:
             target = Path(rule.layout)
-            found = (BUILTIN_DIR / f"{rule.layout}.yaml").exists() or target.exists() or (
+            found_rule = _builtin(rule.layout) is not None or target.exists() or (
                 path.parent / target).exists()
-            if not found:
+            if not found_rule:
                 raise InputError(
-                    path, f"rules.{number}.layout: no layout named {rule.layout!r} "
+                    str(source), f"rules.{number}.layout: no layout named {rule.layout!r} "
                     f"(built-ins: {', '.join(builtin_names())})"
                 )
     return layout
