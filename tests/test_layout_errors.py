@@ -119,6 +119,16 @@ INVALID = [
     pytest.param({"regions": [{"name": "a", "role": "boss"}]},
                  "regions.0.role", "", id="unknown-role"),
     pytest.param({"regions": []}, "regions", "at least 1", id="no-regions"),
+    pytest.param({"canvas": {"width": 640, "height": 360},
+                  "regions": [{"name": "a", "x": 600, "width": 200}]},
+                 "(top level)", "region 'a' reaches 800x360, beyond the 640x360 canvas",
+                 id="region-beyond-canvas"),
+    pytest.param({"canvas": {"width": 640, "height": 360},
+                  "regions": [{"name": "a", "x": "0", "y": 2000, "width": 10, "height": 10}]},
+                 "(top level)", "region 'a' reaches 10x2010", id="region-below-canvas"),
+    pytest.param({"canvas": {"width": 640, "height": 360}, "regions": [REGION],
+                  "rules": [{"from": 1, "regions": [{"name": "b", "x": "90%", "width": "20%"}]}]},
+                 "(top level)", "region 'b' reaches 704x360", id="rule-region-beyond-canvas"),
 ]
 
 

@@ -222,6 +222,23 @@ class Layout(_Strict):
             raise ValueError(f"region names must be unique (got {names})")
         return self
 
+    @model_validator(mode="after")
+    def _inside_canvas(self) -> Layout:
+        """Every region lies on the canvas: a tile beyond it shows nothing, or a cut picture,
+        and was never what the author meant."""
+        width, height = self.canvas.width, self.canvas.height
+        inline = [region for rule in self.rules for region in rule.regions or []]
+        for region in [*self.regions, *inline]:
+            x, y = parse_length(region.x, width), parse_length(region.y, height)
+            right = x + parse_length(region.width, width)
+            bottom = y + parse_length(region.height, height)
+            # One pixel of slack: percentages are rounded one by one.
+            if right > width + 1 or bottom > height + 1:
+                raise ValueError(
+                    f"region {region.name!r} reaches {right}x{bottom}, beyond the "
+                    f"{width}x{height} canvas")
+        return self
+
 
 def _message(source: str, exc: ValidationError) -> str:
     parts = []
