@@ -76,18 +76,17 @@ class ConvertReport:
     duration_us: int = 0
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it (other threads may be creating files)."""
+def file_mode() -> int:
+    """The mode a new file of this process gets: 0o666 less its umask, read without changing
+    it (other threads may be creating files). Temporary files are created private."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
+                    return 0o666 & ~int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return 0o644
 
 
 @contextmanager
@@ -103,7 +102,7 @@ def atomic_output(target: Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(
         prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=target.parent
     )
-    os.fchmod(handle, 0o666 & ~_umask())
+    os.fchmod(handle, file_mode())
     os.close(handle)
     temp = Path(temp_name)
     try:

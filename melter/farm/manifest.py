@@ -20,6 +20,7 @@ from typing import Any
 import av
 
 import melter
+from melter.convert import file_mode
 
 
 def sha256(path: Path) -> str:
@@ -111,17 +112,6 @@ def count_video_frames(path: Path) -> int:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size)
-
-
-def file_mode() -> int:
-    """0o666 less this process's umask (temporary files are created private)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
