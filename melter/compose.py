@@ -120,8 +120,13 @@ def rule_layouts(layout: Layout) -> dict[str, Layout]:
     return {rule.layout: load_layout(rule.layout) for rule in layout.rules if rule.layout}
 
 
-def plan_meeting(meeting: Meeting, layout: Layout) -> tuple[Plan, list[SpeakerChange]]:
-    layouts = rule_layouts(layout)
+def plan_meeting(meeting: Meeting, layout: Layout,
+                 layouts: dict[str, Layout] | None = None) -> tuple[Plan, list[SpeakerChange]]:
+    """The scene plan and the speaker changes; ``layouts`` are the rule layouts by name when
+    the caller has resolved them already (the farm does, under its storage root), else they
+    are loaded by name here."""
+    if layouts is None:
+        layouts = rule_layouts(layout)
     pins = any(rule.pin for rule in layout.rules)
     speakers = speaker_changes(meeting, layout) if needs_speaker(layout, layouts) or pins else []
     plan = build_plan(participants_for_plan(meeting), meeting.duration_us, layout, speakers,

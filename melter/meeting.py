@@ -194,9 +194,16 @@ def display_names_from_events(path: Path) -> dict[tuple[str, str], str]:
 
 
 def discover(
-    inputs: Iterable[Path], room: str | None = None, events: Path | None = None
+    inputs: Iterable[Path], room: str | None = None, events: Path | None = None,
+    root: Path | None = None,
 ) -> Meeting:
-    """Group recordings into a meeting's participants and their segments."""
+    """Group recordings into a meeting's participants and their segments.
+
+    With ``root`` (the farm's storage root), a recording whose real path lies outside it, or
+    that is not a regular file, is skipped, and such a meeting or events file is refused: a
+    link planted in an input folder must not make the worker read elsewhere (or block on a
+    FIFO)."""
+    inputs = list(inputs)
     paths: list[Path] = []
     folder: Path | None = None
     for item in inputs:
@@ -209,12 +216,31 @@ def discover(
             raise InputError(item, "no such file or folder")
     if not paths:
         raise MelterError("no .mjr recordings found in " + ", ".join(str(p) for p in inputs))
+    skipped: list[str] = []
+    if root is not None:
+        from melter.farm.paths import file_problem
+
+        for meeting_file in ("meeting.yaml", "meeting.yml", "events.jsonl"):
+            candidate = (folder or paths[0].parent) / meeting_file
+            if candidate.exists() or candidate.is_symlink():
+                problem = file_problem(candidate, root)
+                if problem is not None:
+                    raise InputError(candidate, problem)
+        kept = []
+        for path in paths:
+            problem = file_problem(path, root)
+            if problem is None:
+                kept.append(path)
+            else:
+                skipped.append(f"{path}: {problem} (skipped)")
+        paths = kept
+        if not paths:
+            raise MelterError("no usable recordings; " + "; ".join(skipped))
     config = load_config(folder or paths[0].parent)
     if events is None and folder is not None and (folder / "events.jsonl").exists():
         events = folder / "events.jsonl"
     names = display_names_from_events(events) if events else {}
     room = room or config.room
-    skipped: list[str] = []
     infos: list[_FileInfo] = []
     rooms: set[str] = set()
     for path in paths:

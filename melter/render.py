@@ -150,9 +150,11 @@ def render(
     workdir: Path | None = None,
     trim: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    layouts: dict[str, Layout] | None = None,
 ) -> RenderResult:
-    """Render ``meeting`` by ``layout`` into each output (one melt run per rendition)."""
-    plan, _ = plan_meeting(meeting, layout)
+    """Render ``meeting`` by ``layout`` into each output (one melt run per rendition);
+    ``layouts``: its rule layouts, when the caller resolved them (as for ``plan_meeting``)."""
+    plan, _ = plan_meeting(meeting, layout, layouts)
     fps = layout.canvas.fps
     with tempfile.TemporaryDirectory(prefix="melter-") as scratch:
         media_dir = workdir or Path(scratch) / "media"

@@ -143,7 +143,7 @@ def test_a_job_renders_on_a_worker(harness: FarmHarness) -> None:
     assert [c["sequence"] for c in callbacks.received] == [1, 2, 3]
     assert {c["id"] for c in callbacks.received} == {job}
     assert callbacks.received[-1]["job"]["outputs"] == [str(harness.outputs / "two-party.mp4")]
-    assert harness.status(job)["callback"] == "204"
+    assert harness.status(job)["callback"] == "delivered: HTTP 204"
     progress = [e for e in events.events if e.get("job") == job]
     assert progress and max(e["progress"] for e in progress) > 50
     assert {e["stage"] for e in progress} >= {"planning", "rendering"}

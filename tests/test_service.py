@@ -390,7 +390,7 @@ def test_rerender_writes_a_second_version_with_signed_callbacks(farm: FarmHarnes
         assert not verify("another-secret", stamp, request["body"], signature)
         assert not verify(SECRET, stamp, request["body"] + b" ", signature)
         assert not verify(SECRET, str(int(stamp) - 3600), request["body"], signature)
-    assert firsts["callback"] == "200"
+    assert firsts["callback"] == "delivered: HTTP 200"
     # metrics: the worker, both jobs done, two render times
     assert "melter_workers 1.0" in metrics
     assert 'melter_jobs{state="done"} 2.0' in metrics

@@ -11,6 +11,21 @@ failure the head is due again after ``callback_backoff_seconds * 2**(tries-1)`` 
 minutes), and dropped after ``callback_attempts`` tries. One job's callbacks therefore arrive in
 order; ``sequence`` numbers them, so a receiver can drop a repeat.
 
+Each delivery has one overall deadline (``callback_timeout``, 10 s): connecting, sending and
+reading the answer's status line together, enforced on the socket before every read and by a
+watchdog that shuts the socket at the deadline, so a receiver trickling one byte every few
+seconds cannot stretch it. Redirects are never followed (a 3xx is a failure: following one
+would turn the POST into a request to wherever the receiver points). Deliveries run on a small
+pool of threads (``callback_workers``), so one slow receiver holds up one slot, not every
+other job's callbacks. ``callback_allow`` (``MELTER_CALLBACK_ALLOW``) limits the hosts: a
+``callback_url`` elsewhere is refused at submit, and at delivery the connection goes only to
+an address that was checked (a name resolved again to an internal address is refused).
+
+What a caller of the API sees (the status's ``callback``) is ``delivered: HTTP <code>`` or
+``failed: <short reason>``; every transport failure (refused, reset, unreachable, too slow, not
+HTTP) reads the same, so the field does not tell which ports of an internal host answer. The
+worker's log has the precise cause.
+
 Signature: ``X-Melter-Signature: sha256=<hex>``, the HMAC-SHA256 under ``callback_secret`` of
 ``<X-Melter-Timestamp>.<raw body>``. The timestamp (Unix seconds) is signed with the body, so a
 receiver that refuses old timestamps (:func:`verify`, five minutes) refuses replays.
@@ -18,16 +33,21 @@ receiver that refuses old timestamps (:func:`verify`, five minutes) refuses repl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import re
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -133,6 +153,181 @@ class Outcome:
     permanent: bool = False
 
 
+# -- where callbacks may go --------------------------------------------------------------------
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Allow:
+    """``MELTER_CALLBACK_ALLOW`` parsed: host names (exact, any case) and networks."""
+
+    names: frozenset[str]
+    networks: tuple[Network, ...]
+
+    def address_allowed(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
+
+
+def parse_allow(text: str) -> Allow:
+    """The allow-list from its comma-separated text; ValueError names a bad entry."""
+    names: set[str] = set()
+    networks: list[Network] = []
+    for raw in text.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            continue
+        except ValueError:
+            pass
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?",
+                            entry):
+            raise ValueError(f"callback_allow: {raw.strip()!r} is neither a host name, an "
+                             "address nor a CIDR block")
+        names.add(entry.rstrip("."))
+    if not names and not networks:
+        raise ValueError("callback_allow is set but lists no host")
+    return Allow(frozenset(names), tuple(networks))
+
+
+def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+
+
+def callback_refusal(url: str, allow_text: str | None) -> str | None:
+    """Why ``url`` may not receive callbacks under the allow-list (None: it may). A listed
+    name is allowed as such; any other host must be an address, or resolve only to addresses,
+    inside a listed network."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    if parts.scheme not in ("http", "https") or not host:
+        return f"{url}: not an http:// or https:// URL with a host"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"{url}: bad port"
+    if not allow_text:
+        return None
+    allow = parse_allow(allow_text)
+    if host in allow.names:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        literal = True
+    except ValueError:
+        literal = False
+    if literal:
+        addresses = [host]
+    else:
+        try:
+            addresses = [str(info[4][0]) for info in _resolve(host, port)]
+        except OSError:
+            return f"host {host} does not resolve (MELTER_CALLBACK_ALLOW needs its address)"
+    if addresses and all(allow.address_allowed(a) for a in addresses):
+        return None
+    return f"host {host} is not allowed (MELTER_CALLBACK_ALLOW)"
+
+
+class _Refused(Exception):
+    """The receiver's address is not on the allow-list (at delivery time)."""
+
+
+class _Late(Exception):
+    """The delivery's deadline passed."""
+
+
+_STATUS = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})[ \r\n]")
+#: Transport failures all read the same to API callers (see the module docstring).
+NO_ANSWER = "no HTTP answer"
+
+
+def _addresses(host: str, port: int, allow: Allow | None) -> list[tuple[Any, ...]]:
+    infos = _resolve(host, port)
+    if allow is None or host in allow.names:
+        return infos
+    allowed = [info for info in infos if allow.address_allowed(str(info[4][0]))]
+    if not allowed:
+        raise _Refused(host)
+    return allowed
+
+
+def _exchange(url: str, headers: dict[str, str], body: bytes, deadline: float,
+              allow: Allow | None) -> int:
+    """POST ``body`` and return the answer's status code, all before ``deadline``
+    (``time.monotonic``); only the status line is read."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    infos = _addresses(host, port, allow)
+    sock: socket.socket | None = None
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Late()
+        candidate = socket.socket(family, kind, proto)
+        try:
+            candidate.settimeout(remaining)
+            candidate.connect(address)
+        except OSError as exc:
+            candidate.close()
+            error = exc
+            continue
+        sock = candidate
+        break
+    if sock is None:
+        if isinstance(error, TimeoutError) or time.monotonic() >= deadline:
+            raise _Late()
+        raise error or OSError("no address")
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, [sock])
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if tls:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        netloc = parts.netloc.rpartition("@")[2]
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (f"POST {target} HTTP/1.1\r\nHost: {netloc}\r\n{head}"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(request + body)
+        answer = b""
+        while b"\n" not in answer and len(answer) < 4096:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Late()
+            sock.settimeout(remaining)
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            answer += chunk
+        if time.monotonic() >= deadline:
+            raise _Late()
+        match = _STATUS.match(answer)
+        if match is None:
+            raise OSError("the answer is not HTTP")
+        return int(match.group(1))
+    except TimeoutError:
+        raise _Late() from None
+    finally:
+        watchdog.cancel()
+        sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class Outbox:
     """The callback outbox of one farm (its store and configuration)."""
 
@@ -155,20 +350,26 @@ class Outbox:
     def depth(self) -> int:
         return int(self.store.r.zcard(f"{self.store.p}:outbox"))
 
-    def deliver_due(self, limit: int = 20) -> int:
-        """Deliver the due callbacks once; how many were sent successfully."""
+    def claim(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """Take up to ``limit`` due callbacks (their jobs held for twice the deadline, so no
+        other deliverer sends the same one meanwhile)."""
         hold = self.config.callback_timeout * 2 + 5
         items = self._claim(args=[self.store.p, time.time(), hold, limit])
-        sent = 0
-        for k in range(0, len(items), 2):
-            job, entry = items[k], json.loads(items[k + 1])
-            try:
-                sent += self._deliver(job, entry)
-            except redis.RedisError:
-                raise
-            except Exception:  # one bad entry must not stop the others
-                log.exception("job %s: callback %s failed", job, entry.get("sequence"))
-        return sent
+        return [(items[k], json.loads(items[k + 1])) for k in range(0, len(items), 2)]
+
+    def deliver(self, job: str, entry: dict[str, Any]) -> int:
+        """Deliver one claimed callback; 1 when the receiver took it."""
+        try:
+            return self._deliver(job, entry)
+        except redis.RedisError:
+            raise
+        except Exception:  # one bad entry must not stop the others
+            log.exception("job %s: callback %s failed", job, entry.get("sequence"))
+            return 0
+
+    def deliver_due(self, limit: int = 20) -> int:
+        """Deliver the due callbacks once, one after the other; how many were taken."""
+        return sum(self.deliver(job, entry) for job, entry in self.claim(limit))
 
     def _body(self, job: str, entry: dict[str, Any]) -> str:
         from melter.farm.service import iso
@@ -202,7 +403,7 @@ class Outbox:
         label = f"{entry['state']} #{seq}"
         if outcome.ok:
             self._settle(args=[self.store.p, job, seq, "done", time.time(), ""])
-            self.store.set_fields(job, {"callback": outcome.detail,
+            self.store.set_fields(job, {"callback": f"delivered: {outcome.detail}",
                                         "callback_detail": f"{label}: {outcome.detail}"})
             return 1
         if outcome.permanent or entry["tries"] >= self.config.callback_attempts:
@@ -225,45 +426,86 @@ class Outbox:
         return 0
 
     def post(self, url: str, body: bytes, delivery: str) -> Outcome:
+        """One delivery, within ``callback_timeout`` in all, never following a redirect."""
+        timeout = self.config.callback_timeout
+        deadline = time.monotonic() + timeout
         timestamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", "User-Agent": "melter-callbacks",
                    TIMESTAMP_HEADER: timestamp, DELIVERY_HEADER: delivery}
         if self.config.callback_secret:
             headers[SIGNATURE_HEADER] = sign(self.config.callback_secret, timestamp, body)
-        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+        allow = parse_allow(self.config.callback_allow) if self.config.callback_allow else None
         try:
-            with urllib.request.urlopen(request, timeout=self.config.callback_timeout) as reply:
-                return Outcome(True, str(reply.status))
-        except urllib.error.HTTPError as exc:
-            # 4xx other than 408/429 will not change by sending again
-            permanent = 400 <= exc.code < 500 and exc.code not in (408, 425, 429)
-            return Outcome(False, f"HTTP {exc.code}", permanent)
-        except (OSError, ValueError) as exc:
-            return Outcome(False, f"error: {exc}")
+            code = _exchange(url, headers, body, deadline, allow)
+        except _Refused:
+            return Outcome(False, "host not allowed (MELTER_CALLBACK_ALLOW)", permanent=True)
+        except _Late:
+            log.info("callback %s to %s: no answer within %g s", delivery, url, timeout)
+            return Outcome(False, f"{NO_ANSWER} within {timeout:g} s")
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.info("callback %s to %s: %s", delivery, url, exc)
+            return Outcome(False, f"{NO_ANSWER} within {timeout:g} s")
+        if 200 <= code < 300:
+            return Outcome(True, f"HTTP {code}")
+        if 300 <= code < 400:
+            return Outcome(False, f"HTTP {code}, redirects are not followed", permanent=True)
+        # 4xx other than 408/425/429 will not change by sending again
+        permanent = 400 <= code < 500 and code not in (408, 425, 429)
+        return Outcome(False, f"HTTP {code}", permanent)
 
 
 class Deliverer(threading.Thread):
-    """Delivers a farm's callbacks in the background (workers and the service run one)."""
+    """Delivers a farm's callbacks in the background (workers and the service run one): this
+    thread claims due callbacks, as many as there are free delivery threads, and hands them to
+    that pool, so a receiver that answers slowly delays only its own job's next callback."""
 
-    def __init__(self, farm: Any, interval: float = 0.5, on_pass: Any = None) -> None:
+    def __init__(self, farm: Any, interval: float = 0.5, on_pass: Any = None,
+                 workers: int | None = None) -> None:
         super().__init__(name="melter-callbacks", daemon=True)
         self.outbox = Outbox(farm)
         self.interval = interval
         self.on_pass = on_pass
         self.presence: str | None = None  # the worker's presence key, deleted at shutdown
         self.stopping = threading.Event()
+        self.workers = workers or farm.config.callback_workers
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="melter-callback")
+        self.busy = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
 
     def run(self) -> None:
-        while not self.stopping.wait(self.interval):
+        while not self.stopping.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self.stopping.is_set():
+                break
             try:
                 if self.on_pass is not None:
                     self.on_pass()
-                while self.outbox.deliver_due():
-                    pass
+                with self._lock:
+                    free = self.workers - self.busy
+                if free <= 0:
+                    continue
+                for job, entry in self.outbox.claim(free):
+                    with self._lock:
+                        self.busy += 1
+                    self.pool.submit(self._one, job, entry)
             except redis.RedisError as exc:
                 log.warning("callbacks: Redis unavailable (%s)", exc)
             except Exception:
                 log.exception("callback pass failed")
 
+    def _one(self, job: str, entry: dict[str, Any]) -> None:
+        try:
+            self.outbox.deliver(job, entry)
+        except redis.RedisError as exc:
+            log.warning("callbacks: Redis unavailable (%s)", exc)
+        finally:
+            with self._lock:
+                self.busy -= 1
+            self._wake.set()  # the job's next callback may be due now
+
     def stop(self) -> None:
         self.stopping.set()
+        self._wake.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)

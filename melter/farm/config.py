@@ -76,7 +76,15 @@ class FarmConfig(BaseModel):
         None, description="per-worker cache of prepared media (default: a temporary folder)")
     job_ttl_days: float = Field(
         30.0, gt=0, description="how long finished jobs' state is kept in Redis")
-    callback_timeout: float = Field(10.0, gt=0, description="seconds per callback POST")
+    callback_timeout: float = Field(
+        10.0, gt=0, description="seconds one callback delivery may take in all (connecting, "
+        "sending, and the receiver's answer, however slowly it trickles in)")
+    callback_allow: str | None = Field(
+        None, description="comma-separated host names, addresses and CIDR blocks callbacks "
+        "may go to; set, any other callback_url is refused at submit (unset: any host)")
+    callback_workers: int = Field(
+        4, ge=1, le=64, description="callbacks delivered at once by each deliverer (a slow "
+        "receiver holds up one of them, not the other jobs' callbacks)")
     callback_secret: str | None = Field(
         None, description="HMAC-SHA256 key signing callbacks (X-Melter-Signature); unset: unsigned")
     callback_attempts: int = Field(
@@ -104,6 +112,10 @@ class FarmConfig(BaseModel):
                 "is delivered to a second worker)")
         if self.lease_seconds <= 2 * self.heartbeat_seconds:
             raise ValueError("lease_seconds must be more than twice heartbeat_seconds")
+        if self.callback_allow:
+            from melter.farm.callbacks import parse_allow
+
+            parse_allow(self.callback_allow)
         if self.redis_password and self.broker_url:
             self.broker_url = with_password(self.broker_url, self.redis_password)
         return self

@@ -31,7 +31,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def input_files(inputs: list[Path]) -> list[Path]:
+def input_files(inputs: list[Path], root: Path | None = None) -> list[Path]:
+    """The files of the inputs; with ``root``, only regular files whose real path lies under
+    it (the manifest must not hash a link to elsewhere, nor read a FIFO or a device)."""
+    from melter.farm.paths import file_problem
+
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
@@ -39,12 +43,14 @@ def input_files(inputs: list[Path]) -> list[Path]:
                                 and not p.name.startswith(".")))
         elif item.is_file():
             files.append(item)
+    if root is not None:
+        files = [p for p in files if file_problem(p, root) is None]
     return files
 
 
-def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
+def describe_inputs(inputs: list[Path], root: Path | None = None) -> list[dict[str, Any]]:
     return [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)}
-            for p in input_files(inputs)]
+            for p in input_files(inputs, root)]
 
 
 def _first_line(command: list[str]) -> str | None:

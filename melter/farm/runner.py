@@ -10,10 +10,17 @@ frames of a single-pass render, and its audio is the single pass's audio, sample
 Outputs are rendered under a temporary name in ``.melter-tmp/<job>/`` beside the output, then
 committed only while the attempt holds its lease: the manifest is written, and the media file
 hard-linked onto its name, which fails rather than overwrite anything.
+
+Nothing submitted is trusted to be where it was (see :mod:`melter.farm.paths`): the inputs are
+checked under the storage root again, recordings that have become links out of it are skipped,
+layouts come from the documents resolved at submit, and output folders are reached and written
+through descriptors opened without following links, so a folder swapped for a link fails the
+job instead of receiving its files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -22,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -29,13 +37,22 @@ from typing import Any
 
 from melter.engine.mlt import RenderError, run_melt
 from melter.errors import MelterError
+from melter.farm.job import under_root
 from melter.farm.manifest import (
     count_video_frames,
     describe_inputs,
     file_mode,
     measure,
     tool_versions,
-    write_json_atomic,
+)
+from melter.farm.paths import (
+    exists_at,
+    folder_fd,
+    layouts_for,
+    open_folder,
+    read_at,
+    same_place,
+    write_at,
 )
 from melter.farm.procs import REGISTRY
 from melter.farm.service import JobRecord, iso, manifest_path, remove_tmp
@@ -53,6 +70,7 @@ class Planned:
     plan: Any
     fps: int
     frames: int
+    layouts: Any = None
 
 
 def run(attempt: Attempt) -> None:
@@ -75,12 +93,15 @@ def run(attempt: Attempt) -> None:
 
 
 # -- planning ----------------------------------------------------------------------------------
-def resolve_layout(value: str | dict[str, Any]) -> Any:
-    from melter.layout.model import load_layout, parse_layout
+def resolve_layout(record: JobRecord, root: Path) -> tuple[Any, Any]:
+    """The job's layout and rule layouts, from what was resolved at submit."""
+    return layouts_for(record.spec.layout, record.fields.get("rule_layouts"), root)
 
-    if isinstance(value, dict):
-        return parse_layout(value, "job layout")
-    return load_layout(value)
+
+def checked_inputs(record: JobRecord, root: Path) -> list[Path]:
+    """The job's inputs, checked under the storage root again (a folder may have been swapped
+    for a link since the job was submitted)."""
+    return [under_root(p, root, "input", "MELTER_STORAGE_ROOT") for p in record.inputs]
 
 
 def _planned(attempt: Attempt, record: JobRecord) -> Planned:
@@ -89,16 +110,17 @@ def _planned(attempt: Attempt, record: JobRecord) -> Planned:
     from melter.render import trim_spans
 
     attempt.stage("planning")
-    meeting = discover(record.inputs, room=record.spec.room)
-    layout = resolve_layout(record.spec.layout)
-    plan, _ = plan_meeting(meeting, layout)
+    root = attempt.config.storage_root
+    meeting = discover(checked_inputs(record, root), room=record.spec.room, root=root)
+    layout, layouts = resolve_layout(record, root)
+    plan, _ = plan_meeting(meeting, layout, layouts)
     fps = layout.canvas.fps
     if record.spec.trim:
         frames = sum(b - a + 1 for a, b in trim_spans(plan))
     else:
         frames = max(1, round(plan.duration_us * fps / 1e6))
     attempt.check()
-    return Planned(meeting, layout, plan, fps, frames)
+    return Planned(meeting, layout, plan, fps, frames, layouts)
 
 
 def plan_chunks(plan: Any, frames: int, fps: int, seconds: float,
@@ -129,7 +151,7 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
     duration = planned.frames / planned.fps
     video = [k for k, o in enumerate(record.outputs) if not PRESETS[o.preset].audio_only]
     attempt.stage("hashing inputs")
-    inputs = describe_inputs(record.inputs)
+    inputs = describe_inputs(checked_inputs(record, config.storage_root), config.storage_root)
     meeting = {"room": planned.meeting.room, "duration_s": round(duration, 3),
                "participants": [p.display for p in planned.meeting.participants],
                "frames": planned.frames, "fps": planned.fps}
@@ -165,10 +187,41 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
 
 
 # -- rendering ---------------------------------------------------------------------------------
+#: Descriptors of this attempt's scratch folders (closed when the attempt ends).
+_PINNED: list[int] = []
+
+
 def attempt_dir(attempt: Attempt, record: JobRecord, k: int) -> Path:
+    """This attempt's scratch folder beside output ``k``, made without following links from
+    the output root down (a folder swapped for a link fails the attempt here), and returned
+    as the path of its open descriptor (``/proc/<pid>/fd/<n>``): melt, FFmpeg and this
+    process then write into the folder that was checked, even if a folder on the way is
+    swapped for a link while they run."""
     folder = record.tmp_dir(k) / f"{attempt.unit}-{attempt.token}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    fd = open_folder(attempt.config.outputs_root, folder, create=True)
+    _PINNED.append(fd)
+    return Path(f"/proc/{os.getpid()}/fd/{fd}")
+
+
+def release_dirs() -> None:
+    while _PINNED:
+        with contextlib.suppress(OSError):
+            os.close(_PINNED.pop())
+
+
+@contextlib.contextmanager
+def _source(root: Path, folder: Path) -> Iterator[int]:
+    """A descriptor of a scratch folder: a pinned one reopened through its descriptor's
+    path, any other reached from the root without following links."""
+    if folder.is_relative_to(f"/proc/{os.getpid()}/fd"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+    else:
+        with folder_fd(root, folder) as fd:
+            yield fd
 
 
 def cache_dir(attempt: Attempt) -> Path:
@@ -186,13 +239,14 @@ def drop_cache(attempt: Attempt) -> None:
 
 def cleanup_attempt(attempt: Attempt) -> None:
     """Remove this attempt's scratch folder (its committed files were linked elsewhere)."""
+    release_dirs()
     try:
         record = attempt.farm.record(attempt.job)
     except Exception:
         return
     for k in range(len(record.outputs)):
         folder = record.tmp_dir(k) / f"{attempt.unit}-{attempt.token}"
-        if folder.exists():
+        if folder.exists() and same_place(folder):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -209,7 +263,7 @@ def _render_outputs(attempt: Attempt, record: JobRecord, indices: list[int],
         attempt.window(n / len(indices), 1 / len(indices))
         attempt.stage(f"rendering {output.path.name}" if len(indices) > 1 else "rendering")
         render(planned.meeting, planned.layout, [(temp, preset)], workdir=cache_dir(attempt),
-               trim=record.spec.trim, progress=attempt.progress)
+               trim=record.spec.trim, progress=attempt.progress, layouts=planned.layouts)
         rendered.append((k, temp))
     commit_outputs(attempt, record, rendered, {"render_s": round(time.time() - started, 3)})
 
@@ -271,7 +325,9 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
 def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -> None:
     """Name a finished chunk or audio pass by its attempt's token and mark the unit done (only
     while the attempt holds its lease); the units waiting on it are sent on."""
-    os.replace(temp, final)
+    root = attempt.config.outputs_root
+    with _source(root, temp.parent) as source, folder_fd(root, final.parent) as target:
+        os.replace(temp.name, final.name, src_dir_fd=source, dst_dir_fd=target)
     attempt.begin_commit()
     attempt.finishing()
     _, ready = attempt.store.complete(record.id, attempt.unit, attempt.token, str(final),
@@ -413,22 +469,25 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
     attempt.begin_commit()
     fields = attempt.store.job(record.id)
     history = attempt.store.history(record.id)
+    root = attempt.config.outputs_root
     for k, temp in rendered:
         final = record.outputs[k].path
         manifest = _manifest(attempt, record, k, fields, history, measured[k], details)
         side = manifest_path(final)
-        if final.exists():
-            try:
-                owner = json.loads(side.read_text()).get("job")
-            except (OSError, ValueError):
-                owner = None
-            if owner != record.id:
-                raise MelterError(f"{final} exists and was not written by job {record.id}; "
-                                  "not overwriting it")
-            temp.unlink(missing_ok=True)
-            continue  # an earlier attempt of this job committed it before dying
-        write_json_atomic(side, manifest)
-        _link(temp, final)
+        with folder_fd(root, final.parent) as target, _source(root, temp.parent) as source:
+            if exists_at(target, final.name):
+                try:
+                    owner = json.loads(read_at(target, side.name)).get("job")
+                except (OSError, ValueError):
+                    owner = None
+                if owner != record.id:
+                    raise MelterError(f"{final} exists and was not written by job "
+                                      f"{record.id}; not overwriting it")
+                os.unlink(temp.name, dir_fd=source)
+                continue  # an earlier attempt of this job committed it before dying
+            text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+            write_at(target, side.name, text.encode(), file_mode())
+            _link(source, temp.name, target, final.name)
     attempt.finishing()
     status, _ = attempt.store.complete(
         record.id, attempt.unit, attempt.token, ",".join(str(record.outputs[k].path)
@@ -439,32 +498,40 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
             remove_tmp(record.tmp_dir(k))
 
 
-def _link(temp: Path, final: Path) -> None:
-    """Make ``temp`` appear as ``final`` in one step, never replacing an existing file."""
-    os.chmod(temp, file_mode())  # the temporary file was private to the worker
+def _link(source: int, temp: str, target: int, final: str) -> None:
+    """Make ``temp`` (in the folder ``source``) appear as ``final`` (in ``target``) in one
+    step, never replacing an existing file; both folders are descriptors, so neither name is
+    looked up through a link."""
+    handle = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=source)
     try:
-        os.link(temp, final)
+        os.fchmod(handle, file_mode())  # the temporary file was private to the worker
+    finally:
+        os.close(handle)
+    try:
+        os.link(temp, final, src_dir_fd=source, dst_dir_fd=target, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
             raise
-        if final.exists():
-            raise FileExistsError(errno.EEXIST, "output exists", str(final)) from None
-        os.replace(temp, final)
+        if exists_at(target, final):
+            raise FileExistsError(errno.EEXIST, "output exists", final) from None
+        os.replace(temp, final, src_dir_fd=source, dst_dir_fd=target)
         return
-    temp.unlink()
+    os.unlink(temp, dir_fd=source)
 
 
 def _manifest(attempt: Attempt, record: JobRecord, k: int, fields: dict[str, str],
               history: list[dict[str, Any]], output: dict[str, Any],
               details: dict[str, Any]) -> dict[str, Any]:
     spec = record.spec
-    layout = resolve_layout(spec.layout) if spec.stand_in is None else None
+    layout = (resolve_layout(record, attempt.config.storage_root)[0]
+              if spec.stand_in is None else None)
     now = time.time()
     created = float(fields.get("created") or record.created)
     started = float(fields.get("started") or attempt.started)
     inputs = json.loads(fields.get("inputs_info") or "null")
     if inputs is None:
-        inputs = describe_inputs(record.inputs)
+        inputs = describe_inputs(checked_inputs(record, attempt.config.storage_root),
+                                 attempt.config.storage_root)
     target = record.outputs[k]
     return {
         "manifest": 1,

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from melter.errors import MelterError
 from melter.farm.config import FarmConfig, load_config, require_broker
 from melter.farm.job import JobError, JobSpec, OutputSpec, parse_job, under_root
+from melter.farm.paths import check_inputs, resolve_layout, same_place
 from melter.farm.store import TERMINAL, Dispatch, Store
 
 log = logging.getLogger("melter.farm")
@@ -121,8 +120,11 @@ class Farm:
             self.store.dispatched(item)
 
     # -- submission --------------------------------------------------------------------------
-    def submit(self, spec: JobSpec | dict[str, Any]) -> str:
-        """Accept a job; its id (the first job's, for a repeated idempotency key)."""
+    def submit(self, spec: JobSpec | dict[str, Any],
+               rule_layouts: dict[str, dict[str, Any]] | None = None) -> str:
+        """Accept a job; its id (the first job's, for a repeated idempotency key).
+        ``rule_layouts``: those of the job being rendered again (its layout file's relative
+        rule names were resolved from that file's folder, which the inlined document lost)."""
         job = spec if isinstance(spec, JobSpec) else parse_job(spec)
         config = self.config
         inputs = []
@@ -131,7 +133,15 @@ class Farm:
             if not path.exists():
                 raise JobError(f"input {item}: no such file or folder under the storage root")
             inputs.append(path)
-        layout_value = self._layout(job.layout)
+        check_inputs(inputs, config.storage_root)
+        layout_value, rule_layouts = resolve_layout(job.layout, config.storage_root,
+                                                    rule_layouts)
+        if job.callback_url and config.callback_allow:
+            from melter.farm.callbacks import callback_refusal
+
+            refusal = callback_refusal(job.callback_url, config.callback_allow)
+            if refusal is not None:
+                raise JobError(f"callback_url {refusal}")
         from melter.render import preset_for
 
         targets: list[tuple[Path, str, str]] = []
@@ -153,14 +163,16 @@ class Farm:
             if existing:
                 return self._same_job(existing, fingerprint, job.idempotency_key)
         try:
-            return self._create(job_id, job, body, inputs, targets, fingerprint)
+            return self._create(job_id, job, body, inputs, targets, fingerprint,
+                                rule_layouts)
         except BaseException:
             if job.idempotency_key:  # the key must not name a job that was never made
                 self.store.release_idempotency(job.idempotency_key, job_id)
             raise
 
     def _create(self, job_id: str, job: JobSpec, body: dict[str, Any], inputs: list[Path],
-                targets: list[tuple[Path, str, str]], fingerprint: str) -> str:
+                targets: list[tuple[Path, str, str]], fingerprint: str,
+                rule_layouts: dict[str, dict[str, Any]]) -> str:
         config = self.config
         outputs = []
         for path, preset_name, requested in targets:
@@ -176,6 +188,7 @@ class Farm:
             "max_attempts": str(job.max_attempts or config.max_attempts),
             "fingerprint": fingerprint,
             "notify": "1" if job.callback_url else "0",
+            "rule_layouts": json.dumps(rule_layouts),
         }
         first = self.store.create(job_id, fields, now, config.dispatch_grace_seconds)
         try:
@@ -198,28 +211,6 @@ class Farm:
             raise JobError(f"idempotency key {key!r} was already used for job {existing} "
                            "with different parameters")
         return existing
-
-    def _layout(self, layout: str | dict[str, Any]) -> str | dict[str, Any]:
-        from melter.layout.model import load_layout, parse_layout
-
-        if isinstance(layout, dict):
-            parse_layout(layout, "job layout")
-            return layout
-        looks_like_file = "/" in layout or layout.endswith((".yaml", ".yml"))
-        if not looks_like_file:
-            load_layout(layout)
-            return layout
-        path = under_root(layout, self.config.storage_root, "layout", "MELTER_STORAGE_ROOT")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise JobError(f"layout {layout}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise JobError(f"layout {layout}: not valid YAML ({exc})") from None
-        parse_layout(data, str(path))
-        if not isinstance(data, dict):
-            raise JobError(f"layout {layout}: not a layout document")
-        return data
 
     def _reserve(self, path: Path, job_id: str) -> Path:
         for version in range(1, 10_000):
@@ -365,7 +356,7 @@ class Farm:
             again = spec.model_copy(update={
                 "idempotency_key": None, "priority": "manual", "outputs": outputs,
                 "metadata": {**spec.metadata, "rerender_of": job_id}})
-            return self.submit(again)
+            return self.submit(again, json.loads(fields.get("rule_layouts") or "{}"))
         result, token = self.store.reset(job_id, self.config.dispatch_grace_seconds, self.ttl)
         if result == "busy":
             raise MelterError(f"job {job_id} is still stopping an attempt ({token}); "
@@ -410,6 +401,11 @@ class Farm:
 
 
 def remove_tmp(folder: Path) -> None:
+    """Drop a job's scratch folder, unless a component of its path has become a link since
+    the job was submitted (removing through it would delete outside the root)."""
+    if not same_place(folder):
+        log.warning("not removing %s: its folder has been replaced by a link", folder)
+        return
     shutil.rmtree(folder, ignore_errors=True)
     parent = folder.parent
     if parent.name == TMP_DIR:

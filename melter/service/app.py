@@ -273,7 +273,11 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
             "callback_url": ask.callback_url or spec.callback_url,
             "metadata": {**spec.metadata, "rerender_of": job_id},
         })
-        new_id = farm.submit(JobSpec.model_validate(again.model_dump()))
+        # The same layout keeps the rule layouts read when the first job was submitted (its
+        # file's relative names may not resolve from here).
+        rules = (json.loads(farm.store.job(job_id).get("rule_layouts") or "{}")
+                 if ask.layout is None else None)
+        new_id = farm.submit(JobSpec.model_validate(again.model_dump()), rules)
         return {**farm.status(new_id), "rerender_of": job_id}
 
     @app.get("/layouts", tags=["jobs"], dependencies=[Auth])
