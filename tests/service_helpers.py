@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -94,10 +95,23 @@ class Service:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
+    host: str = "127.0.0.1"  # --host; reached through 127.0.0.1 either way
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def peak_rss_mb(self) -> float:
+        """The process's peak resident memory so far (VmHWM), MB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
 
     @property
     def log(self) -> Path:
@@ -108,7 +122,7 @@ class Service:
         began = time.monotonic()
         handle = self.log.open("a")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", CLI, "serve", "--port", str(self.port)],
+            [sys.executable, "-c", CLI, "serve", "--host", self.host, "--port", str(self.port)],
             env=self.harness.env, cwd=self.harness.base, stdout=handle,
             stderr=subprocess.STDOUT, start_new_session=True)
         handle.close()
@@ -158,8 +172,26 @@ def running_service(harness: FarmHarness) -> Iterator[Service]:
         service.stop()
 
 
+_SHIFT: list[int] = []
+
+
+def event_shift() -> int:
+    """µs added to the fixtures' event timestamps: the service drops events further than a day
+    from its clock, as a Janus with a sane clock never sends, so a replay happens now (the
+    latest event of all the fixture meetings is the moment of the first replay)."""
+    if not _SHIFT:
+        latest = max(int(m) for name in MEETINGS for m in re.findall(
+            r'"timestamp": (\d+)', (FIXTURES / name / "events.jsonl").read_text()))
+        _SHIFT.append((int(time.time()) * 1_000_000 - latest) // 1_000_000 * 1_000_000)
+    return _SHIFT[0]
+
+
 def event_lines(name: str) -> list[str]:
-    return (FIXTURES / name / "events.jsonl").read_text().splitlines()
+    """The fixture meeting's events as Janus posted them, moved to now (:func:`event_shift`)."""
+    shift = event_shift()
+    text = (FIXTURES / name / "events.jsonl").read_text()
+    return [re.sub(r'"timestamp": (\d+)', lambda m: f'"timestamp": {int(m[1]) + shift}', line)
+            for line in text.splitlines()]
 
 
 def post_events(service: Service, lines: list[str], rng: random.Random | None = None) -> int:

@@ -145,7 +145,8 @@ def test_passwords_are_secrets_never_values() -> None:
     stack = load(ROOT / "stack.yml")
     assert all(s == {"external": True} for s in stack["secrets"].values())
     assert set(stack["secrets"]) == {"melter_redis_password", "melter_flower_password",
-                                     "melter_api_token", "melter_callback_secret"}
+                                     "melter_api_token", "melter_callback_secret",
+                                     "melter_janus_password"}
     for name, service in stack["services"].items():
         for key in service.get("environment", {}):
             if any(word in key for word in ("PASSWORD", "TOKEN")):
@@ -158,6 +159,14 @@ def test_passwords_are_secrets_never_values() -> None:
     assert flower["environment"]["MELTER_FLOWER_PASSWORD_FILE"] == \
         "/run/secrets/melter_flower_password"
     assert "/healthz" in " ".join(stack["services"]["api"]["healthcheck"]["test"])
+    # melter serve listens beyond loopback: it refuses to start without Janus's credentials
+    for file in (stack, load(ROOT / "compose" / "compose.yml")):
+        api = file["services"]["api"]
+        assert "0.0.0.0" in api["command"]
+        assert api["environment"]["MELTER_JANUS_USER"] == "janus"
+        assert api["environment"]["MELTER_JANUS_PASSWORD_FILE"] == \
+            "/run/secrets/melter_janus_password"
+        assert "melter_janus_password" in api["secrets"]
 
 
 def test_redis_keeps_what_it_is_given() -> None:

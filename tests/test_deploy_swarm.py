@@ -53,7 +53,7 @@ SLOTS, SCALED = 3, 5
 SUBNET = ipaddress.ip_network("198.18.0.0/24")
 GATEWAY = ipaddress.ip_address("198.18.0.1")
 SECRETS = ("melter_redis_password", "melter_flower_password", "melter_api_token",
-           "melter_callback_secret")
+           "melter_callback_secret", "melter_janus_password")
 #: The stack's volumes: removed before and after, since Docker keeps a volume's options (here
 #: the bind folders, new each run) from when it was first made.
 VOLUMES = ("melter-recordings-local-v1", "melter-renders-local-v1", f"{STACK}_redis-data")

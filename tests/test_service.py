@@ -40,6 +40,7 @@ from test_farm_helpers import FRAME, FarmHarness
 from melter.farm.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from melter.farm.service import Farm
 from melter.service.config import load_settings
+from melter.service.renders import start_label
 from melter.service.rooms import parse_events
 from melter.service.tracker import Tracker
 
@@ -119,12 +120,13 @@ def test_replayed_janus_events_render_each_room_once(farm: FarmHarness, scenario
         assert job["spec"]["room"] == room and job["priority"] == "auto"
         assert job["metadata"]["trigger"] == "janus"
         output = Path(job["outputs"][0])
+        start = start_label(int(job["metadata"]["meeting"].rsplit("-", 1)[1]))
         if room == "2003":
             assert output.parent == farm.storage / "renders" / "turns"
-            assert output.name.startswith("2003-2026") and output.suffix == ".mp4"
+            assert output.name == f"2003-{start}.mp4"
         else:
             assert output.parent == farm.storage / "renders"
-            assert output.name.startswith(f"room-{room}-2026") and output.suffix == ".mp4"
+            assert output.name == f"room-{room}-{start}.mp4"
     tracker = Tracker(load_settings(farm.env), Farm(farm.config))
     assert tracker.stats()["auto_submitted"] == 3
     if scenario in ("in-order", "duplicated"):

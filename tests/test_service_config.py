@@ -81,7 +81,7 @@ def test_secrets_come_from_files(tmp_path: Path) -> None:
     token.write_text("from-a-secret\n")
     password.write_text("pw\n")
     settings = settings_for(tmp_path, MELTER_API_TOKEN_FILE=str(token),
-                            MELTER_JANUS_PASSWORD_FILE=str(password))
+                            MELTER_JANUS_USER="janus", MELTER_JANUS_PASSWORD_FILE=str(password))
     assert settings.service.api_token == "from-a-secret"
     assert settings.service.janus_password == "pw"
     with pytest.raises(MelterError, match="set MELTER_API_TOKEN or MELTER_API_TOKEN_FILE"):

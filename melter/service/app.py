@@ -14,7 +14,10 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import re
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -75,6 +78,7 @@ class Background(threading.Thread):
             try:
                 self.tracker.tick()
                 self.tracker.submit_pending()
+                self.tracker.expire_rooms()
             except redis.RedisError as exc:
                 log.warning("rooms: Redis unavailable (%s)", exc)
             except Exception:
@@ -85,6 +89,117 @@ class Background(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         self.wake.set()
+
+
+class RateLimiter:
+    """A token bucket per client address: ``rate`` requests a second, ``burst`` at once.
+
+    Per process: each replica of the service limits what reaches it. The buckets of clients
+    that went quiet are dropped, so many addresses cannot grow the table without bound."""
+
+    def __init__(self, rate: float, burst: int, clients: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.clients = clients
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+        self.lock = threading.Lock()
+        self.refused = 0
+
+    def take(self, client: str) -> float:
+        """0 if the request may go on, else the seconds until it could."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self.lock:
+            tokens, at = self.buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens < 1:
+                self.buckets[client] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self.buckets[client] = (tokens - 1, now)
+            if len(self.buckets) > self.clients:
+                full = self.burst / self.rate
+                self.buckets = {c: v for c, v in self.buckets.items() if now - v[1] < full}
+            return 0.0
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) as soon as it passes ``limit`` bytes: never held
+    whole when too large, whatever Content-Length says."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {int(declared)} bytes; at most {limit} "
+                            "(MELTER_JANUS_MAX_BODY_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body over {limit} bytes "
+                                "(MELTER_JANUS_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def inflate(body: bytes, limit: int) -> bytes:
+    """A zlib or gzip body inflated, stopping at ``limit`` bytes (413): a small body can
+    inflate a thousandfold, so its size says nothing about what it unpacks to."""
+    inflater = zlib.decompressobj(wbits=47)
+    try:
+        out = inflater.decompress(body, limit + 1)
+        if len(out) <= limit and not inflater.unconsumed_tail:
+            out += inflater.flush()
+    except zlib.error as exc:
+        raise HTTPException(400, f"compressed body is damaged ({exc})") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise HTTPException(413, f"body inflates past {limit} bytes "
+                            "(MELTER_JANUS_MAX_INFLATED_BYTES)")
+    if not inflater.eof:
+        raise HTTPException(400, "compressed body is cut short")
+    return out
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def parse_json(body: bytes, max_depth: int, max_events: int) -> Any:
+    """The body's JSON, after checking (without building anything) that its nesting is at
+    most ``max_depth`` deep (400) and that it holds at most 32 arrays and objects per
+    allowed event (413): the parser recurses, and each container costs memory."""
+    if not body.strip():
+        return []
+    brackets = _STRINGS.sub(b"", body).translate(_BRACKETS, _NOT_BRACKETS)
+    # Each pass removes every empty pair, so after k passes only what nests deeper than k
+    # levels is left; bytes.replace runs at memory speed, a bracket-by-bracket count does not.
+    rest = brackets
+    for _ in range(max_depth):
+        shorter = rest.replace(b"[]", b"")
+        if len(shorter) == len(rest):
+            break
+        rest = shorter
+    if b"[]" in rest:
+        raise HTTPException(400, f"JSON nested deeper than {max_depth} levels "
+                            "(MELTER_JANUS_MAX_JSON_DEPTH); Janus's events are 5 deep")
+    opened = brackets.count(b"[")
+    if opened > 32 * max_events:
+        raise HTTPException(413, f"{opened} arrays and objects in one POST; at most "
+                            f"{32 * max_events} (32 per event, MELTER_JANUS_MAX_EVENTS)")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise HTTPException(400, "not JSON: expected one Janus event or an array of "
+                            "them") from None
+
+
+def unpack(body: bytes, limits: Any) -> Any:
+    """The JSON of a POST from Janus, inflated first when compressed (sampleevh's
+    ``compress = true``): in a worker thread, as inflating and parsing megabytes would hold up
+    every other request."""
+    if body[:1] in (b"\x78", b"\x1f"):  # a zlib or gzip header; JSON starts otherwise
+        body = inflate(body, limits.max_inflated_bytes)
+    return parse_json(body, limits.max_json_depth, limits.max_events)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -115,7 +230,6 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     app.state.farm = farm
     app.state.tracker = tracker
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FarmCollector(farm, tracker))
 
     # -- errors ------------------------------------------------------------------------------
     @app.exception_handler(HTTPException)
@@ -159,24 +273,42 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
             raise HTTPException(401, "invalid token: use the service's MELTER_API_TOKEN",
                                 challenge)
 
-    def janus_auth(request: Request) -> None:
-        user, password = settings.service.janus_user, settings.service.janus_password
-        if not user:
+    limiter = RateLimiter(settings.service.rate_limit, settings.service.rate_burst)
+    registry.register(FarmCollector(farm, tracker, limiter))
+
+    async def janus_gate(request: Request) -> None:
+        """Rate limit first (so guessing passwords is limited too), then credentials."""
+        client = request.client.host if request.client else "?"
+        wait = limiter.take(client)
+        if wait > 0:
+            limiter.refused += 1
+            raise HTTPException(429, f"too many requests from {client}: at most "
+                                f"{settings.service.rate_limit:g} per second "
+                                "(MELTER_JANUS_RATE_LIMIT, MELTER_JANUS_RATE_BURST)",
+                                {"Retry-After": str(max(1, math.ceil(wait)))})
+        service = settings.service
+        if not service.janus_auth:
             return
-        challenge = {"WWW-Authenticate": 'Basic realm="melter"'}
-        header = request.headers.get("authorization", "")
-        given_user = given_password = ""
-        try:
-            scheme, _, value = header.partition(" ")
-            given_user, _, given_password = base64.b64decode(value).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            scheme = ""
-        if scheme.lower() != "basic" or not (
-                hmac.compare_digest(given_user.encode(), user.encode())
-                and hmac.compare_digest(given_password.encode(), (password or "").encode())):
-            raise HTTPException(401, "Janus events need basic auth: set backend_user and "
-                                "backend_pwd in janus.eventhandler.sampleevh.jcfg to "
-                                "MELTER_JANUS_USER and MELTER_JANUS_PASSWORD", challenge)
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and service.janus_user:
+            try:
+                given_user, _, given_password = base64.b64decode(
+                    value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                given_user = given_password = ""
+            ok_user = hmac.compare_digest(given_user.encode(), service.janus_user.encode())
+            ok_password = hmac.compare_digest(given_password.encode(),
+                                              (service.janus_password or "").encode())
+            if ok_user and ok_password:
+                return
+        if scheme.lower() == "bearer" and service.janus_token and hmac.compare_digest(
+                value.strip().encode(), service.janus_token.encode()):
+            return
+        raise HTTPException(401, "Janus events need credentials: set backend_user and "
+                            "backend_pwd in janus.eventhandler.sampleevh.jcfg to "
+                            "MELTER_JANUS_USER and MELTER_JANUS_PASSWORD (or send "
+                            "'Authorization: Bearer <MELTER_JANUS_TOKEN>')",
+                            {"WWW-Authenticate": 'Basic realm="melter"'})
 
     Auth = Depends(token)
 
@@ -195,29 +327,61 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         """Prometheus metrics: jobs by state, render seconds, queue depth, workers."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/janus/events", tags=["janus"], dependencies=[Depends(janus_auth)])
+    @app.post("/janus/events", tags=["janus"], dependencies=[Depends(janus_gate)])
     async def janus_events(request: Request) -> dict[str, Any]:
         """Janus's sample event handler posts here: one event or a JSON array of them.
-        VideoRoom events move the rooms; everything else is ignored."""
-        body = await request.body()
-        try:
-            payload = json.loads(body) if body.strip() else []
-        except ValueError:
-            payload = None
-        if payload is None:
-            with contextlib.suppress(zlib.error, ValueError):  # sampleevh's "compress = true"
-                payload = json.loads(zlib.decompress(body, wbits=47))
-        if payload is None:
-            raise HTTPException(400, "not JSON: expected one Janus event or an array of "
-                                "them") from None
-        events = parse_events(payload)
-        ended = await run_in_threadpool(tracker.handle, events) if events else []
+        VideoRoom events move the rooms; everything else is ignored. Bodies, their inflated
+        size, their nesting and their number of events are bounded (413, 400), and each event
+        is checked before it reaches a room."""
+        limits = settings.service
+        body = await read_body(request, limits.max_body_bytes)
+        payload = await run_in_threadpool(unpack, body, limits)
+        received = len(payload) if isinstance(payload, list) else 1
+        if received > limits.max_events:
+            raise HTTPException(413, f"{received} events in one POST; at most "
+                                f"{limits.max_events} (MELTER_JANUS_MAX_EVENTS)")
+        dropped: dict[str, int] = {}
+        events = parse_events(payload, now=time.time(), skew=limits.clock_skew_seconds,
+                              dropped=dropped)
+        ended = await run_in_threadpool(record, events, dropped)
         if ended:
             for thread in threads:
                 if isinstance(thread, Background):
                     thread.wake.set()
-        return {"received": len(payload) if isinstance(payload, list) else 1,
-                "videoroom": len(events), "ended": ended}
+        return {"received": received, "videoroom": len(events), "ended": ended,
+                "dropped": dropped}
+
+    def record(events: list[Any], dropped: dict[str, int]) -> list[str]:
+        if dropped:
+            pipe = farm.store.r.pipeline(transaction=False)
+            for reason, n in dropped.items():
+                pipe.hincrby(f"{tracker.p}:stats", f"dropped_{reason}", n)
+            pipe.execute()
+            log.warning("janus events: dropped %s", dropped)
+        return tracker.handle(events) if events else []
+
+    @app.get("/rooms", tags=["rooms"], dependencies=[Depends(token)])
+    def rooms() -> dict[str, Any]:
+        """Rooms followed from Janus events, and the ones a pass failed on (with the error)."""
+        return {"rooms": tracker.rooms(), "failed": tracker.failures(),
+                "dropped_events": {k.removeprefix("dropped_"): v
+                                   for k, v in tracker.stats().items()
+                                   if k.startswith("dropped_")}}
+
+    @app.get("/rooms/{room}", tags=["rooms"], dependencies=[Depends(token)])
+    def room(room: str) -> dict[str, Any]:
+        """One room's meetings and renders as the tracker holds them, and its last failure."""
+        failure = tracker.failures().get(room)
+        try:
+            state = tracker.room(room)
+        except (ValueError, TypeError, KeyError) as exc:
+            return {"room": room, "meetings": None, "failed": failure,
+                    "unreadable": f"{type(exc).__name__}: {exc}"}
+        if state is None and failure is None:
+            raise HTTPException(404, f"no room {room} (never seen, or expired after "
+                                "MELTER_ROOM_TTL_SECONDS); GET /rooms lists the rooms")
+        return {"room": room, "failed": failure,
+                "meetings": None if state is None else json.loads(state.to_json())["meetings"]}
 
     # -- jobs --------------------------------------------------------------------------------
     def status_or_404(job_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from melter.errors import MelterError
+from melter.extras import require
 
 service_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -43,12 +44,19 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """The service: Janus events (POST /janus/events), the jobs API, /metrics, /docs."""
+    require("serve", "`melter serve`")
     import uvicorn
 
     from melter.service.app import create_app
+    from melter.service.config import require_janus_auth
 
     settings = _settings()
+    require_janus_auth(settings.service, host)
     _logging(log_level)
+    if not settings.service.janus_auth:
+        logging.getLogger("melter.service").warning(
+            "POST /janus/events takes events from anyone who reaches %s: set "
+            "MELTER_JANUS_USER and MELTER_JANUS_PASSWORD", host)
     if not settings.service.api_token:
         logging.getLogger("melter.service").warning(
             "MELTER_API_TOKEN is not set: the jobs API answers 503 until it is")
@@ -69,6 +77,7 @@ def watch(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Render each room once its MJR files stop growing (for setups without events)."""
+    require("farm", "`melter watch`")
     from melter.farm.service import Farm
     from melter.service.watch import Watcher
 

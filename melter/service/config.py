@@ -17,20 +17,22 @@ rooms map to a layout and outputs::
 Output names are relative to ``renders_dir`` (``{room}``, ``{start}``: the meeting's start as
 ``20260101T120000Z``, ``{meeting}``: the meeting's id). The environment wins over the file:
 ``MELTER_RECORDINGS_DIR``, ``MELTER_RENDERS_DIR``, ``MELTER_API_TOKEN``, ``MELTER_JANUS_USER``,
-``MELTER_JANUS_PASSWORD``, ``MELTER_GRACE_SECONDS``, ``MELTER_TICK_SECONDS``,
-``MELTER_SETTLE_SECONDS``,
-``MELTER_DEFAULT_LAYOUT``, ``MELTER_AUTO_CALLBACK_URL``.
+``MELTER_JANUS_PASSWORD``, ``MELTER_JANUS_TOKEN``, ``MELTER_GRACE_SECONDS``,
+``MELTER_TICK_SECONDS``, ``MELTER_SETTLE_SECONDS``, ``MELTER_DEFAULT_LAYOUT``,
+``MELTER_AUTO_CALLBACK_URL``, the limits of ``POST /janus/events`` (``MELTER_JANUS_MAX_*``,
+``MELTER_JANUS_RATE_*``, ``MELTER_JANUS_CLOCK_SKEW_SECONDS``) and ``MELTER_ROOM_TTL_SECONDS``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from melter.errors import MelterError, validation_problems
 from melter.farm.config import DEFAULT_FILE, FarmConfig, environment_value, load_config
@@ -66,6 +68,28 @@ class ServiceConfig(BaseModel):
     api_token: str | None = Field(None, description="bearer token of the jobs API")
     janus_user: str | None = Field(None, description="basic auth of POST /janus/events")
     janus_password: str | None = None
+    janus_token: str | None = Field(
+        None, description="bearer token POST /janus/events also takes (for a proxy in front "
+        "of Janus); Janus's sample event handler itself sends basic auth only")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="largest POST /janus/events body as sent (413 above)")
+    max_inflated_bytes: int = Field(
+        4_000_000, ge=1024, description="largest body once inflated (compress = true); "
+        "inflating stops there (413)")
+    max_events: int = Field(1000, ge=1, description="most events in one POST (413 above)")
+    max_json_depth: int = Field(
+        32, ge=8, le=500, description="deepest JSON nesting taken (Janus's events are 5 deep)")
+    clock_skew_seconds: float = Field(
+        86400.0, gt=0, description="events whose timestamp is further than this from the "
+        "service's clock are dropped: one such event could end or freeze a room for good")
+    room_ttl_seconds: float = Field(
+        172800.0, ge=3600, description="a room's state in Redis expires after this long "
+        "without an event (longer than any meeting plus its grace period)")
+    rate_limit: float = Field(
+        200.0, ge=0, description="POST /janus/events per second per client address, "
+        "sustained (0: no limit); above it, 429")
+    rate_burst: int = Field(2000, ge=1, description="POSTs a client may send at once "
+                            "before rate_limit applies")
     grace_seconds: float = Field(
         60.0, ge=0, description="a room nobody publishes in is rendered after this")
     tick_seconds: float = Field(1.0, gt=0, description="how often grace periods are checked")
@@ -77,6 +101,39 @@ class ServiceConfig(BaseModel):
 
     def rule(self, room: str) -> RoomRule:
         return self.rooms.get(str(room), self.default)
+
+    @model_validator(mode="after")
+    def _credentials_in_pairs(self) -> ServiceConfig:
+        """A user without a password would let anyone in who guesses the user's name."""
+        if bool(self.janus_user) != bool(self.janus_password):
+            raise ValueError("set both MELTER_JANUS_USER and MELTER_JANUS_PASSWORD (Janus's "
+                             "backend_user and backend_pwd), or neither")
+        return self
+
+    @property
+    def janus_auth(self) -> bool:
+        """Whether POST /janus/events asks for credentials."""
+        return bool(self.janus_user or self.janus_token)
+
+
+def loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, it may not stay loopback
+
+
+def require_janus_auth(service: ServiceConfig, host: str) -> None:
+    """Refuse to listen beyond loopback with an open event endpoint: whoever can post Janus
+    events can end meetings and queue renders."""
+    if not service.janus_auth and not loopback(host):
+        raise MelterError(
+            f"melter serve --host {host}: POST /janus/events would take events from anyone; "
+            "set MELTER_JANUS_USER and MELTER_JANUS_PASSWORD (Janus's backend_user and "
+            "backend_pwd) or MELTER_JANUS_TOKEN, or listen on 127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -99,6 +156,15 @@ _ENV = {
     "MELTER_API_TOKEN": "api_token",
     "MELTER_JANUS_USER": "janus_user",
     "MELTER_JANUS_PASSWORD": "janus_password",
+    "MELTER_JANUS_TOKEN": "janus_token",
+    "MELTER_JANUS_MAX_BODY_BYTES": "max_body_bytes",
+    "MELTER_JANUS_MAX_INFLATED_BYTES": "max_inflated_bytes",
+    "MELTER_JANUS_MAX_EVENTS": "max_events",
+    "MELTER_JANUS_MAX_JSON_DEPTH": "max_json_depth",
+    "MELTER_JANUS_CLOCK_SKEW_SECONDS": "clock_skew_seconds",
+    "MELTER_ROOM_TTL_SECONDS": "room_ttl_seconds",
+    "MELTER_JANUS_RATE_LIMIT": "rate_limit",
+    "MELTER_JANUS_RATE_BURST": "rate_burst",
     "MELTER_GRACE_SECONDS": "grace_seconds",
     "MELTER_TICK_SECONDS": "tick_seconds",
     "MELTER_SETTLE_SECONDS": "settle_seconds",

@@ -32,9 +32,10 @@ def _queue_keys(prefix: str, queue: str) -> list[str]:
 class FarmCollector(Collector):
     """Jobs by state, render seconds, queue depth, live workers, callbacks, rooms."""
 
-    def __init__(self, farm: Any, tracker: Any = None) -> None:
+    def __init__(self, farm: Any, tracker: Any = None, limiter: Any = None) -> None:
         self.farm = farm
         self.tracker = tracker
+        self.limiter = limiter
 
     def collect(self) -> Iterator[Metric]:
         store = self.farm.store
@@ -88,9 +89,27 @@ class FarmCollector(Collector):
                                        labels=["outcome"])
             auto.add_metric(["submitted"], stats.get("auto_submitted", 0))
             auto.add_metric(["skipped"], stats.get("auto_skipped", 0))
+            auto.add_metric(["failed"], stats.get("auto_failed", 0))
             yield auto
+            dropped = CounterMetricFamily(
+                "melter_janus_events_dropped", "VideoRoom events dropped unread: a room or "
+                "publisher id Janus could not have sent, or a timestamp too far from the "
+                "service's clock (MELTER_JANUS_CLOCK_SKEW_SECONDS)", labels=["reason"])
+            for reason in ("room", "publisher", "timestamp"):
+                dropped.add_metric([reason], stats.get(f"dropped_{reason}", 0))
+            yield dropped
             due = r.zcount(f"{self.tracker.p}:due", "-inf", "+inf")
             yield GaugeMetricFamily("melter_rooms_in_grace", "Rooms nobody publishes in, "
                                     "waiting for their grace period", value=due)
+            yield GaugeMetricFamily("melter_rooms_failed", "Rooms a pass failed on (GET "
+                                    "/rooms names them and the error)",
+                                    value=r.hlen(f"{self.tracker.p}:failed"))
+            yield CounterMetricFamily("melter_room_failures", "Passes that failed on a room "
+                                      "(the other rooms went on)",
+                                      value=stats.get("room_failures", 0))
+        if self.limiter is not None:
+            yield CounterMetricFamily("melter_janus_rate_limited", "POST /janus/events "
+                                      "refused with 429 by this process",
+                                      value=self.limiter.refused)
         yield GaugeMetricFamily("melter_scrape_timestamp_seconds", "When these were read",
                                 value=time.time())

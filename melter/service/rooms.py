@@ -21,6 +21,7 @@ A meeting ends once; that transition is what enqueues its render, so it happens 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,10 +43,38 @@ class RoomEvent:
     publisher: str | None = None
 
 
-def parse_events(payload: Any) -> list[RoomEvent]:
-    """The VideoRoom events in what the sample event handler POSTs (one event or a list)."""
+#: A room or publisher id given as a string (Janus's ``string_ids``): it becomes part of Redis
+#: keys and of output file names, so no path separators, no leading dot, and a bounded length.
+STRING_ID = re.compile(r"\w[\w.:@+=-]{0,127}", re.ASCII)
+ID_LIMIT = 2**64  # Janus's numeric ids are guint64
+TS_LIMIT = 2**63  # µs; anything above is no date a datetime can hold
+
+
+def _identifier(value: Any) -> str | None:
+    """The id as a string, or None when Janus could not have sent it."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < ID_LIMIT:
+        return str(value)
+    if isinstance(value, str) and STRING_ID.fullmatch(value):
+        return value
+    return None
+
+
+def parse_events(payload: Any, now: float | None = None, skew: float = 86400.0,
+                 dropped: dict[str, int] | None = None) -> list[RoomEvent]:
+    """The VideoRoom events in what the sample event handler POSTs (one event or a list).
+
+    Events every room follows are checked here, once: a room id that is not a 64-bit number or
+    a short plain string, a publisher id of neither kind, or a timestamp further than ``skew``
+    seconds from ``now`` (when given) drops the event, counted in ``dropped`` by reason. A
+    timestamp far in the future would otherwise end a room's meeting there and make every
+    later event of the room "late"."""
     items = payload if isinstance(payload, list) else [payload]
     out = []
+
+    def drop(reason: str) -> None:
+        if dropped is not None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+
     for item in items:
         if not isinstance(item, dict) or item.get("type") != PLUGIN_EVENT:
             continue
@@ -55,12 +84,20 @@ def parse_events(payload: Any) -> list[RoomEvent]:
         data = event.get("data")
         if not isinstance(data, dict) or data.get("event") not in KINDS:
             continue
-        room, ts = data.get("room"), item.get("timestamp")
-        if room is None or not isinstance(ts, int):
+        room, ts = _identifier(data.get("room")), item.get("timestamp")
+        if room is None:
+            drop("room")
+            continue
+        if (not isinstance(ts, int) or isinstance(ts, bool) or not 0 < ts < TS_LIMIT
+                or (now is not None and abs(ts / 1e6 - now) > skew)):
+            drop("timestamp")
             continue
         who = data.get("id")
-        out.append(RoomEvent(str(room), str(data["event"]), ts,
-                             None if who is None else str(who)))
+        publisher = None if who is None else _identifier(who)
+        if who is not None and publisher is None:
+            drop("publisher")
+            continue
+        out.append(RoomEvent(room, str(data["event"]), ts, publisher))
     return out
 
 

@@ -2,24 +2,36 @@
 
 Keys (``P`` the farm's key prefix)::
 
-    P:svc:room:<room>   string: the room's meetings (JSON of melter.service.rooms.Room)
+    P:svc:room:<room>   string: the room's meetings (JSON of melter.service.rooms.Room),
+                        expiring ``room_ttl_seconds`` after the room's last change
+    P:svc:seen          sorted set: rooms by their last change (trimmed with the same TTL)
     P:svc:due           sorted set: rooms by their next grace deadline (wall clock)
     P:svc:pending       set: rooms with a meeting whose render is decided but not yet submitted
-    P:svc:stats         hash: counters (events, auto renders submitted, skipped)
+    P:svc:failed        hash: room -> JSON {error, at} of the last pass that failed on it
+    P:svc:stats         hash: counters (events, events dropped by reason, auto renders
+                        submitted, skipped, failed, rooms that failed)
 
 Each room is updated in one optimistic transaction (WATCH/MULTI), so concurrent requests and
 a ticking service see one order of events. A meeting's end and its "render pending" mark are
 written together; the job is submitted afterwards with an idempotency key naming the meeting,
 then marked submitted. A service that dies between the two finds the pending mark when it
 starts again and submits again, which returns the same job: nothing is lost, nothing doubled.
+
+Every key expires or is trimmed: Janus names rooms, and nothing it sends may keep memory under
+Redis's ``noeviction`` for good. A room that fails (a state this version cannot read, a spec
+that cannot be made) is logged and marked in ``P:svc:failed``, and the pass goes on with the
+other rooms: one bad room never stops the automatic renders of the rest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import redis
 
 from melter.errors import MelterError
 from melter.farm.service import Farm
@@ -44,6 +56,10 @@ class Tracker:
     def room_key(self, room: str) -> str:
         return f"{self.p}:room:{room}"
 
+    @property
+    def ttl(self) -> int:
+        return int(self.settings.service.room_ttl_seconds)
+
     # -- state -------------------------------------------------------------------------------
     def _update(self, room: str, change: Callable[[Room], T]) -> T:
         key = self.room_key(room)
@@ -54,8 +70,8 @@ class Tracker:
             state = Room.from_json(raw) if raw else Room(room)
             result[:] = [change(state)]
             pipe.multi()
-            pipe.set(key, state.to_json())
-            pipe.sadd(f"{self.p}:rooms", room)
+            pipe.set(key, state.to_json(), ex=self.ttl)
+            pipe.zadd(f"{self.p}:seen", {room: time.time()})
             deadline = state.next_deadline()
             if deadline is None:
                 pipe.zrem(f"{self.p}:due", room)
@@ -74,10 +90,39 @@ class Tracker:
         return Room.from_json(raw) if raw else None
 
     def rooms(self) -> list[str]:
-        return sorted(self.r.smembers(f"{self.p}:rooms"))
+        return sorted(self.r.zrange(f"{self.p}:seen", 0, -1))
 
     def count(self, name: str, by: int = 1) -> None:
         self.r.hincrby(f"{self.p}:stats", name, by)
+
+    def failures(self) -> dict[str, dict[str, Any]]:
+        """The rooms a pass failed on: their last error and when."""
+        return {room: json.loads(v) for room, v in self.r.hgetall(f"{self.p}:failed").items()}
+
+    def _failed(self, room: str, what: str, exc: Exception) -> None:
+        """Log and mark a room a pass failed on, so the pass can go on with the others."""
+        log.exception("room %s: %s failed; the other rooms go on", room, what)
+        key = f"{self.p}:failed"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, room, json.dumps(
+            {"error": f"{what}: {type(exc).__name__}: {exc}"[:500], "at": time.time()}))
+        pipe.expire(key, self.ttl)
+        pipe.hincrby(f"{self.p}:stats", "room_failures", 1)
+        pipe.execute()
+
+    def expire_rooms(self, now: float | None = None) -> int:
+        """Forget the rooms whose state expired; how many."""
+        now = time.time() if now is None else now
+        seen = f"{self.p}:seen"
+        old = self.r.zrangebyscore(seen, "-inf", now - self.ttl)
+        if old:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zrem(seen, *old)
+            pipe.zrem(f"{self.p}:due", *old)
+            pipe.srem(f"{self.p}:pending", *old)
+            pipe.hdel(f"{self.p}:failed", *old)
+            pipe.execute()
+        return len(old)
 
     def stats(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(f"{self.p}:stats").items()}
@@ -100,7 +145,12 @@ class Tracker:
                     out += [m.id for m in state.apply(event, now, grace, settle)]
                 return out
 
-            ended += self._update(room, change)
+            try:
+                ended += self._update(room, change)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # the other rooms of the POST still count
+                self._failed(room, "events", exc)
         if events:
             self.count("events", len(events))
         return ended
@@ -110,8 +160,14 @@ class Tracker:
         now = time.time() if now is None else now
         ended: list[str] = []
         for room in self.r.zrangebyscore(f"{self.p}:due", "-inf", now):
-            ended += self._update(room, lambda state: [
-                m.id for m in state.tick(now, self.settings.service.settle_seconds)])
+            try:
+                ended += self._update(room, lambda state: [
+                    m.id for m in state.tick(now, self.settings.service.settle_seconds)])
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one room's state must not stop the others' renders
+                self._failed(room, "grace deadline", exc)
+                self.r.zrem(f"{self.p}:due", room)
         return ended
 
     # -- renders -----------------------------------------------------------------------------
@@ -121,14 +177,38 @@ class Tracker:
         now = time.time() if now is None else now
         jobs = []
         for room in sorted(self.r.smembers(f"{self.p}:pending")):
-            state = self.room(room)
-            for meeting in state.pending() if state else []:
-                if float((meeting.render or {}).get("not_before", 0)) > now:
+            try:
+                state = self.room(room)
+                if state is None:  # expired
+                    self.r.srem(f"{self.p}:pending", room)
                     continue
-                job = self._submit(room, meeting.id)
-                if job:
-                    jobs.append(job)
+                for meeting in state.pending():
+                    if float((meeting.render or {}).get("not_before", 0)) > now:
+                        continue
+                    job = self._submit(room, meeting.id)
+                    if job:
+                        jobs.append(job)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one room's state must not stop the others' renders
+                self._failed(room, "render submission", exc)
+                self._give_up(room, exc)
         return jobs
+
+    def _give_up(self, room: str, exc: Exception) -> None:
+        """Mark the room's pending renders failed, so the next pass does not fail the same
+        way; a state that cannot even be read leaves the pending set."""
+        def mark(state: Room) -> None:
+            for meeting in state.pending():
+                meeting.render = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+        try:
+            self._update(room, mark)
+            self.count("auto_failed")
+        except redis.RedisError:
+            raise
+        except Exception:
+            self.r.srem(f"{self.p}:pending", room)
 
     def _spec(self, state: Room, meeting: Meeting) -> dict[str, Any]:
         before, after = state.neighbours(meeting)
