@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from melter import __version__
-from melter.errors import MelterError
+from melter.errors import MelterError, mask_secrets
 
 app = typer.Typer(
     add_completion=False,
@@ -470,7 +470,7 @@ def _warn(message: str) -> None:
 
 def _fail(message: str) -> None:
     """One line on stderr, however long (no wrapping: scripts grep it)."""
-    sys.stderr.write(f"melter: error: {' '.join(message.split())}\n")
+    sys.stderr.write(f"melter: error: {' '.join(mask_secrets(message).split())}\n")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ so the command line can print one line and exit 1 instead of a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,3 +38,15 @@ def validation_problems(exc: ValidationError, top: str) -> str:
     itself), for messages that name the field to fix."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or top}: {e['msg']}"
                      for e in exc.errors())
+
+
+#: ``scheme://user:password@`` in a URL (Redis, AMQP, HTTP callbacks), also as a path made of
+#: one (``scheme:/user:password@``, its double slash collapsed).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*:/{1,2}[^:/@\s]*:)[^@\s]+@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``: messages reach
+    terminals, logs, job records and API callers, which must not learn the broker's password."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+

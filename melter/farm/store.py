@@ -43,6 +43,7 @@ from typing import Any
 
 import redis
 
+from melter.errors import mask_secrets
 from melter.farm.callbacks import with_note
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -467,8 +468,8 @@ class Store:
     def fail(self, job: str, unit: str, token: str, error: str, delay: float, max_attempts: int,
              worker: str, outcome: str = "failed") -> list[str]:
         """Record a failed attempt: ``['retry', token, due]``, ``['failed', error]``, …"""
-        return list(self._run("fail", job, unit, token, time.time(), error, outcome, delay,
-                              max_attempts, worker))
+        return list(self._run("fail", job, unit, token, time.time(), mask_secrets(error),
+                              outcome, delay, max_attempts, worker))
 
     def expire(self, job: str, unit: str, token: str, max_attempts: int) -> list[str]:
         return list(self._run("expire", job, unit, token, time.time(), max_attempts))
