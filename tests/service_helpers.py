@@ -59,6 +59,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def farm(tmp_path: Path) -> Iterator[FarmHarness]:
+    """A service farm (:func:`service_harness`), cleaned up after the test."""
+    harness = service_harness(tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.cleanup()
+
+
 def service_harness(base: Path, **settings: str) -> FarmHarness:
     """A farm whose storage root holds the recordings folder and a small layout file."""
     storage = base / "storage"

@@ -2,9 +2,10 @@
 
 The base inputs are the first seconds of one participant's audio and video from
 ``dev-three-party-vp8`` (real Janus 1.1.2 files; a prefix of an MJR is itself a valid MJR, and
-keeps each case fast). Each case applies one seeded mutation — bit flips, byte overwrites,
-truncation, inserted garbage, absurd length fields, damaged RTP header fields or a damaged JSON
-header — and runs ``analyze`` and ``convert`` in this process. Only ``MelterError`` may come
+keeps each case fast). Each case applies one seeded damage of ``fuzzcases`` — bit flips, byte
+overwrites, truncation, inserted garbage, spliced frames, absurd length fields, damaged RTP
+header fields, arrival times or a damaged JSON header — and runs ``analyze`` and ``convert`` in
+this process. Only ``MelterError`` may come
 out, no case may hang (per-case timeout), and what comes out must be self-consistent: gaps lie
 inside the track and the silence written never exceeds the track's span.
 """
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import random
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fuzzcases import DAMAGE, Base, damage
 from mjrwriter import frame_offsets
 
 from melter.convert import convert
@@ -34,7 +35,7 @@ AUDIO = "videoroom-2001-user-501-1795700513534356-audio-0.mjr"
 VIDEO = "videoroom-2001-user-501-1795700513534447-video-1.mjr"
 #: How many frames of each recording the cases start from (6 s of audio, ~8 s of video).
 PREFIX_FRAMES = {"audio": 300, "video": 250}
-MUTATIONS = ["flip", "overwrite", "truncate", "insert", "length", "rtp", "header"]
+MUTATIONS = DAMAGE
 
 #: Cases that hit a known melter bug (see the report): a single packet whose RTP timestamp
 #: is corrupted drags the track's wall-clock offset by hours, so the analysis lists a gap far
@@ -63,51 +64,9 @@ def bases() -> dict[str, tuple[bytes, list[int]]]:
 
 
 def mutate(rng: random.Random, data: bytes, offsets: list[int]) -> tuple[str, bytes]:
-    """One random mutation of a recording; ``offsets`` are its frame starts."""
-    out = bytearray(data)
-    kind = rng.choice(MUTATIONS)
-    first = offsets[0]
-    if kind == "flip":
-        for _ in range(rng.randint(1, 32)):
-            bit = rng.randrange(first * 8, len(out) * 8)
-            out[bit // 8] ^= 1 << (bit % 8)
-    elif kind == "overwrite":
-        pos = rng.randrange(first, len(out))
-        size = rng.randint(1, 64)
-        out[pos : pos + size] = rng.randbytes(size)[: len(out) - pos]
-    elif kind == "truncate":
-        del out[rng.randrange(0, len(out)) :]
-    elif kind == "insert":
-        pos = rng.choice(offsets) if rng.random() < 0.5 else rng.randrange(first, len(out))
-        garbage = rng.randbytes(rng.randint(1, 300))
-        if rng.random() < 0.3:
-            garbage = b"MEET" + garbage  # a false frame prefix
-        out[pos:pos] = garbage
-    elif kind == "length":
-        for _ in range(rng.randint(1, 3)):
-            offset = rng.choice(offsets)
-            value = rng.choice([0, 1, 11, 12, 1500, 1501, 0xFFFF, rng.randrange(0x10000)])
-            out[offset + 8 : offset + 10] = struct.pack("!H", value)
-    elif kind == "rtp":
-        for _ in range(rng.randint(1, 4)):
-            rtp = rng.choice(offsets) + 10
-            field = rng.choice(["b0", "b1", "seq", "ts", "ssrc", "ext"])
-            if field == "b0":  # CC, X and P bits
-                out[rtp] = 0x80 | rng.randrange(0x40)
-            elif field == "b1":  # marker and payload type
-                out[rtp + 1] = rng.randrange(0x100)
-            elif field == "seq":
-                out[rtp + 2 : rtp + 4] = rng.randbytes(2)
-            elif field == "ts":
-                out[rtp + 4 : rtp + 8] = rng.randbytes(4)
-            elif field == "ssrc":
-                out[rtp + 8 : rtp + 12] = rng.randbytes(4)
-            else:  # the extension length word
-                out[rtp + 14 : rtp + 16] = rng.randbytes(2)
-    else:  # header: one byte of the magic, length or JSON
-        pos = rng.randrange(0, first)
-        out[pos] = rng.randrange(0x100)
-    return kind, bytes(out)
+    """One random damage of a recording (``fuzzcases.damage``); ``offsets`` are its frame
+    starts."""
+    return damage(rng, Base("", data, offsets))
 
 
 def case_input(case: int, bases: dict[str, tuple[bytes, list[int]]]) -> tuple[str, str, bytes]:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from service_helpers import (
     Service,
     copy_recordings,
     event_lines,
+    farm,
     post_events,
     running_service,
     service_harness,
@@ -44,16 +44,9 @@ from melter.service.renders import start_label
 from melter.service.rooms import parse_events
 from melter.service.tracker import Tracker
 
+__all__ = ["farm"]  # the fixture, used by name
+
 GRACE = 2.0
-
-
-@pytest.fixture
-def farm(tmp_path: Path) -> Iterator[FarmHarness]:
-    harness = service_harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.cleanup()
 
 
 def jobs_by_room(service: Service) -> dict[str, list[dict[str, Any]]]:

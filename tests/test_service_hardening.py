@@ -14,12 +14,10 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
 from service_helpers import (
     CLI,
@@ -27,6 +25,7 @@ from service_helpers import (
     Service,
     copy_recordings,
     event_lines,
+    farm,
     post_events,
     running_service,
     service_harness,
@@ -36,17 +35,10 @@ from test_farm_helpers import FRAME, FarmHarness
 
 from melter.service.rooms import Meeting, Room
 
+__all__ = ["farm"]  # the fixture, used by name
+
 RSS_LIMIT_MB = 200
 FIXTURE = "dev-two-party-h264"
-
-
-@pytest.fixture
-def farm(tmp_path: Path) -> Iterator[FarmHarness]:
-    harness = service_harness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.cleanup()
 
 
 def now_us() -> int:
