@@ -100,10 +100,11 @@ def trim_spans(plan: Plan) -> list[tuple[int, int]]:
 
 def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: int,
                    audio_only: bool, trim: bool,
-                   window: tuple[int, int] | None = None) -> tuple[str, int]:
+                   window: tuple[int, int] | None = None,
+                   prescale: bool = True) -> tuple[str, int]:
     """The MLT document of a render, and its frame count. ``window``: only those frames
     (first, last) will be rendered, with melt's ``in`` and ``out`` (frames of the trimmed
-    timeline when ``trim``)."""
+    timeline when ``trim``). ``prescale=False`` leaves scaling to MLT (to compare the two)."""
     spans = trim_spans(plan) if trim else []
     if window is not None and trim:
         window = (_untrimmed(window[0], spans), _untrimmed(window[1], spans))
@@ -119,6 +120,7 @@ def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: 
         font=layout.labels.font,
         background_image=layout.canvas.background_image,
         audio_only=audio_only,
+        prescale=prescale,
         window=window,
         # A trimmed render jumps over the stretches where nobody is present.
         mix_audio=window is None and not trim,

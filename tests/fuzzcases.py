@@ -177,7 +177,8 @@ def check_case(codec: str, data: bytes, folder: Path) -> str:
             raise Inconsistent("a gap outside the track")
     if span > 3_600_000_000:
         raise Inconsistent(f"a 3 s recording spans {span / 3.6e9:.1f} h")
-    for suffix in (".webm", ".opus") if kind == "audio" else (".webm",):
+    suffixes = {"opus": (".webm", ".opus"), "vp8": (".webm",), "h264": (".mp4",)}[codec]
+    for suffix in suffixes:
         output = folder / f"out{suffix}"
         try:
             report = convert([path], output)
