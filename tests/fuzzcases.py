@@ -34,6 +34,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mjrwriter import frame_offsets
+
 FIXTURES = Path(__file__).parent / "fixtures"
 #: (name, recording, frames kept): about 3 s of each.
 BASES = [
@@ -60,18 +62,9 @@ def load_bases() -> list[Base]:
     bases = []
     for codec, relative, keep in BASES:
         data = (FIXTURES / relative).read_bytes()
-        offsets = _frame_offsets(data)
+        offsets = frame_offsets(FIXTURES / relative)
         bases.append(Base(codec, data[: offsets[keep]], offsets[:keep]))
     return bases
-
-
-def _frame_offsets(data: bytes) -> list[int]:
-    pos = 10 + struct.unpack_from("!H", data, 8)[0]
-    offsets = []
-    while pos + 10 <= len(data):
-        offsets.append(pos)
-        pos += 10 + struct.unpack_from("!H", data, pos + 8)[0]
-    return offsets
 
 
 def damage(rng: random.Random, base: Base) -> tuple[str, bytes]:

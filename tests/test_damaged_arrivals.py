@@ -10,14 +10,12 @@ with a warning and keep the track's times.
 
 from __future__ import annotations
 
-import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import av
 import pytest
-from mjrwriter import Stream, make_header, write_mjr
+from mjrwriter import Stream, frame_offsets, make_header, write_mjr
+from test_meeting_limits import melter
 
 from melter.mjr.reader import MjrReader
 from melter.track import PURE_PYTHON_ENV, analyze
@@ -32,21 +30,10 @@ RECORDINGS = {
 WHERE = ["first", "second", "middle", "last"]
 
 
-def frame_starts(data: bytes) -> list[int]:
-    """Byte offsets of an MJR00002 file's frame prefixes."""
-    size = struct.unpack_from("!H", data, 8)[0]
-    pos, starts = 10 + size, []
-    while pos + 10 <= len(data):
-        assert data[pos:pos + 4] == b"MEET"
-        starts.append(pos)
-        pos += 10 + struct.unpack_from("!H", data, pos + 8)[0]
-    return starts
-
-
 def damaged_copy(source: Path, where: str, folder: Path) -> tuple[Path, int]:
     """``source`` with the top byte of one packet's arrival time inverted; the byte's offset."""
     data = bytearray(source.read_bytes())
-    starts = frame_starts(bytes(data))
+    starts = frame_offsets(source)
     index = {"first": 0, "second": 1, "middle": len(starts) // 2, "last": len(starts) - 1}[where]
     offset = starts[index] + 4
     data[offset] ^= 0xFF
@@ -85,21 +72,8 @@ def test_one_damaged_arrival_keeps_the_track_length(
 
 
 def _convert_peak_kib(source: Path, output: Path) -> int:
-    """``melter convert source -o output`` in a child under a 2 GiB address-space cap; its
-    peak resident memory in KiB."""
-    script = (
-        "import resource, sys\n"
-        "from melter.cli import main\n"
-        "try:\n"
-        "    main()\n"
-        "finally:\n"
-        "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-    )
-    result = subprocess.run(
-        ["prlimit", f"--as={2 << 30}", sys.executable, "-c", script, "convert", str(source),
-         "-o", str(output)],
-        capture_output=True, text=True, timeout=60,
-    )
+    """``melter convert source -o output`` in a capped child; its peak resident memory (KiB)."""
+    result = melter("convert", source, "-o", output, peak=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stderr.split("PEAK")[-1].split()[0])
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -50,6 +49,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+
+from melter.farm.allow import Allow, parse_allow, resolve
+from melter.farm.job import iso
 
 log = logging.getLogger("melter.farm.callbacks")
 
@@ -153,88 +155,6 @@ class Outcome:
     permanent: bool = False
 
 
-# -- where callbacks may go --------------------------------------------------------------------
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class Allow:
-    """``MELTER_CALLBACK_ALLOW`` parsed: host names (exact, any case) and networks."""
-
-    names: frozenset[str]
-    networks: tuple[Network, ...]
-
-    def address_allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
-
-
-def parse_allow(text: str) -> Allow:
-    """The allow-list from its comma-separated text; ValueError names a bad entry."""
-    names: set[str] = set()
-    networks: list[Network] = []
-    for raw in text.split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            continue
-        except ValueError:
-            pass
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?",
-                            entry):
-            raise ValueError(f"callback_allow: {raw.strip()!r} is neither a host name, an "
-                             "address nor a CIDR block")
-        names.add(entry.rstrip("."))
-    if not names and not networks:
-        raise ValueError("callback_allow is set but lists no host")
-    return Allow(frozenset(names), tuple(networks))
-
-
-def _resolve(host: str, port: int) -> list[tuple[Any, ...]]:
-    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-
-
-def callback_refusal(url: str, allow_text: str | None) -> str | None:
-    """Why ``url`` may not receive callbacks under the allow-list (None: it may). A listed
-    name is allowed as such; any other host must be an address, or resolve only to addresses,
-    inside a listed network."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower().rstrip(".")
-    if parts.scheme not in ("http", "https") or not host:
-        return f"{url}: not an http:// or https:// URL with a host"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return f"{url}: bad port"
-    if not allow_text:
-        return None
-    allow = parse_allow(allow_text)
-    if host in allow.names:
-        return None
-    try:
-        ipaddress.ip_address(host)
-        literal = True
-    except ValueError:
-        literal = False
-    if literal:
-        addresses = [host]
-    else:
-        try:
-            addresses = [str(info[4][0]) for info in _resolve(host, port)]
-        except OSError:
-            return f"host {host} does not resolve (MELTER_CALLBACK_ALLOW needs its address)"
-    if addresses and all(allow.address_allowed(a) for a in addresses):
-        return None
-    return f"host {host} is not allowed (MELTER_CALLBACK_ALLOW)"
-
-
 class _Refused(Exception):
     """The receiver's address is not on the allow-list (at delivery time)."""
 
@@ -249,7 +169,7 @@ NO_ANSWER = "no HTTP answer"
 
 
 def _addresses(host: str, port: int, allow: Allow | None) -> list[tuple[Any, ...]]:
-    infos = _resolve(host, port)
+    infos = resolve(host, port)
     if allow is None or host in allow.names:
         return infos
     allowed = [info for info in infos if allow.address_allowed(str(info[4][0]))]
@@ -372,7 +292,6 @@ class Outbox:
         return sum(self.deliver(job, entry) for job, entry in self.claim(limit))
 
     def _body(self, job: str, entry: dict[str, Any]) -> str:
-        from melter.farm.service import iso
 
         try:
             status: dict[str, Any] | None = self.farm.status(job)

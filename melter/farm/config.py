@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from melter.errors import MelterError, validation_problems
+from melter.farm.allow import parse_allow
 
 DEFAULT_FILE = Path("/etc/melter/farm.toml")
 ENV_PREFIX = "MELTER_"
@@ -113,8 +114,6 @@ class FarmConfig(BaseModel):
         if self.lease_seconds <= 2 * self.heartbeat_seconds:
             raise ValueError("lease_seconds must be more than twice heartbeat_seconds")
         if self.callback_allow:
-            from melter.farm.callbacks import parse_allow
-
             parse_allow(self.callback_allow)
         if self.redis_password and self.broker_url:
             self.broker_url = with_password(self.broker_url, self.redis_password)

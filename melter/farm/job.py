@@ -6,6 +6,7 @@ resolving symbolic links and ``..``, so a job cannot read or write elsewhere on 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -107,3 +108,11 @@ def under_root(value: str | Path, root: Path, what: str, variable: str,
         raise JobError(f"{what} {value} is outside {label} {base} ({variable}); the farm only "
                        "reads and writes under it")
     return resolved
+
+
+def iso(seconds: float | None) -> str | None:
+    """A Unix time as ISO 8601 in UTC, to the millisecond (None stays None)."""
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC).isoformat(timespec="milliseconds")
+

@@ -37,7 +37,7 @@ from typing import Any
 
 from melter.engine.mlt import RenderError, run_melt
 from melter.errors import MelterError
-from melter.farm.job import under_root
+from melter.farm.job import iso, under_root
 from melter.farm.manifest import (
     count_video_frames,
     describe_inputs,
@@ -55,7 +55,7 @@ from melter.farm.paths import (
     write_at,
 )
 from melter.farm.procs import REGISTRY
-from melter.farm.service import JobRecord, iso, manifest_path, remove_tmp
+from melter.farm.service import JobRecord, manifest_path, remove_tmp
 from melter.farm.tasks import Attempt
 
 #: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.

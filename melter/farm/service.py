@@ -10,7 +10,6 @@ when a worker takes the unit makes a duplicate start nothing.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -24,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from melter.errors import MelterError
+from melter.farm.allow import callback_refusal
 from melter.farm.config import FarmConfig, load_config, require_broker
-from melter.farm.job import JobError, JobSpec, OutputSpec, parse_job, under_root
+from melter.farm.job import JobError, JobSpec, OutputSpec, iso, parse_job, under_root
 from melter.farm.paths import check_inputs, resolve_layout, same_place
 from melter.farm.store import TERMINAL, Dispatch, Store
 
@@ -65,12 +65,6 @@ def versioned(path: Path, version: int) -> Path:
 
 def manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".manifest.json")
-
-
-def iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _float(value: str | None) -> float | None:
@@ -137,7 +131,6 @@ class Farm:
         layout_value, rule_layouts = resolve_layout(job.layout, config.storage_root,
                                                     rule_layouts)
         if job.callback_url and config.callback_allow:
-            from melter.farm.callbacks import callback_refusal
 
             refusal = callback_refusal(job.callback_url, config.callback_allow)
             if refusal is not None:
