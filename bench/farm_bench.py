@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from melter.farm.config import load_config  # noqa: E402
-from melter.farm.service import Farm  # noqa: E402
+from melter.farm.jobs import Farm  # noqa: E402
 
 
 class Bench:

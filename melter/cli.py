@@ -223,7 +223,7 @@ _mount_farm()
 
 def _mount_service() -> None:
     """``serve`` (Janus events, jobs API, metrics) and ``watch`` at top level."""
-    from melter.service.cli import service_app
+    from melter.serve.cli import service_app
 
     app.registered_commands.extend(service_app.registered_commands)
 
@@ -242,8 +242,8 @@ def swarm_plan(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Per-node --ip-range blocks holding exactly each node's slots, and the docker commands."""
-    from melter.swarm.plan import load_inventory
-    from melter.swarm.plan import plan as make_plan
+    from melter.swarm.placement import load_inventory
+    from melter.swarm.placement import plan as make_plan
 
     result = make_plan(load_inventory(str(inventory)))
     if as_json:
@@ -278,8 +278,8 @@ def swarm_apply(
 
     require("deploy", "`melter swarm apply`")
     from melter.swarm.apply import apply, engine_urls
-    from melter.swarm.plan import load_inventory
-    from melter.swarm.plan import plan as make_plan
+    from melter.swarm.placement import load_inventory
+    from melter.swarm.placement import plan as make_plan
 
     def report(line: str) -> None:
         sys.stdout.write(line + "\n")

@@ -23,7 +23,7 @@ import yaml
 from melter.errors import MelterError
 from melter.farm.config import load_config
 from melter.swarm.apply import config_differences, engine_urls
-from melter.swarm.plan import Inventory, plan
+from melter.swarm.placement import Inventory, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = [ROOT / "stack.yml", ROOT / "stack.local.yml", ROOT / "compose" / "compose.yml"]

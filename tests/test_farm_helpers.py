@@ -31,8 +31,8 @@ import yaml
 from mjrwriter import T0_US, Stream, vp8_pictures
 
 from melter.farm.config import FarmConfig, load_config
+from melter.farm.jobs import Farm
 from melter.farm.procs import descendants
-from melter.farm.service import Farm
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -38,11 +38,11 @@ from test_farm import meeting_span
 from test_farm_helpers import FRAME, FarmHarness
 
 from melter.farm.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from melter.farm.service import Farm
-from melter.service.config import load_settings
-from melter.service.renders import start_label
-from melter.service.rooms import parse_events
-from melter.service.tracker import Tracker
+from melter.farm.jobs import Farm
+from melter.serve.config import load_settings
+from melter.serve.renders import start_label
+from melter.serve.rooms import parse_events
+from melter.serve.tracker import Tracker
 
 __all__ = ["farm"]  # the fixture, used by name
 

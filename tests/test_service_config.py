@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from melter.errors import MelterError
-from melter.service.config import load_settings
-from melter.service.renders import auto_spec
+from melter.serve.config import load_settings
+from melter.serve.renders import auto_spec
 
 TOML = """
 storage_root = "{root}"

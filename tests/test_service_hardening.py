@@ -33,7 +33,7 @@ from service_helpers import (
 from test_farm import meeting_span
 from test_farm_helpers import FRAME, FarmHarness
 
-from melter.service.rooms import Meeting, Room
+from melter.serve.rooms import Meeting, Room
 
 __all__ = ["farm"]  # the fixture, used by name
 
@@ -245,9 +245,9 @@ def test_each_event_is_checked_and_room_state_is_bounded(tmp_path: Path) -> None
 def test_rooms_that_expired_are_forgotten(farm: FarmHarness) -> None:
     """The tracker's indexes follow the rooms' TTL: nothing stays behind a room that
     expired."""
-    from melter.farm.service import Farm
-    from melter.service.config import load_settings
-    from melter.service.tracker import Tracker
+    from melter.farm.jobs import Farm
+    from melter.serve.config import load_settings
+    from melter.serve.tracker import Tracker
 
     tracker = Tracker(load_settings(farm.env), Farm(farm.config))
     events = [e for line in event_lines(FIXTURE) for e in _parse(line)]
@@ -266,7 +266,7 @@ def test_rooms_that_expired_are_forgotten(farm: FarmHarness) -> None:
 
 
 def _parse(line: str) -> list[Any]:
-    from melter.service.rooms import parse_events
+    from melter.serve.rooms import parse_events
 
     return parse_events(json.loads(line), now=time.time())
 

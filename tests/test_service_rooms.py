@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from melter.service.rooms import Room, RoomEvent, parse_events
+from melter.serve.rooms import Room, RoomEvent, parse_events
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MEETINGS = ["dev-three-party-vp8", "dev-two-party-h264", "dev-turn-taking-vp8"]

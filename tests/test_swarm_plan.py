@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from melter.errors import MelterError
-from melter.swarm.plan import Inventory, plan
+from melter.swarm.placement import Inventory, plan
 
 
 def inventory(slots: list[int], prefix: int = 24, reserved: int = 0) -> Inventory:

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from melter.farm.config import FarmConfig
-    from melter.farm.service import Farm
+    from melter.farm.jobs import Farm
 
 
 def _farm(config: FarmConfig | None) -> Farm:
-    from melter.farm.service import Farm, farm_for
+    from melter.farm.jobs import Farm, farm_for
 
     return Farm(config) if config is not None else farm_for()
 

@@ -41,7 +41,7 @@ def _need_farm(command: str, *also: str) -> None:
 
 
 def _farm() -> Any:
-    from melter.farm.service import farm_for
+    from melter.farm.jobs import farm_for
 
     return farm_for()
 

@@ -176,7 +176,7 @@ def load_config(environ: dict[str, str] | None = None, path: Path | None = None)
             raise MelterError(f"{file}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise MelterError(f"{file}: not valid TOML ({exc})") from None
-    data.pop("service", None)  # the service's own table (melter.service.config)
+    data.pop("service", None)  # the service's own table (melter.serve.config)
     data.update(_from_environment(env))
     try:
         return FarmConfig.model_validate(data)

@@ -38,6 +38,7 @@ from typing import Any
 from melter.engine.mlt import RenderError, run_melt
 from melter.errors import MelterError
 from melter.farm.job import iso, under_root
+from melter.farm.jobs import JobRecord, manifest_path, remove_tmp
 from melter.farm.manifest import (
     count_video_frames,
     describe_inputs,
@@ -55,7 +56,6 @@ from melter.farm.paths import (
     write_at,
 )
 from melter.farm.procs import REGISTRY
-from melter.farm.service import JobRecord, manifest_path, remove_tmp
 from melter.farm.tasks import Attempt
 
 #: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.

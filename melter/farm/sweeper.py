@@ -74,7 +74,7 @@ class Sweeper(threading.Thread):
 
     def run(self) -> None:
         from melter.farm.app import config_of
-        from melter.farm.service import Farm
+        from melter.farm.jobs import Farm
 
         farm = Farm(config_of(self.celery))
         farm.use_celery(self.celery)
@@ -124,7 +124,7 @@ def start_deliverer(celery: Any, owner: str) -> None:
         return
     from melter.farm.app import config_of
     from melter.farm.callbacks import Deliverer
-    from melter.farm.service import Farm
+    from melter.farm.jobs import Farm
 
     farm = Farm(config_of(celery))
     farm.use_celery(celery)

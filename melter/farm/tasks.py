@@ -153,7 +153,7 @@ def run_unit(self: Any, job: str, unit: str, token: str) -> dict[str, Any]:
     """Celery task body (registered as ``melter.run_unit`` by :func:`melter.farm.app.make_app`)."""
     from melter.farm import runner
     from melter.farm.app import config_of
-    from melter.farm.service import farm_for
+    from melter.farm.jobs import farm_for
 
     farm = farm_for(config_of(self.app))
     farm.use_celery(self.app)

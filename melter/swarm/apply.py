@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from melter.errors import MelterError
-from melter.swarm.plan import NodeBlock, SwarmPlan
+from melter.swarm.placement import NodeBlock, SwarmPlan
 
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 TIMEOUT = 15

@@ -19,7 +19,7 @@ def _settings():  # type: ignore[no-untyped-def]
     import redis  # here, not at the top: every `melter` command would pay for loading it
 
     from melter.farm.config import require_broker
-    from melter.service.config import load_settings
+    from melter.serve.config import load_settings
 
     settings = load_settings()
     url = require_broker(settings.farm)
@@ -47,21 +47,21 @@ def serve(
     require("serve", "`melter serve`")
     import uvicorn
 
-    from melter.service.app import create_app
-    from melter.service.config import require_janus_auth
+    from melter.serve.app import create_app
+    from melter.serve.config import require_janus_auth
 
     settings = _settings()
     require_janus_auth(settings.service, host)
     _logging(log_level)
     if not settings.service.janus_auth:
-        logging.getLogger("melter.service").warning(
+        logging.getLogger("melter.serve").warning(
             "POST /janus/events takes events from anyone who reaches %s: set "
             "MELTER_JANUS_USER and MELTER_JANUS_PASSWORD", host)
     if not settings.service.api_token:
-        logging.getLogger("melter.service").warning(
+        logging.getLogger("melter.serve").warning(
             "MELTER_API_TOKEN is not set: the jobs API answers 503 until it is")
     if not settings.recordings.is_dir():
-        logging.getLogger("melter.service").warning(
+        logging.getLogger("melter.serve").warning(
             "recordings folder %s does not exist (MELTER_RECORDINGS_DIR)", settings.recordings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level,
                 access_log=log_level == "debug")
@@ -78,8 +78,8 @@ def watch(
 ) -> None:
     """Render each room once its MJR files stop growing (for setups without events)."""
     require("farm", "`melter watch`")
-    from melter.farm.service import Farm
-    from melter.service.watch import Watcher
+    from melter.farm.jobs import Farm
+    from melter.serve.watch import Watcher
 
     settings = _settings()
     _logging(log_level)

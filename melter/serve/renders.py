@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from melter.meeting import VIDEOROOM
-from melter.service.config import Settings
+from melter.serve.config import Settings
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from typing import Any
 import redis
 
 from melter.errors import MelterError
-from melter.farm.service import Farm
-from melter.service.config import Settings
-from melter.service.renders import auto_spec, recordings
+from melter.farm.jobs import Farm
+from melter.serve.config import Settings
+from melter.serve.renders import auto_spec, recordings
 
 log = logging.getLogger("melter.watch")
 

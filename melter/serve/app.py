@@ -1,7 +1,7 @@
 """``melter serve``: the Janus event handler endpoint, the jobs API, metrics.
 
 One process, stateless apart from Redis: rooms, grace deadlines and pending renders live in
-Redis (:mod:`melter.service.tracker`), jobs in the farm's keys. A background thread checks grace
+Redis (:mod:`melter.serve.tracker`), jobs in the farm's keys. A background thread checks grace
 deadlines and submits decided renders every ``tick_seconds``; another delivers status callbacks.
 Errors are JSON ``{"error": "..."}`` with a sentence a person can act on, never a traceback.
 """
@@ -36,13 +36,13 @@ from starlette.exceptions import HTTPException
 from melter.errors import MelterError
 from melter.farm.callbacks import Deliverer
 from melter.farm.job import JobSpec, OutputSpec
-from melter.farm.service import Farm
-from melter.service.config import Settings, load_settings
-from melter.service.metrics import FarmCollector
-from melter.service.rooms import parse_events
-from melter.service.tracker import Tracker
+from melter.farm.jobs import Farm
+from melter.serve.config import Settings, load_settings
+from melter.serve.metrics import FarmCollector
+from melter.serve.rooms import parse_events
+from melter.serve.tracker import Tracker
 
-log = logging.getLogger("melter.service")
+log = logging.getLogger("melter.serve")
 
 
 BEARER = HTTPBearer(auto_error=False, description="MELTER_API_TOKEN")

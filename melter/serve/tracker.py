@@ -2,7 +2,7 @@
 
 Keys (``P`` the farm's key prefix)::
 
-    P:svc:room:<room>   string: the room's meetings (JSON of melter.service.rooms.Room),
+    P:svc:room:<room>   string: the room's meetings (JSON of melter.serve.rooms.Room),
                         expiring ``room_ttl_seconds`` after the room's last change
     P:svc:seen          sorted set: rooms by their last change (trimmed with the same TTL)
     P:svc:due           sorted set: rooms by their next grace deadline (wall clock)
@@ -34,12 +34,12 @@ from typing import Any, TypeVar
 import redis
 
 from melter.errors import MelterError
-from melter.farm.service import Farm
-from melter.service.config import Settings
-from melter.service.renders import auto_spec, recordings
-from melter.service.rooms import Meeting, Room, RoomEvent
+from melter.farm.jobs import Farm
+from melter.serve.config import Settings
+from melter.serve.renders import auto_spec, recordings
+from melter.serve.rooms import Meeting, Room, RoomEvent
 
-log = logging.getLogger("melter.service")
+log = logging.getLogger("melter.serve")
 
 T = TypeVar("T")
 
