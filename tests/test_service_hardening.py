@@ -33,7 +33,7 @@ from service_helpers import (
 from test_farm import meeting_span
 from test_farm_helpers import FRAME, FarmHarness
 
-from melter.serve.rooms import Meeting, Room
+from melter.serve.rooms import MeetingSpan, Room
 
 __all__ = ["farm"]  # the fixture, used by name
 
@@ -285,7 +285,7 @@ def test_a_bad_room_does_not_stop_another_rooms_render(farm: FarmHarness) -> Non
     r = redis.Redis.from_url(farm.env["MELTER_BROKER_URL"], decode_responses=True)
     p = f"{farm.prefix}:svc"
     # what an older service stored from {"timestamp": 10**30} events: rooms that sort first
-    overflow = Room("1000", [Meeting("1000-" + str(10**30), "1000", 10**30, 10**30,
+    overflow = Room("1000", [MeetingSpan("1000-" + str(10**30), "1000", 10**30, 10**30,
                                      end=10**30, ended_by="destroyed",
                                      render={"state": "pending", "not_before": 0})])
     r.set(f"{p}:room:1000", overflow.to_json())

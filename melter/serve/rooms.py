@@ -121,7 +121,7 @@ def _later(old: int | None, new: int) -> int:
 
 
 @dataclass
-class Meeting:
+class MeetingSpan:
     id: str  # "<room>-<µs of the first event seen>": stable once made
     room: str
     first: int
@@ -165,7 +165,7 @@ class Meeting:
 @dataclass
 class Room:
     room: str
-    meetings: list[Meeting] = field(default_factory=list)
+    meetings: list[MeetingSpan] = field(default_factory=list)
 
     # -- persistence -------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -177,7 +177,7 @@ class Room:
         meetings = []
         for m in data["meetings"]:
             m["publishers"] = {k: Publisher(**v) for k, v in m["publishers"].items()}
-            meetings.append(Meeting(**m))
+            meetings.append(MeetingSpan(**m))
         return cls(data["room"], meetings)
 
     # -- queries -----------------------------------------------------------------------------
@@ -185,13 +185,13 @@ class Room:
         found = [m.deadline for m in self.meetings if m.open and m.deadline is not None]
         return min(found) if found else None
 
-    def pending(self) -> list[Meeting]:
+    def pending(self) -> list[MeetingSpan]:
         return [m for m in self.meetings if m.render and m.render.get("state") == "pending"]
 
-    def meeting(self, meeting_id: str) -> Meeting | None:
+    def meeting(self, meeting_id: str) -> MeetingSpan | None:
         return next((m for m in self.meetings if m.id == meeting_id), None)
 
-    def neighbours(self, meeting: Meeting) -> tuple[Meeting | None, Meeting | None]:
+    def neighbours(self, meeting: MeetingSpan) -> tuple[MeetingSpan | None, MeetingSpan | None]:
         """The meetings just before and after ``meeting`` in time."""
         k = self.meetings.index(meeting)
         before = self.meetings[k - 1] if k > 0 else None
@@ -199,7 +199,7 @@ class Room:
         return before, after
 
     # -- transitions -------------------------------------------------------------------------
-    def _place(self, ts: int) -> Meeting | None:
+    def _place(self, ts: int) -> MeetingSpan | None:
         previous_end: int | None = None
         for meeting in self.meetings:
             after_previous = previous_end is None or ts > previous_end
@@ -211,13 +211,13 @@ class Room:
         return None
 
     def apply(self, event: RoomEvent, now: float, grace: float,
-              settle: float = 0.0) -> list[Meeting]:
+              settle: float = 0.0) -> list[MeetingSpan]:
         """Take one event; the meetings it ended (their render is due ``settle`` seconds
         later)."""
         meeting = self._place(event.ts)
         if meeting is None:
             if event.kind in STARTING or not self.meetings:
-                meeting = Meeting(f"{self.room}-{event.ts}", self.room, event.ts, event.ts)
+                meeting = MeetingSpan(f"{self.room}-{event.ts}", self.room, event.ts, event.ts)
                 self.meetings.append(meeting)
                 self._trim()
             else:
@@ -239,7 +239,7 @@ class Room:
             meeting.deadline = None
         return []
 
-    def tick(self, now: float, settle: float = 0.0) -> list[Meeting]:
+    def tick(self, now: float, settle: float = 0.0) -> list[MeetingSpan]:
         """End the meetings whose grace period passed with nobody publishing."""
         ended = []
         for meeting in self.meetings:

@@ -37,7 +37,7 @@ from melter.errors import MelterError
 from melter.farm.jobs import Farm
 from melter.serve.config import Settings
 from melter.serve.renders import auto_spec, recordings
-from melter.serve.rooms import Meeting, Room, RoomEvent
+from melter.serve.rooms import MeetingSpan, Room, RoomEvent
 
 log = logging.getLogger("melter.serve")
 
@@ -210,7 +210,7 @@ class Tracker:
         except Exception:
             self.r.srem(f"{self.p}:pending", room)
 
-    def _spec(self, state: Room, meeting: Meeting) -> dict[str, Any]:
+    def _spec(self, state: Room, meeting: MeetingSpan) -> dict[str, Any]:
         before, after = state.neighbours(meeting)
         files = [r.path for r in recordings(self.settings.recordings, meeting.room)
                  if (before is None or before.end is None or r.stamp > before.end)
