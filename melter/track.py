@@ -23,6 +23,7 @@ import bisect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +449,7 @@ def _finish_analysis(
             f"{path}: {stats.invalid} frames are not valid RTP "
             f"(first at {stats.first_invalid_reason})"
         )
+    _bound_clock_jumps(analysis, facts)
     locate = PieceLocator(analysis)
     starts = {piece.first_index for piece in analysis.pieces}
     # A clock piece may be placed before the one read first (a timestamp reset, or a damaged
@@ -495,6 +497,38 @@ def _finish_analysis(
         analysis.extradata = depay.extradata()
     return analysis
 
+
+
+def _bound_clock_jumps(analysis: TrackAnalysis, facts: _FirstPass) -> None:
+    """No clock jump may open a gap longer than the file's own RTP span.
+
+    A clock-jump piece is placed by its arrival times alone. A gap (or overlap) between two
+    pieces longer than all the media the file holds is not a pause any sender makes inside one
+    recording: it is a damaged or stepped arrival clock, and believing it would stretch a
+    minute of media over hours of silence. Such a piece follows the one before it directly.
+    """
+    pieces = analysis.pieces
+    if len(pieces) < 2:
+        return
+    ends = [facts.piece_starts[nxt.first_index][1] if nxt.first_index in facts.piece_starts
+            else piece.t_start for piece, nxt in pairwise(pieces)]
+    ends.append(facts.last_end_t if facts.last_end_t is not None else pieces[-1].t_start)
+    span_us = 1e6 * sum(max(0.0, end - piece.t_start) for piece, end in zip(pieces, ends,
+                                                                              strict=True))
+    scale = (1.0 + analysis.skew) * 1e6
+    for k in range(1, len(pieces)):
+        piece, prev = pieces[k], pieces[k - 1]
+        if piece.reason != "clock-jump" or piece.first_index not in facts.piece_starts:
+            continue
+        before = prev.offset_us + ends[k - 1] * scale
+        gap = piece.offset_us + piece.t_start * scale - before
+        if abs(gap) > max(span_us, JUMP_TOLERANCE_S * 1e6):
+            piece.offset_us -= gap
+            analysis.warnings.append(
+                f"{analysis.path}: an arrival-time jump of {gap / 1e6:.1f} s at packet "
+                f"{piece.first_index} is longer than the file's own media "
+                f"({span_us / 1e6:.1f} s): taken as a clock fault, not a gap"
+            )
 
 def _scan_picture(
     group: _PictureGroup,

@@ -124,3 +124,41 @@ def test_a_damaged_sequence_number_does_not_end_the_track_early(
     assert damaged.end_us == clean.end_us
     assert len(damaged.outliers) == 1
     assert all(clean.start_us <= g.start_us <= clean.end_us for g in damaged.gaps)
+
+
+def shifted_copy(source: Path, shift_ms: int, folder: Path) -> Path:
+    """``source`` with every arrival time from the middle packet on moved ``shift_ms`` later,
+    as a stepped host clock or damage to many packets would write them."""
+    data = bytearray(source.read_bytes())
+    starts = frame_offsets(source)
+    for start in starts[len(starts) // 2:]:
+        arrival = int.from_bytes(data[start + 4:start + 8], "big")
+        data[start + 4:start + 8] = ((arrival + shift_ms) & 0xFFFF_FFFF).to_bytes(4, "big")
+    path = folder / f"shift{shift_ms}-{source.name}"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("codec", ["opus", "vp8"])
+def test_no_arrival_jump_opens_a_gap_longer_than_the_files_own_media(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str, compiled: bool) -> None:
+    """Ten hours between two halves of a recording that hold seconds of media is a clock fault:
+    the halves stay together. A jump shorter than the media is a pause, and stays one."""
+    if not compiled:
+        monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    source = RECORDINGS[codec]
+    clean = analyze(source)
+    media_s = (clean.end_us - clean.start_us) / 1e6
+    far = analyze(shifted_copy(source, 10 * 3600 * 1000, tmp_path))
+    print(f"\n{codec}: clean {media_s:.3f} s, 10 h jump -> "
+          f"{(far.end_us - far.start_us) / 1e6:.3f} s")
+    assert abs((far.end_us - far.start_us) - (clean.end_us - clean.start_us)) <= 1_000_000
+    longest = max((gap.length_us for gap in clean.gaps), default=0)
+    assert all(gap.length_us <= longest + 100_000 for gap in far.gaps), far.gaps
+    assert any("clock fault" in warning for warning in far.warnings), far.warnings
+    pause_ms = int(media_s * 1000) // 2
+    paused = analyze(shifted_copy(source, pause_ms, tmp_path))
+    stretch = (paused.end_us - paused.start_us) - (clean.end_us - clean.start_us)
+    assert abs(stretch - pause_ms * 1000) <= 100_000, stretch
+    assert not any("clock fault" in warning for warning in paused.warnings)
