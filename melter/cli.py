@@ -454,6 +454,46 @@ def preview(
     err.print(f"{output}: frame at {seconds:.3f} s")
 
 
+@app.command()
+def replay(
+    meeting: Annotated[Path, typer.Argument(help="a recorded meeting folder (MJR files and "
+                                                 "events.jsonl)")],
+    into: Annotated[Path, typer.Option("--into", help="the recordings folder to write into")],
+    events_url: Annotated[str | None, typer.Option(
+        "--events", help="post the meeting's Janus events here (melter serve's /janus/events)")
+    ] = None,
+    room: Annotated[str | None, typer.Option(
+        "--room", help="replay as this room (file names and events); default: the original")
+    ] = None,
+    speed: Annotated[float, typer.Option("--speed", help="1 = the meeting's own pace")] = 1.0,
+    user: Annotated[str | None, typer.Option(envvar="MELTER_JANUS_USER")] = None,
+    password: Annotated[str | None, typer.Option(envvar="MELTER_JANUS_PASSWORD")] = None,
+    token: Annotated[str | None, typer.Option(envvar="MELTER_JANUS_TOKEN")] = None,
+) -> None:
+    """Replay a recorded meeting live: files grow and events arrive at their own times, moved
+    to now."""
+    import time
+
+    from melter.replay import ReplayReport, event_poster, plan_replay, shifted
+    from melter.replay import replay as run_replay
+
+    plan = shifted(plan_replay(meeting, room), int(time.time() * 1e6), room)
+    post = event_poster(events_url, user, password, token) if events_url else None
+    err.print(f"{meeting}: {len(plan.files)} files, {len(plan.events)} events over "
+              f"{(plan.end_us - plan.start_us) / 1e6:.1f} s, into {into}")
+
+    def progress(report: ReplayReport, elapsed: float) -> None:
+        err.print(f"{elapsed:7.1f} s: {report.frames} frames, {report.events} events posted")
+
+    report = run_replay(plan, into, post, speed=speed, progress=progress)
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(report.statuses.items())) or "none"
+    err.print(f"replayed {report.files} files ({report.frames} frames, {report.bytes} bytes) "
+              f"and {report.events} events in {report.posts} posts (status {statuses}) in "
+              f"{report.elapsed_s:.1f} s; latest step {report.max_late_s * 1000:.0f} ms late")
+    if any(not status.startswith("2") for status in report.statuses):
+        raise typer.Exit(1)
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="print the version")] = False,
