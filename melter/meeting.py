@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from melter.errors import InputError, MelterError
 from melter.limits import check_meeting_span, check_recording_span
 from melter.mjr.reader import EmptyRecordingError, MjrReader
+from melter.rooted import file_problem
 from melter.track import TrackAnalysis, analyze
 
 VIDEOROOM = re.compile(
@@ -218,8 +219,6 @@ def discover(
         raise MelterError("no .mjr recordings found in " + ", ".join(str(p) for p in inputs))
     skipped: list[str] = []
     if root is not None:
-        from melter.farm.paths import file_problem
-
         for meeting_file in ("meeting.yaml", "meeting.yml", "events.jsonl"):
             candidate = (folder or paths[0].parent) / meeting_file
             if candidate.exists() or candidate.is_symlink():

@@ -1,6 +1,8 @@
 """Melter's Celery application, set up for hour-long renders.
 
-``celery -A melter.farm.app worker`` (or ``melter worker``) runs it. Settings, and why:
+:func:`make_app` builds it (and :func:`client_app` one per farm for submitting); the worker's
+own, with its task and signals, is :data:`melter.farm.worker.app`, which
+``celery -A melter.farm.worker worker`` (or ``melter worker``) runs. Settings, and why:
 
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged when its task
   ends, and given back when the pool process running it dies, never lost with it;
@@ -26,12 +28,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
 from melter.farm.config import FarmConfig, load_config
+from melter.farm.health import HealthFile
+from melter.farm.job import Priority
 
-PRIORITIES = ("manual", "auto")
+#: The queues, in the order workers read them.
+PRIORITIES = tuple(Priority)
 TASK = "melter.run_unit"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
@@ -70,17 +74,14 @@ def celery_settings(config: FarmConfig) -> dict[str, Any]:
 
 
 def make_app(config: FarmConfig | None = None) -> Celery:
-    """A Celery app for ``config`` (default: from the environment), with the task registered."""
-    from melter.farm.tasks import run_unit
-
+    """A Celery app for ``config`` (default: from the environment). The task
+    (:mod:`melter.farm.tasks`, named :data:`TASK`) registers itself on the apps of a process
+    that imports it, as a worker does; a submitter sends it by name."""
     config = config or load_config()
     celery = Celery("melter")
     celery.conf.update(celery_settings(config))
     celery.melter_config = config  # type: ignore[attr-defined]
-    celery.task(name=TASK, bind=True)(run_unit)
     if config.health_file is not None:
-        from melter.farm.health import HealthFile
-
         celery.steps["consumer"].add(HealthFile)
     return celery
 
@@ -99,32 +100,3 @@ def client_app(config: FarmConfig) -> Celery:
 def config_of(celery: Celery) -> FarmConfig:
     found = getattr(celery, "melter_config", None)
     return found if isinstance(found, FarmConfig) else load_config()
-
-
-@worker_ready.connect
-def _start_sweeper(sender: Any = None, **_: Any) -> None:
-    celery = getattr(sender, "app", None)
-    if celery is None or not isinstance(getattr(celery, "melter_config", None), FarmConfig):
-        return
-    from melter.farm.sweeper import start_deliverer, start_sweeper
-
-    start_sweeper(celery, getattr(sender, "hostname", "worker"))
-    start_deliverer(celery, getattr(sender, "hostname", "worker"))
-
-
-@worker_process_init.connect
-def _warm_up(**_: Any) -> None:
-    """Import the render stack in each new pool process, not in its first job's time."""
-    import melter.farm.runner
-    import melter.render  # noqa: F401
-
-
-@worker_shutdown.connect
-def _stop_sweeper(**_: Any) -> None:
-    from melter.farm.sweeper import stop_deliverer, stop_sweeper
-
-    stop_sweeper()
-    stop_deliverer()
-
-
-app = make_app()

@@ -1,7 +1,7 @@
 """Status callbacks: every change of a job's state, POSTed to its ``callback_url``, signed,
 delivered at least once, in order, and retried with back-off without holding up any render.
 
-Every Lua script that can change a job's state ends with :data:`NOTE` (see
+Every Lua script that can change a job's state ends with :data:`~melter.farm.note.NOTE` (see
 :mod:`melter.farm.store`): when the job asked for callbacks and its state differs from the last
 one noted, the change is appended to the job's outbox list ``P:cbq:<job>``. The head of each
 job's list is in the sorted set ``P:outbox``, scored by when it is due. Deliverers (a thread in
@@ -43,15 +43,19 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import redis
 
 from melter.farm.allow import Allow, parse_allow, resolve
+from melter.farm.config import FarmConfig
 from melter.farm.job import iso
+from melter.farm.note import NOTE
+from melter.farm.store import Store
 
 log = logging.getLogger("melter.farm.callbacks")
 
@@ -59,32 +63,6 @@ SIGNATURE_HEADER = "X-Melter-Signature"
 TIMESTAMP_HEADER = "X-Melter-Timestamp"
 DELIVERY_HEADER = "X-Melter-Delivery"
 MAX_BACKOFF = 600.0
-
-#: Lua, run at the end of each state-changing script: queue a callback for a changed state.
-NOTE = r"""
-local function melter_note(P, id)
-  local jkey = P .. ':job:' .. id
-  local f = redis.call('HMGET', jkey, 'notify', 'state', 'notified')
-  if f[1] ~= '1' or not f[2] or f[2] == f[3] then return end
-  redis.call('HSET', jkey, 'notified', f[2])
-  local seq = redis.call('HINCRBY', jkey, 'notify_seq', 1)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-  local q = P .. ':cbq:' .. id
-  local n = redis.call('RPUSH', q, cjson.encode({sequence = seq, state = f[2],
-    previous = f[3] or '', at = now, tries = 0}))
-  redis.call('EXPIRE', q, 86400 * 30)
-  if n == 1 then redis.call('ZADD', P .. ':outbox', now, id) end
-end
-"""
-
-
-def with_note(source: str) -> str:
-    """A store script that also notes a state change of the job ``ARGV[2]``."""
-    return (NOTE + "local function melter_body()\n" + source + "\nend\n"
-            "local melter_result = melter_body()\nmelter_note(ARGV[1], ARGV[2])\n"
-            "return melter_result\n")
-
 
 _NOTE_ONLY = NOTE + "melter_note(ARGV[1], ARGV[2])\nreturn 1\n"
 
@@ -248,10 +226,19 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+class FarmState(Protocol):
+    """What the outbox reads of a farm (:class:`melter.farm.jobs.Farm`)."""
+
+    config: FarmConfig
+    store: Store
+
+    def status(self, job_id: str) -> dict[str, Any]: ...
+
+
 class Outbox:
     """The callback outbox of one farm (its store and configuration)."""
 
-    def __init__(self, farm: Any) -> None:
+    def __init__(self, farm: FarmState) -> None:
         self.farm = farm
         self.store = farm.store
         self.config = farm.config
@@ -378,7 +365,8 @@ class Deliverer(threading.Thread):
     thread claims due callbacks, as many as there are free delivery threads, and hands them to
     that pool, so a receiver that answers slowly delays only its own job's next callback."""
 
-    def __init__(self, farm: Any, interval: float = 0.5, on_pass: Any = None,
+    def __init__(self, farm: FarmState, interval: float = 0.5,
+                 on_pass: Callable[[], None] | None = None,
                  workers: int | None = None) -> None:
         super().__init__(name="melter-callbacks", daemon=True)
         self.outbox = Outbox(farm)

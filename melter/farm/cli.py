@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.table import Table
 
 from melter.errors import MelterError
 from melter.extras import missing_module_message, require
+
+if TYPE_CHECKING:
+    from melter.farm.jobs import Farm
 
 farm_app = typer.Typer(
     add_completion=False,
@@ -32,15 +35,13 @@ farm_app = typer.Typer(
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-TERMINAL = ("done", "failed", "cancelled")
-
 
 def _need_farm(command: str, *also: str) -> None:
     """Stop with the ``pip install`` line when the farm extra is missing."""
     require("farm", f"`melter {command}`", *also)
 
 
-def _farm() -> Any:
+def _farm() -> Farm:
     from melter.farm.jobs import farm_for
 
     return farm_for()
@@ -78,8 +79,10 @@ def submit(
 ) -> None:
     """Queue a render on the farm; prints the job id."""
     _need_farm("submit")
-    if priority not in ("auto", "manual"):
-        raise typer.BadParameter("auto or manual", param_hint="--priority")
+    from melter.farm.job import Priority
+
+    if priority not in tuple(Priority):
+        raise typer.BadParameter(" or ".join(sorted(Priority)), param_hint="--priority")
     presets = preset or []
     if presets and len(presets) != len(output):
         raise typer.BadParameter("give one --preset per --output, or none", param_hint="--preset")
@@ -157,6 +160,8 @@ def _summary(info: dict[str, Any]) -> None:
 def _watch(job_id: str) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from melter.farm.job import TERMINAL
+
     farm = _farm()
     info = farm.status(job_id)
     columns = (TextColumn("{task.description}"), BarColumn(),
@@ -187,8 +192,11 @@ def status(
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
         _summary(info)
-    if watch and info["state"] != "done":
-        raise typer.Exit(1)
+    if watch:
+        from melter.farm.job import JobState
+
+        if info["state"] != JobState.DONE:
+            raise typer.Exit(1)
 
 
 @farm_app.command()
@@ -259,8 +267,8 @@ def worker(
     """Run a farm worker (Celery, prefork pool); SIGTERM is a warm shutdown that lets running
     renders finish."""
     _need_farm("worker")
-    from melter.farm.app import app
     from melter.farm.config import require_broker
+    from melter.farm.worker import app
 
     config = app.melter_config
     require_broker(config)
@@ -319,7 +327,7 @@ def flower(
             raise MelterError("MELTER_FLOWER_USER cannot contain ':'")
         # Through the environment, not the command line, where `ps` would show it.
         env["FLOWER_BASIC_AUTH"] = f"{config.flower_user}:{config.flower_password}"
-    command = [sys.executable, "-m", "celery", "-A", "melter.farm.app", "flower",
+    command = [sys.executable, "-m", "celery", "-A", "melter.farm.worker", "flower",
                f"--port={port}", f"--address={address}"]
     sys.stdout.flush()
     sys.stderr.flush()

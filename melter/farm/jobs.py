@@ -22,12 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
+
 from melter.errors import MelterError
 from melter.farm.allow import callback_refusal
+from melter.farm.app import TASK, client_app
+from melter.farm.callbacks import Outbox
 from melter.farm.config import FarmConfig, load_config, require_broker
-from melter.farm.job import JobError, JobSpec, OutputSpec, iso, parse_job, under_root
+from melter.farm.job import (
+    TERMINAL,
+    JobError,
+    JobSpec,
+    JobState,
+    OutputSpec,
+    Priority,
+    UnitKind,
+    UnitState,
+    iso,
+    parse_job,
+    under_root,
+)
 from melter.farm.paths import check_inputs, resolve_layout, same_place
-from melter.farm.store import TERMINAL, Dispatch, Store
+from melter.farm.store import Dispatch, Store
 
 log = logging.getLogger("melter.farm")
 
@@ -75,23 +91,19 @@ def _float(value: str | None) -> float | None:
 
 
 class Farm:
-    """One farm: a configuration, its Redis state and its Celery app."""
+    """One farm: a configuration, its Redis state and its Celery app (``celery``: a worker's
+    own; by default the farm's :func:`~melter.farm.app.client_app`, made when first needed)."""
 
-    def __init__(self, config: FarmConfig | None = None) -> None:
+    def __init__(self, config: FarmConfig | None = None, celery: Celery | None = None) -> None:
         self.config = config or load_config()
         self.store = Store.from_url(require_broker(self.config), self.config.key_prefix)
-        self._celery: Any = None
+        self._celery = celery
 
     @property
-    def celery(self) -> Any:
+    def celery(self) -> Celery:
         if self._celery is None:
-            from melter.farm.app import client_app
-
             self._celery = client_app(self.config)
         return self._celery
-
-    def use_celery(self, celery: Any) -> None:
-        self._celery = celery
 
     @property
     def ttl(self) -> int:
@@ -100,8 +112,6 @@ class Farm:
     # -- dispatch ----------------------------------------------------------------------------
     def send(self, items: Iterable[Dispatch]) -> None:
         """Send the Celery messages for queued units, then confirm them."""
-        from melter.farm.app import TASK
-
         queues: dict[str, str] = {}
         for item in items:
             if item.job not in queues:
@@ -231,17 +241,17 @@ class Farm:
             raise MelterError(f"no job {job_id} (unknown, or its state expired)")
         units = self.store.all_units(job_id)
         history = self.store.history(job_id)
-        state = fields.get("state", "queued")
+        state = fields.get("state", JobState.QUEUED)
         weight = sum(float(u.get("weight") or 0) for u in units.values())
         done = sum(float(u.get("weight") or 0) * float(u.get("fraction") or 0)
                    for u in units.values())
-        progress = 1.0 if state == "done" else (done / weight if weight else 0.0)
+        progress = 1.0 if state == JobState.DONE else (done / weight if weight else 0.0)
         created = _float(fields.get("created"))
         started = _float(fields.get("started"))
         finished = _float(fields.get("finished"))
         now = time.time()
         eta = None
-        if state in ("running", "joining") and started and progress > 0.01:
+        if state in (JobState.RUNNING, JobState.JOINING) and started and progress > 0.01:
             elapsed = now - started
             eta = round(elapsed * (1 - progress) / progress, 1)
         outputs = json.loads(fields.get("outputs") or "[]")
@@ -256,7 +266,8 @@ class Farm:
             "attempts": int(fields.get("attempts") or 0),
             "max_attempts": int(fields.get("max_attempts") or self.config.max_attempts),
             "worker": fields.get("worker"),
-            "error": fields.get("error") if state in ("failed", "cancelled") else None,
+            "error": fields.get("error") if state in (JobState.FAILED, JobState.CANCELLED)
+            else None,
             "priority": fields.get("priority"),
             "outputs": [o["path"] for o in outputs],
             "manifests": [str(manifest_path(Path(o["path"]))) for o in outputs],
@@ -342,12 +353,12 @@ class Farm:
         if not fields:
             raise MelterError(f"no job {job_id}")
         state = fields.get("state")
-        if state == "done":
+        if state == JobState.DONE:
             spec = JobSpec.model_validate_json(fields["spec"])
             outputs = [OutputSpec(path=o["requested"], preset=o["preset"])
                        for o in json.loads(fields["outputs"])]
             again = spec.model_copy(update={
-                "idempotency_key": None, "priority": "manual", "outputs": outputs,
+                "idempotency_key": None, "priority": Priority.MANUAL, "outputs": outputs,
                 "metadata": {**spec.metadata, "rerender_of": job_id}})
             return self.submit(again, json.loads(fields.get("rule_layouts") or "{}"))
         result, token = self.store.reset(job_id, self.config.dispatch_grace_seconds, self.ttl)
@@ -361,7 +372,7 @@ class Farm:
             raise MelterError(f"no job {job_id}")
         for path in json.loads(fields["outputs"]):
             self.store.reserve_output(path["path"], job_id, self.ttl)
-        self.send([Dispatch(job_id, "main", token)])
+        self.send([Dispatch(job_id, UnitKind.MAIN.value, token)])
         return job_id
 
     # -- ending ------------------------------------------------------------------------------
@@ -373,7 +384,8 @@ class Farm:
         if state not in TERMINAL:
             return
         units = self.store.all_units(job_id)
-        if any(u.get("state") in ("running", "committing") for u in units.values()):
+        if any(u.get("state") in (UnitState.RUNNING, UnitState.COMMITTING)
+               for u in units.values()):
             return
         if not self.store.mark_once(job_id, f"final:{fields.get('finished')}", self.ttl):
             return
@@ -388,8 +400,6 @@ class Farm:
     def notify(self, limit: int = 20) -> int:
         """Deliver the due status callbacks once (workers and the service do this in the
         background); how many were delivered."""
-        from melter.farm.callbacks import Outbox
-
         return Outbox(self).deliver_due(limit)
 
 
@@ -409,12 +419,14 @@ def remove_tmp(folder: Path) -> None:
 _FARMS: dict[int, Farm] = {}
 
 
-def farm_for(config: FarmConfig | None = None) -> Farm:
-    """A Farm for this process (rebuilt after a fork: connections are not shared)."""
+def farm_for(config: FarmConfig | None = None, celery: Celery | None = None) -> Farm:
+    """A Farm for this process (rebuilt after a fork: connections are not shared); with
+    ``celery``, one that sends through that app."""
     key = os.getpid()
     farm = _FARMS.get(key)
-    if farm is None or (config is not None and farm.config != config):
-        farm = Farm(config)
+    if farm is None or (config is not None and farm.config != config) or (
+            celery is not None and farm._celery is not celery):
+        farm = Farm(config, celery)
         _FARMS.clear()
         _FARMS[key] = farm
     return farm

@@ -21,6 +21,7 @@ import av
 
 import melter
 from melter.convert import file_mode
+from melter.rooted import file_problem
 
 
 def sha256(path: Path) -> str:
@@ -34,8 +35,6 @@ def sha256(path: Path) -> str:
 def input_files(inputs: list[Path], root: Path | None = None) -> list[Path]:
     """The files of the inputs; with ``root``, only regular files whose real path lies under
     it (the manifest must not hash a link to elsewhere, nor read a FIFO or a device)."""
-    from melter.farm.paths import file_problem
-
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from melter.farm.job import JobError
+from melter.rooted import file_problem, real_under
 
 #: Layout files are small documents; a bigger one is a mistake or a trap (``/dev/zero``).
 LAYOUT_LIMIT = 1 << 20
@@ -41,30 +42,6 @@ LAYOUT_LIMIT = 1 << 20
 MEETING_FILES = ("meeting.yaml", "meeting.yml", "events.jsonl")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def real_under(path: Path, root: Path) -> Path | None:
-    """``path``'s real location when it lies under ``root`` (itself resolved), else None."""
-    base = Path(os.path.realpath(root))
-    resolved = Path(os.path.realpath(path))
-    if resolved == base or not resolved.is_relative_to(base):
-        return None
-    return resolved
-
-
-def file_problem(path: Path, root: Path) -> str | None:
-    """Why ``path`` may not be read as a job's file (None: it may): outside the root once links
-    are followed, missing, or not a regular file (a FIFO would block, a device never end)."""
-    if real_under(path, root) is None:
-        return "links outside the storage root" if path.is_symlink() or \
-            Path(os.path.realpath(path)) != path.absolute() else "is outside the storage root"
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        return exc.strerror or "cannot be read"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file"
-    return None
 
 
 def meeting_files(folder: Path) -> list[Path]:
@@ -247,7 +224,7 @@ def layouts_for(value: str | dict[str, Any], stored: str | None, root: Path) -> 
     if stored:
         rules_docs: dict[str, dict[str, Any]] = json.loads(stored)
         kept = value
-        if isinstance(value, str):
+        if isinstance(value, str) and _builtin_text(value) is None:
             kept, _ = resolve_layout(value, root)
     else:
         kept, rules_docs = resolve_layout(value, root)

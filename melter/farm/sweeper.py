@@ -17,18 +17,21 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
+from celery import Celery
 
-from melter.farm.store import TERMINAL
+from melter.farm.app import config_of
+from melter.farm.callbacks import Deliverer
+from melter.farm.job import TERMINAL
+from melter.farm.jobs import Farm
 
 log = logging.getLogger("melter.farm.sweeper")
 
 _THREAD: Sweeper | None = None
 
 
-def sweep_once(farm: Any, owner: str) -> dict[str, int]:
+def sweep_once(farm: Farm, owner: str) -> dict[str, int]:
     """One pass; counts of what was done."""
     config = farm.config
     store = farm.store
@@ -52,10 +55,11 @@ def sweep_once(farm: Any, owner: str) -> dict[str, int]:
     if due:
         farm.send(due)
         counts["sent"] += len(due)
+    counts["uncounted"] = store.reap()  # expired job records leave the job counters
     return counts
 
 
-def clean_cache(farm: Any) -> None:
+def clean_cache(farm: Farm) -> None:
     root = farm.config.cache_dir or Path(tempfile.gettempdir()) / "melter-farm-cache"
     if not root.is_dir():
         return
@@ -66,18 +70,14 @@ def clean_cache(farm: Any) -> None:
 
 
 class Sweeper(threading.Thread):
-    def __init__(self, celery: Any, owner: str) -> None:
+    def __init__(self, celery: Celery, owner: str) -> None:
         super().__init__(name="melter-sweeper", daemon=True)
         self.celery = celery
         self.owner = owner
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        from melter.farm.app import config_of
-        from melter.farm.jobs import Farm
-
-        farm = Farm(config_of(self.celery))
-        farm.use_celery(self.celery)
+        farm = Farm(config_of(self.celery), self.celery)
         interval = farm.config.sweep_seconds
         passes = 0
         while not self.stopping.wait(interval * random.uniform(0.8, 1.2)):
@@ -92,7 +92,7 @@ class Sweeper(threading.Thread):
                 log.exception("sweeper pass failed")
 
 
-def start_sweeper(celery: Any, owner: str) -> None:
+def start_sweeper(celery: Celery, owner: str) -> None:
     global _THREAD
     if _THREAD is not None and _THREAD.is_alive():
         return
@@ -106,7 +106,7 @@ def stop_sweeper() -> None:
         _THREAD.stopping.set()
 
 
-_DELIVERER: Any = None
+_DELIVERER: Deliverer | None = None
 PRESENCE_SECONDS = 10
 
 
@@ -116,22 +116,17 @@ def presence_key(prefix: str, worker: str) -> str:
     return f"{prefix}:worker:{worker}"
 
 
-def start_deliverer(celery: Any, owner: str) -> None:
+def start_deliverer(celery: Celery, owner: str) -> None:
     """The worker's status-callback deliverer (its own thread: a slow receiver holds up
     neither renders nor sweeps); it also keeps the worker's presence key alive."""
     global _DELIVERER
     if _DELIVERER is not None and _DELIVERER.is_alive():
         return
-    from melter.farm.app import config_of
-    from melter.farm.callbacks import Deliverer
-    from melter.farm.jobs import Farm
-
-    farm = Farm(config_of(celery))
-    farm.use_celery(celery)
+    farm = Farm(config_of(celery), celery)
     key = presence_key(farm.store.p, owner)
 
     def present() -> None:
-        farm.store.r.set(key, str(time.time()), ex=PRESENCE_SECONDS)
+        farm.store.present(key, PRESENCE_SECONDS)
 
     _DELIVERER = Deliverer(farm, on_pass=present)
     _DELIVERER.presence = key
@@ -142,4 +137,4 @@ def stop_deliverer() -> None:
     if _DELIVERER is not None:
         _DELIVERER.stop()
         with contextlib.suppress(Exception):
-            _DELIVERER.outbox.store.r.delete(_DELIVERER.presence)
+            _DELIVERER.outbox.store.absent(_DELIVERER.presence)
