@@ -9,14 +9,116 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from melter.errors import MelterError, validation_problems
 
-Priority = Literal["auto", "manual"]
+
+class Priority(StrEnum):
+    """A job's priority, in the order workers read their queues: a manual job (a re-render
+    someone waits for) is taken before any automatic one."""
+
+    MANUAL = "manual"
+    AUTO = "auto"
+
+
+class JobState(StrEnum):
+    """A job's ``state`` in Redis."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    JOINING = "joining"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: States a job does not leave by itself (only ``retry`` takes a failed or cancelled job back).
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+
+class UnitState(StrEnum):
+    """A unit's ``state`` in Redis: a join waits for its parts; a unit being committed cannot
+    be cancelled."""
+
+    WAITING = "waiting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMMITTING = "committing"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class UnitKind(StrEnum):
+    """What a unit does, read from its name: ``main`` plans the job (and renders a short one
+    whole); the others are ``<kind><output>`` (``r0``, ``a0``, ``j0``) or, for video chunks,
+    ``v<output>.<chunk>``."""
+
+    MAIN = "main"
+    RENDER = "r"
+    VIDEO = "v"
+    AUDIO = "a"
+    JOIN = "j"
+
+    @classmethod
+    def of(cls, unit: str) -> UnitKind:
+        """The kind of the unit named ``unit`` (ValueError for a name of no kind)."""
+        return cls.MAIN if unit == cls.MAIN else cls(unit[:1])
+
+    def unit(self, output: int = 0, chunk: int | None = None) -> str:
+        """The name of this kind's unit for ``output`` (and ``chunk``, for video)."""
+        if self is UnitKind.MAIN:
+            return self.value
+        return f"{self.value}{output}" if chunk is None else f"{self.value}{output}.{chunk}"
+
+    @property
+    def commits_outputs(self) -> bool:
+        """Its commit writes final outputs (a job cannot be cancelled while one commits)."""
+        return self in (UnitKind.MAIN, UnitKind.RENDER, UnitKind.JOIN)
+
+
+def unit_output(unit: str) -> int:
+    """The output index of a unit other than main (``r2``, ``a2``, ``j2``, ``v2.5``: 2)."""
+    return int(unit[1:].partition(".")[0])
+
+
+def chunk_place(unit: str) -> tuple[int, int]:
+    """The output and chunk indices of a video chunk (``v2.5``: 2 and 5)."""
+    output, _, chunk = unit[1:].partition(".")
+    return int(output), int(chunk)
+
+
+def _lua_table(name: str, fields: dict[str, str]) -> str:
+    """``local name = {key = value, ...}`` (keys and values are Lua already)."""
+    return f"local {name} = {{{', '.join(f'{k} = {v}' for k, v in fields.items())}}}\n"
+
+
+def _lua_names(name: str, members: type[StrEnum]) -> str:
+    return _lua_table(name, {m.name: json.dumps(m.value) for m in members})
+
+
+def _lua_set(name: str, values: list[str]) -> str:
+    return _lua_table(name, {f"[{json.dumps(v)}]": "true" for v in values})
+
+
+#: The enums as Lua tables, put before every script of :mod:`melter.farm.store`: the scripts
+#: name states and kinds through them, so Lua holds no second list of either.
+LUA_CONSTANTS = (
+    _lua_names("JOB", JobState)
+    + _lua_names("UNIT", UnitState)
+    + _lua_names("KIND", UnitKind)
+    + _lua_set("TERMINAL", sorted(TERMINAL))
+    + _lua_set("COMMITS", [k.value for k in UnitKind if k.commits_outputs])
+    + "local function kind_of(unit)\n"
+    "  if unit == KIND.MAIN then return KIND.MAIN end\n"
+    "  return string.sub(unit, 1, 1)\n"
+    "end\n"
+)
 
 
 class JobError(MelterError):
@@ -31,15 +133,6 @@ class OutputSpec(BaseModel):
         None, description="mp4, 720p, 1080p, 4k, webm, m4a, opus; default from the extension")
 
 
-class StandIn(BaseModel):
-    """A renderer of fixed cost instead of melt, to measure the farm itself (benchmarks)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seconds: float = Field(..., ge=0, le=3600)
-    busy: bool = Field(False, description="burn this much CPU time instead of sleeping")
-
-
 class JobSpec(BaseModel):
     """A render job as submitted."""
 
@@ -51,7 +144,7 @@ class JobSpec(BaseModel):
         "grid", description="a built-in layout's name, or a layout document (as in a YAML file)")
     outputs: list[OutputSpec] = Field(..., min_length=1)
     priority: Priority = Field(
-        "auto", description="manual (re-renders someone waits for) is taken before auto")
+        Priority.AUTO, description="manual (re-renders someone waits for) is taken before auto")
     callback_url: str | None = Field(
         None, description="POSTed the job's state as JSON (signed) on every change of state")
     idempotency_key: str | None = Field(
@@ -64,8 +157,6 @@ class JobSpec(BaseModel):
         None, ge=0, description="video chunk length for long meetings (0: one piece; "
         "default: the farm's setting)")
     max_attempts: int | None = Field(None, ge=1, le=20)
-    stand_in: StandIn | None = Field(
-        None, description="benchmarks only: a fixed-cost stand-in instead of melt")
 
     @field_validator("callback_url")
     @classmethod

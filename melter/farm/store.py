@@ -28,9 +28,13 @@ Keys (``P`` is the configured prefix)::
     P:seq               counter: fencing tokens
     P:cbq:<id>          list: the job's status callbacks still to deliver (melter.farm.callbacks)
     P:outbox            sorted set: job ids whose next callback is due, by due time
+    P:counts, P:tally, P:expiring   the job counters (melter.farm.counts)
+    P:worker:<name>     string: a live worker's presence (expires)
+    P:workers           set: the presence keys, so live workers are counted without a scan
 
 Every state change is one Lua script, so two workers, a sweeper and a ``melter cancel`` racing
-each other see one order of events.
+each other see one order of events. The scripts name states and unit kinds through the enums of
+:mod:`melter.farm.job` (:data:`~melter.farm.job.LUA_CONSTANTS`).
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ from typing import Any
 import redis
 
 from melter.errors import mask_secrets
-from melter.farm.callbacks import with_note
-
-TERMINAL = ("done", "failed", "cancelled")
+from melter.farm.counts import READ, RECOUNT, RESTART, TALLY, Counts, counted
+from melter.farm.job import LUA_CONSTANTS, UnitKind
+from melter.farm.note import NOTE, with_note
 
 # Shared Lua: record a finished attempt and decide what happens to its unit next.
 # Needs locals: P, id, unit, token, now, err, outcome, delay, max, worker.
@@ -64,32 +68,33 @@ redis.call('RPUSH', P .. ':hist:' .. id, cjson.encode({
   started = tonumber(u[3]), ended = tonumber(now), outcome = outcome, error = err}))
 redis.call('HSET', job, 'updated', now)
 local jstate = redis.call('HGET', job, 'state')
-if jstate == 'cancelled' or jstate == 'failed' or jstate == 'done' then
-  redis.call('HSET', ukey, 'state', 'cancelled', 'finished', now)
+if TERMINAL[jstate] then
+  redis.call('HSET', ukey, 'state', UNIT.CANCELLED, 'finished', now)
   return {'stopped', jstate}
 end
 local tries = tonumber(u[2]) or 0
 if delay < 0 or tries >= max then
-  redis.call('HSET', ukey, 'state', 'failed', 'finished', now, 'error', err)
+  redis.call('HSET', ukey, 'state', UNIT.FAILED, 'finished', now, 'error', err)
   local summary = err
   if delay >= 0 then
     summary = err .. ' (after ' .. tries .. ' attempt' .. (tries == 1 and '' or 's') .. ')'
   end
-  redis.call('HSET', job, 'state', 'failed', 'finished', now, 'error', summary, 'stage', 'failed')
+  redis.call('HSET', job, 'state', JOB.FAILED, 'finished', now, 'error', summary,
+             'stage', JOB.FAILED)
   local units = cjson.decode(redis.call('HGET', job, 'units') or '[]')
   for _, other in ipairs(units) do
     local okey = P .. ':unit:' .. id .. ':' .. other
     local o = redis.call('HMGET', okey, 'state', 'token')
-    if o[1] == 'queued' or o[1] == 'waiting' then
-      redis.call('HSET', okey, 'state', 'cancelled')
+    if o[1] == UNIT.QUEUED or o[1] == UNIT.WAITING then
+      redis.call('HSET', okey, 'state', UNIT.CANCELLED)
       redis.call('ZREM', P .. ':dispatch', id .. '|' .. other .. '|' .. (o[2] or ''))
     end
   end
   return {'failed', summary}
 end
 local newtoken = tostring(redis.call('INCR', P .. ':seq'))
-redis.call('HSET', ukey, 'state', 'queued', 'token', newtoken, 'fraction', 0, 'error', err,
-           'stage', 'queued')
+redis.call('HSET', ukey, 'state', UNIT.QUEUED, 'token', newtoken, 'fraction', 0, 'error', err,
+           'stage', UNIT.QUEUED)
 redis.call('ZADD', P .. ':dispatch', now + delay, id .. '|' .. unit .. '|' .. newtoken)
 return {'retry', newtoken, tostring(now + delay)}
 """
@@ -101,13 +106,13 @@ local job = P .. ':job:' .. id
 local ukey = P .. ':unit:' .. id .. ':' .. unit
 local state = redis.call('HGET', job, 'state')
 if not state then return {'gone'} end
-if state == 'cancelled' or state == 'failed' or state == 'done' then return {'job ' .. state} end
+if TERMINAL[state] then return {'job ' .. state} end
 local u = redis.call('HMGET', ukey, 'state', 'token')
 if u[2] ~= token then return {'stale'} end
-if u[1] ~= 'queued' then return {'unit ' .. tostring(u[1])} end
+if u[1] ~= UNIT.QUEUED then return {'unit ' .. tostring(u[1])} end
 local attempts = redis.call('HINCRBY', ukey, 'attempts', 1)
 redis.call('HINCRBY', ukey, 'tries', 1)
-redis.call('HSET', ukey, 'state', 'running', 'worker', worker, 'started', now, 'fraction', 0,
+redis.call('HSET', ukey, 'state', UNIT.RUNNING, 'worker', worker, 'started', now, 'fraction', 0,
            'stage', 'starting', 'updated', now)
 redis.call('SET', P .. ':lease:' .. id .. '|' .. unit, token, 'PX', lease)
 redis.call('SADD', P .. ':running', id .. '|' .. unit .. '|' .. token)
@@ -116,10 +121,10 @@ local most = tonumber(redis.call('HGET', job, 'attempts') or '0') or 0
 if attempts > most then redis.call('HSET', job, 'attempts', attempts) end
 redis.call('HSET', job, 'worker', worker, 'updated', now)
 if not redis.call('HGET', job, 'started') then redis.call('HSET', job, 'started', now) end
-if string.sub(unit, 1, 1) == 'j' then
-  redis.call('HSET', job, 'state', 'joining', 'stage', 'joining')
-elseif state == 'queued' then
-  redis.call('HSET', job, 'state', 'running')
+if kind_of(unit) == KIND.JOIN then
+  redis.call('HSET', job, 'state', JOB.JOINING, 'stage', JOB.JOINING)
+elseif state == JOB.QUEUED then
+  redis.call('HSET', job, 'state', JOB.RUNNING)
 end
 return {'ok', tostring(attempts)}
 """
@@ -129,7 +134,7 @@ local P, id, unit, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease, now, fraction, stage = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
 local ukey = P .. ':unit:' .. id .. ':' .. unit
 local u = redis.call('HMGET', ukey, 'state', 'token')
-if u[2] ~= token or (u[1] ~= 'running' and u[1] ~= 'committing') then return 'lost' end
+if u[2] ~= token or (u[1] ~= UNIT.RUNNING and u[1] ~= UNIT.COMMITTING) then return 'lost' end
 local lkey = P .. ':lease:' .. id .. '|' .. unit
 local holder = redis.call('GET', lkey)
 if holder and holder ~= token then return 'lost' end
@@ -138,8 +143,8 @@ redis.call('SET', lkey, token, 'PX', lease)
 redis.call('HSET', ukey, 'fraction', fraction, 'stage', stage, 'updated', now)
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
-if state == 'cancelled' or state == 'failed' or not state then return 'cancelled' end
-if redis.call('HGET', job, 'state') ~= 'joining' then redis.call('HSET', job, 'stage', stage) end
+if state == JOB.CANCELLED or state == JOB.FAILED or not state then return 'cancelled' end
+if redis.call('HGET', job, 'state') ~= JOB.JOINING then redis.call('HSET', job, 'stage', stage) end
 return 'ok'
 """
 
@@ -148,13 +153,13 @@ local P, id, unit, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease, now = tonumber(ARGV[5]), ARGV[6]
 local ukey = P .. ':unit:' .. id .. ':' .. unit
 local u = redis.call('HMGET', ukey, 'state', 'token')
-if u[2] ~= token or (u[1] ~= 'running' and u[1] ~= 'committing') then return 'lost' end
+if u[2] ~= token or (u[1] ~= UNIT.RUNNING and u[1] ~= UNIT.COMMITTING) then return 'lost' end
 local lkey = P .. ':lease:' .. id .. '|' .. unit
 if redis.call('GET', lkey) ~= token then return 'lost' end
 local state = redis.call('HGET', P .. ':job:' .. id, 'state')
-if state == 'cancelled' or state == 'failed' or not state then return 'cancelled' end
+if state == JOB.CANCELLED or state == JOB.FAILED or not state then return 'cancelled' end
 redis.call('SET', lkey, token, 'PX', lease)
-redis.call('HSET', ukey, 'state', 'committing', 'stage', 'committing', 'updated', now)
+redis.call('HSET', ukey, 'state', UNIT.COMMITTING, 'stage', UNIT.COMMITTING, 'updated', now)
 return 'ok'
 """
 
@@ -164,9 +169,9 @@ local grace, ttl, fields = tonumber(ARGV[7]), tonumber(ARGV[8]), cjson.decode(AR
 local job = P .. ':job:' .. id
 local ukey = P .. ':unit:' .. id .. ':' .. unit
 local u = redis.call('HMGET', ukey, 'state', 'token', 'attempts', 'started', 'worker')
-if u[2] ~= token or u[1] ~= 'committing' then return {'lost'} end
-redis.call('HSET', ukey, 'state', 'done', 'finished', now, 'fraction', 1, 'file', file,
-           'stage', 'done')
+if u[2] ~= token or u[1] ~= UNIT.COMMITTING then return {'lost'} end
+redis.call('HSET', ukey, 'state', UNIT.DONE, 'finished', now, 'fraction', 1, 'file', file,
+           'stage', UNIT.DONE)
 redis.call('SREM', P .. ':running', id .. '|' .. unit .. '|' .. token)
 redis.call('DEL', P .. ':lease:' .. id .. '|' .. unit)
 redis.call('RPUSH', P .. ':hist:' .. id, cjson.encode({
@@ -175,31 +180,31 @@ redis.call('RPUSH', P .. ':hist:' .. id, cjson.encode({
 for k, v in pairs(fields) do redis.call('HSET', job, k, v) end
 redis.call('HSET', job, 'updated', now)
 local jstate = redis.call('HGET', job, 'state')
-if jstate == 'cancelled' or jstate == 'failed' then return {'stopped'} end
+if jstate == JOB.CANCELLED or jstate == JOB.FAILED then return {'stopped'} end
 local units = cjson.decode(redis.call('HGET', job, 'units') or '[]')
 local ready = {}
 local all = true
 for _, other in ipairs(units) do
   local okey = P .. ':unit:' .. id .. ':' .. other
   local o = redis.call('HMGET', okey, 'state', 'deps')
-  if o[1] == 'waiting' then
+  if o[1] == UNIT.WAITING then
     local met = true
     for dep in string.gmatch(o[2] or '', '[^,]+') do
-      if redis.call('HGET', P .. ':unit:' .. id .. ':' .. dep, 'state') ~= 'done' then
+      if redis.call('HGET', P .. ':unit:' .. id .. ':' .. dep, 'state') ~= UNIT.DONE then
         met = false
       end
     end
     if met then
       local newtoken = tostring(redis.call('INCR', P .. ':seq'))
-      redis.call('HSET', okey, 'state', 'queued', 'token', newtoken, 'stage', 'queued')
+      redis.call('HSET', okey, 'state', UNIT.QUEUED, 'token', newtoken, 'stage', UNIT.QUEUED)
       redis.call('ZADD', P .. ':dispatch', now + grace, id .. '|' .. other .. '|' .. newtoken)
       table.insert(ready, other .. '|' .. newtoken)
     end
   end
-  if o[1] ~= 'done' then all = false end
+  if o[1] ~= UNIT.DONE then all = false end
 end
 if all then
-  redis.call('HSET', job, 'state', 'done', 'finished', now, 'stage', 'done')
+  redis.call('HSET', job, 'state', JOB.DONE, 'finished', now, 'stage', JOB.DONE)
   for _, other in ipairs(units) do
     redis.call('EXPIRE', P .. ':unit:' .. id .. ':' .. other, ttl)
   end
@@ -214,10 +219,10 @@ _EXPAND = r"""
 local P, id, token, now, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local spec, fields = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
 local job = P .. ':job:' .. id
-local ukey = P .. ':unit:' .. id .. ':main'
+local ukey = P .. ':unit:' .. id .. ':' .. KIND.MAIN
 local u = redis.call('HMGET', ukey, 'state', 'token', 'attempts', 'started', 'worker')
-if u[2] ~= token or u[1] ~= 'committing' then return {'lost'} end
-local names = {'main'}
+if u[2] ~= token or u[1] ~= UNIT.COMMITTING then return {'lost'} end
+local names = {KIND.MAIN}
 local out = {}
 for _, item in ipairs(spec) do
   local key = P .. ':unit:' .. id .. ':' .. item.name
@@ -227,20 +232,20 @@ for _, item in ipairs(spec) do
              'deps', item.deps or '', 'first', item.first or '', 'last', item.last or '',
              'output', item.output)
   if item.deps and item.deps ~= '' then
-    redis.call('HSET', key, 'state', 'waiting', 'token', '', 'stage', 'waiting')
+    redis.call('HSET', key, 'state', UNIT.WAITING, 'token', '', 'stage', UNIT.WAITING)
   else
     local newtoken = tostring(redis.call('INCR', P .. ':seq'))
-    redis.call('HSET', key, 'state', 'queued', 'token', newtoken, 'stage', 'queued')
+    redis.call('HSET', key, 'state', UNIT.QUEUED, 'token', newtoken, 'stage', UNIT.QUEUED)
     redis.call('ZADD', P .. ':dispatch', now + grace, id .. '|' .. item.name .. '|' .. newtoken)
     table.insert(out, item.name .. '|' .. newtoken)
   end
 end
-redis.call('HSET', ukey, 'state', 'done', 'finished', now, 'fraction', 1, 'weight', 0,
+redis.call('HSET', ukey, 'state', UNIT.DONE, 'finished', now, 'fraction', 1, 'weight', 0,
            'stage', 'planned')
-redis.call('SREM', P .. ':running', id .. '|main|' .. token)
-redis.call('DEL', P .. ':lease:' .. id .. '|main')
+redis.call('SREM', P .. ':running', id .. '|' .. KIND.MAIN .. '|' .. token)
+redis.call('DEL', P .. ':lease:' .. id .. '|' .. KIND.MAIN)
 redis.call('RPUSH', P .. ':hist:' .. id, cjson.encode({
-  unit = 'main', attempt = tonumber(u[3]) or 0, token = tonumber(token), worker = u[5],
+  unit = KIND.MAIN, attempt = tonumber(u[3]) or 0, token = tonumber(token), worker = u[5],
   started = tonumber(u[4]), ended = tonumber(now), outcome = 'planned'}))
 redis.call('HSET', job, 'units', cjson.encode(names), 'stage', 'rendering chunks', 'updated', now)
 for k, v in pairs(fields) do redis.call('HSET', job, k, v) end
@@ -252,7 +257,7 @@ local P, id, unit, token, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARG
 local err, outcome, delay, max, worker = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]),
   ARGV[10]
 local u = redis.call('HMGET', P .. ':unit:' .. id .. ':' .. unit, 'state', 'token')
-if u[2] ~= token or (u[1] ~= 'running' and u[1] ~= 'committing') then
+if u[2] ~= token or (u[1] ~= UNIT.RUNNING and u[1] ~= UNIT.COMMITTING) then
   redis.call('SREM', P .. ':running', id .. '|' .. unit .. '|' .. token)
   return {'lost'}
 end
@@ -266,7 +271,7 @@ local outcome = 'lost'
 local member = id .. '|' .. unit .. '|' .. token
 if redis.call('EXISTS', P .. ':lease:' .. id .. '|' .. unit) == 1 then return {'alive'} end
 local u = redis.call('HMGET', P .. ':unit:' .. id .. ':' .. unit, 'state', 'token', 'worker')
-if u[2] ~= token or (u[1] ~= 'running' and u[1] ~= 'committing') then
+if u[2] ~= token or (u[1] ~= UNIT.RUNNING and u[1] ~= UNIT.COMMITTING) then
   redis.call('SREM', P .. ':running', member)
   return {'stale'}
 end
@@ -279,25 +284,24 @@ local P, id, now = ARGV[1], ARGV[2], ARGV[3]
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
 if not state then return {'gone'} end
-if state == 'cancelled' or state == 'failed' or state == 'done' then return {'ended', state} end
+if TERMINAL[state] then return {'ended', state} end
 local units = cjson.decode(redis.call('HGET', job, 'units') or '[]')
 for _, unit in ipairs(units) do
-  local first = string.sub(unit, 1, 1)
-  if (unit == 'main' or first == 'j' or first == 'r') and
-      redis.call('HGET', P .. ':unit:' .. id .. ':' .. unit, 'state') == 'committing' then
+  if COMMITS[kind_of(unit)] and
+      redis.call('HGET', P .. ':unit:' .. id .. ':' .. unit, 'state') == UNIT.COMMITTING then
     return {'committing'}
   end
 end
-redis.call('HSET', job, 'state', 'cancelled', 'cancel', 1, 'finished', now, 'updated', now,
-           'error', 'cancelled', 'stage', 'cancelled')
+redis.call('HSET', job, 'state', JOB.CANCELLED, 'cancel', 1, 'finished', now, 'updated', now,
+           'error', JOB.CANCELLED, 'stage', JOB.CANCELLED)
 local running = {}
 for _, unit in ipairs(units) do
   local ukey = P .. ':unit:' .. id .. ':' .. unit
   local u = redis.call('HMGET', ukey, 'state', 'token')
-  if u[1] == 'queued' or u[1] == 'waiting' then
-    redis.call('HSET', ukey, 'state', 'cancelled', 'finished', now)
+  if u[1] == UNIT.QUEUED or u[1] == UNIT.WAITING then
+    redis.call('HSET', ukey, 'state', UNIT.CANCELLED, 'finished', now)
     redis.call('ZREM', P .. ':dispatch', id .. '|' .. unit .. '|' .. (u[2] or ''))
-  elseif u[1] == 'running' or u[1] == 'committing' then
+  elseif u[1] == UNIT.RUNNING or u[1] == UNIT.COMMITTING then
     table.insert(running, unit)
   end
 end
@@ -313,7 +317,7 @@ if u[2] ~= token then return 'lost' end
 if redis.call('GET', P .. ':lease:' .. id .. '|' .. unit) == token then
   redis.call('DEL', P .. ':lease:' .. id .. '|' .. unit)
 end
-redis.call('HSET', ukey, 'state', 'cancelled', 'finished', now, 'stage', 'cancelled')
+redis.call('HSET', ukey, 'state', UNIT.CANCELLED, 'finished', now, 'stage', UNIT.CANCELLED)
 redis.call('RPUSH', P .. ':hist:' .. id, cjson.encode({
   unit = unit, attempt = tonumber(u[3]) or 0, token = tonumber(token), worker = u[5],
   started = tonumber(u[4]), ended = tonumber(now), outcome = 'cancelled'}))
@@ -325,26 +329,78 @@ local P, id, now, grace, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ton
 local job = P .. ':job:' .. id
 local state = redis.call('HGET', job, 'state')
 if not state then return {'gone'} end
-if state ~= 'failed' and state ~= 'cancelled' then return {'state', state} end
+if state ~= JOB.FAILED and state ~= JOB.CANCELLED then return {'state', state} end
 local units = cjson.decode(redis.call('HGET', job, 'units') or '[]')
 for _, unit in ipairs(units) do
   local s = redis.call('HGET', P .. ':unit:' .. id .. ':' .. unit, 'state')
-  if s == 'running' or s == 'committing' then return {'busy', unit} end
+  if s == UNIT.RUNNING or s == UNIT.COMMITTING then return {'busy', unit} end
 end
 for _, unit in ipairs(units) do redis.call('DEL', P .. ':unit:' .. id .. ':' .. unit) end
 local token = tostring(redis.call('INCR', P .. ':seq'))
-local ukey = P .. ':unit:' .. id .. ':main'
-redis.call('HSET', ukey, 'state', 'queued', 'token', token, 'attempts', 0, 'tries', 0,
-           'fraction', 0, 'weight', 1, 'stage', 'queued', 'output', -1)
-redis.call('HSET', job, 'state', 'queued', 'stage', 'queued', 'units', '["main"]',
-           'updated', now, 'attempts', 0)
+local ukey = P .. ':unit:' .. id .. ':' .. KIND.MAIN
+redis.call('HSET', ukey, 'state', UNIT.QUEUED, 'token', token, 'attempts', 0, 'tries', 0,
+           'fraction', 0, 'weight', 1, 'stage', UNIT.QUEUED, 'output', -1)
+redis.call('HSET', job, 'state', JOB.QUEUED, 'stage', JOB.QUEUED, 'units',
+           cjson.encode({KIND.MAIN}), 'updated', now, 'attempts', 0)
 redis.call('HDEL', job, 'cancel', 'finished', 'error', 'started', 'worker', 'callback')
 redis.call('PERSIST', job)
 redis.call('PERSIST', P .. ':hist:' .. id)
 redis.call('RPUSH', P .. ':hist:' .. id, cjson.encode({unit = 'job', outcome = 'retried',
   ended = tonumber(now), previous = state}))
-redis.call('ZADD', P .. ':dispatch', now + grace, id .. '|main|' .. token)
+redis.call('ZADD', P .. ':dispatch', now + grace, id .. '|' .. KIND.MAIN .. '|' .. token)
 return {'ok', token}
+"""
+
+# ARGV: P, created (Unix seconds), due (of the first dispatch), then per job its id and its
+# fields as a JSON array [name, value, ...].
+_CREATE = r"""
+local P, now, due = ARGV[1], ARGV[2], ARGV[3]
+local tokens = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local job = P .. ':job:' .. id
+  local token = tostring(redis.call('INCR', P .. ':seq'))
+  local fields = cjson.decode(ARGV[i + 1])
+  for _, item in ipairs({'state', JOB.QUEUED, 'stage', JOB.QUEUED, 'created', now,
+                         'updated', now, 'units', cjson.encode({KIND.MAIN}), 'attempts', '0'}) do
+    table.insert(fields, item)
+  end
+  redis.call('HSET', job, unpack(fields))
+  redis.call('HSET', P .. ':unit:' .. id .. ':' .. KIND.MAIN, 'state', UNIT.QUEUED,
+             'token', token, 'attempts', '0', 'tries', '0', 'fraction', '0', 'weight', '1',
+             'stage', UNIT.QUEUED, 'output', '-1')
+  redis.call('ZADD', P .. ':jobs', now, id)
+  redis.call('ZADD', P .. ':dispatch', due, id .. '|' .. KIND.MAIN .. '|' .. token)
+  melter_recount(P, id)
+  melter_note(P, id)
+  table.insert(tokens, token)
+end
+return tokens
+"""
+
+_EXPIRE_FINISHED = r"""
+local P, id, ttl = ARGV[1], ARGV[2], ARGV[3]
+local job = P .. ':job:' .. id
+for _, unit in ipairs(cjson.decode(redis.call('HGET', job, 'units') or '[]')) do
+  redis.call('EXPIRE', P .. ':unit:' .. id .. ':' .. unit, ttl)
+end
+redis.call('EXPIRE', job, ttl)
+redis.call('EXPIRE', P .. ':hist:' .. id, ttl)
+return 1
+"""
+
+# Live workers: those whose presence key (in the set P:workers) has not expired.
+_WORKERS = r"""
+local P = ARGV[1]
+local live = 0
+for _, key in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+  if redis.call('EXISTS', key) == 1 then
+    live = live + 1
+  else
+    redis.call('SREM', P .. ':workers', key)
+  end
+end
+return live
 """
 
 
@@ -371,9 +427,11 @@ class Store:
         self.r: Any = client
         self.p = prefix
         # Scripts that can change a job's state also queue its status callback (one order of
-        # events: the callback outbox sees each state the job had, see melter.farm.callbacks).
+        # events: the callback outbox sees each state the job had, see melter.farm.callbacks)
+        # and move the job counters by the change (melter.farm.counts).
         self._scripts = {
-            name: client.register_script(with_note(source) if noted else source)
+            name: client.register_script(
+                with_note(LUA_CONSTANTS + counted(source)) if noted else LUA_CONSTANTS + source)
             for name, source, noted in (
                 ("claim", _CLAIM, True), ("heartbeat", _HEARTBEAT, False),
                 ("begin_commit", _BEGIN_COMMIT, False), ("complete", _COMPLETE, True),
@@ -382,7 +440,13 @@ class Store:
                 ("reset", _RESET, True),
             )
         }
-        self._note = client.register_script(with_note("return 1"))
+        self._create = client.register_script(NOTE + LUA_CONSTANTS + TALLY + _CREATE)
+        self._expire_finished = client.register_script(
+            LUA_CONSTANTS + counted(_EXPIRE_FINISHED))
+        self._recount = client.register_script(LUA_CONSTANTS + RECOUNT)
+        self._read_counts = client.register_script(LUA_CONSTANTS + READ)
+        self._restart_counts = client.register_script(RESTART)
+        self._workers = client.register_script(_WORKERS)
 
     @classmethod
     def from_url(cls, url: str, prefix: str) -> Store:
@@ -417,19 +481,32 @@ class Store:
         return bool(self.r.set(f"{self.p}:outpath:{path}", job, nx=True, ex=ttl))
 
     def create(self, job: str, fields: dict[str, str], now: float, grace: float) -> Dispatch:
-        token = str(self.r.incr(f"{self.p}:seq"))
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.job_key(job), mapping={
-            **fields, "state": "queued", "stage": "queued", "created": now, "updated": now,
-            "units": json.dumps(["main"]), "attempts": 0})
-        pipe.hset(self.unit_key(job, "main"), mapping={
-            "state": "queued", "token": token, "attempts": 0, "tries": 0, "fraction": 0,
-            "weight": 1, "stage": "queued", "output": -1})
-        pipe.zadd(f"{self.p}:jobs", {job: now})
-        pipe.zadd(f"{self.p}:dispatch", {f"{job}|main|{token}": now + grace})
-        pipe.execute()
-        self._note(args=[self.p, job])
-        return Dispatch(job, "main", token)
+        return self.create_many([(job, fields)], now, grace)[0]
+
+    def create_many(self, jobs: Iterable[tuple[str, dict[str, str]]], now: float, grace: float,
+                    batch: int = 500) -> list[Dispatch]:
+        """Store new queued jobs (``(id, fields)``), ``batch`` to a script: one job's keys,
+        its first dispatch, its count and its callback are written together."""
+        out: list[Dispatch] = []
+        args: list[str] = []
+
+        def flush() -> None:
+            tokens = self._create(args=[self.p, repr(now), repr(now + grace), *args])
+            ids = args[::2]
+            out.extend(Dispatch(job, UnitKind.MAIN.value, token)
+                       for job, token in zip(ids, tokens, strict=True))
+            args.clear()
+
+        for job, fields in jobs:
+            flat: list[str] = []
+            for name, value in fields.items():
+                flat += [name, value if isinstance(value, str) else repr(value)]
+            args += [job, json.dumps(flat)]
+            if len(args) >= 2 * batch:
+                flush()
+        if args:
+            flush()
+        return out
 
     # -- attempts ----------------------------------------------------------------------------
     def claim(self, job: str, unit: str, token: str, worker: str, lease_s: float) -> tuple[
@@ -520,12 +597,68 @@ class Store:
                                px=max(100, int(seconds * 1000))))
 
     def expire_finished(self, job: str, ttl: int) -> None:
-        pipe = self.r.pipeline()
-        for unit in self.units(job):
-            pipe.expire(self.unit_key(job, unit), ttl)
-        pipe.expire(self.job_key(job), ttl)
-        pipe.expire(f"{self.p}:hist:{job}", ttl)
+        self._expire_finished(args=[self.p, job, ttl])
+
+    # -- counters (melter.farm.counts) ---------------------------------------------------------
+    def counts(self, limit: int = 5000) -> Counts:
+        """The job counters, after taking out the jobs whose records expired; rebuilt first
+        when nothing has counted them yet (once per farm, or after they were lost)."""
+        fields = self._reaped_counts(limit)
+        if "since" not in fields:
+            self.rebuild_counts()
+            fields = self._reaped_counts(limit)
+        return Counts.parse(fields)
+
+    def _reaped_counts(self, limit: int) -> dict[str, str]:
+        for _ in range(100):
+            due, _, flat = self._read_counts(args=[self.p, limit])
+            if due < limit:
+                break
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def rebuild_counts(self, batch: int = 500) -> bool:
+        """Count every job in ``P:jobs`` from nothing; False when another process is at it
+        (or had just finished)."""
+        lock = f"{self.p}:counts:rebuild"
+        if not self.r.set(lock, "1", nx=True, ex=600):
+            return False
+        try:
+            if not self._restart_counts(args=[self.p]):
+                return False
+            cursor = 0
+            while True:
+                cursor, found = self.r.zscan(f"{self.p}:jobs", cursor, count=batch)
+                if found:
+                    self._recount(args=[self.p, *(job for job, _ in found)])
+                if not cursor:
+                    break
+            self.r.hset(f"{self.p}:counts", "since", repr(time.time()))
+            return True
+        finally:
+            self.r.delete(lock)
+
+    def reap(self, limit: int = 5000) -> int:
+        """Take the jobs whose records expired out of the counters; how many were gone."""
+        _, gone, _ = self._read_counts(args=[self.p, limit])
+        return int(gone)
+
+    # -- workers' presence ---------------------------------------------------------------------
+    def present(self, key: str, seconds: int) -> None:
+        """Set a worker's presence key (``P:worker:<name>``) for ``seconds``."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(key, str(time.time()), ex=seconds)
+        pipe.sadd(f"{self.p}:workers", key)
         pipe.execute()
+
+    def absent(self, key: str | None) -> None:
+        if key:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.delete(key)
+            pipe.srem(f"{self.p}:workers", key)
+            pipe.execute()
+
+    def live_workers(self) -> int:
+        return int(self._workers(args=[self.p]))
 
     # -- reading -----------------------------------------------------------------------------
     def job(self, job: str) -> dict[str, str]:
@@ -554,8 +687,10 @@ class Store:
         return list(self.r.zrange(key, 0, max(0, limit - 1)))
 
     def forget(self, jobs: Iterable[str]) -> None:
+        """Drop gone jobs from ``P:jobs`` (and from the counters, should they be there)."""
         names = list(jobs)
         if names:
+            self._recount(args=[self.p, *names])
             self.r.zrem(f"{self.p}:jobs", *names)
 
     def set_fields(self, job: str, fields: dict[str, str]) -> None:

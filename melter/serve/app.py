@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from melter.errors import MelterError
 from melter.farm.callbacks import Deliverer
-from melter.farm.job import JobSpec, OutputSpec
+from melter.farm.job import JobSpec, OutputSpec, Priority
 from melter.farm.jobs import Farm
 from melter.serve.config import Settings, load_settings
 from melter.serve.metrics import FarmCollector
@@ -60,7 +60,7 @@ class Rerender(BaseModel):
     outputs: list[OutputSpec] | None = Field(
         None, description="other outputs; default: the job's, as <name>.v2.<ext>, .v3…")
     callback_url: str | None = None
-    priority: str = Field("manual", pattern="^(auto|manual)$")
+    priority: Priority = Priority.MANUAL
 
 
 class Background(threading.Thread):

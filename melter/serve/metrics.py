@@ -1,5 +1,7 @@
 """Prometheus metrics, read from Redis at each scrape (the farm's state is there, not in this
-process, so several service replicas report the same numbers)."""
+process, so several service replicas report the same numbers). Jobs are counted by the store's
+scripts as they change (:mod:`melter.farm.counts`), so a scrape reads a few keys, however many
+jobs Redis holds."""
 
 from __future__ import annotations
 
@@ -16,10 +18,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from melter.farm.app import PRIORITIES
-from melter.farm.store import TERMINAL
+from melter.farm.counts import RENDER_BUCKETS
 
-STATES = ("queued", "running", "joining", *TERMINAL)
-BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 # kombu's Redis transport keeps one list per priority step of a queue.
 PRIORITY_STEPS = (0, 3, 6, 9)
 
@@ -40,28 +40,18 @@ class FarmCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         store = self.farm.store
         r = store.r
-        ids = r.zrange(f"{store.p}:jobs", 0, -1)
-        pipe = r.pipeline(transaction=False)
-        for job in ids:
-            pipe.hmget(store.job_key(job), "state", "started", "finished")
-        counts = dict.fromkeys(STATES, 0)
-        durations = []
-        for state, started, finished in pipe.execute() if ids else []:
-            if state is None:
-                continue
-            counts[state] = counts.get(state, 0) + 1
-            if state == "done" and started and finished:
-                durations.append(float(finished) - float(started))
+        counts = store.counts()
         jobs = GaugeMetricFamily("melter_jobs", "Jobs in Redis by state", labels=["state"])
-        for state, n in counts.items():
+        for state, n in counts.states.items():
             jobs.add_metric([state], n)
         yield jobs
 
-        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in BUCKETS]
-        buckets.append(("+Inf", len(durations)))
+        buckets = [(str(b), n) for b, n in zip(RENDER_BUCKETS, counts.render_buckets, strict=True)]
+        buckets.append(("+Inf", counts.render_count))
         yield HistogramMetricFamily(
             "melter_render_seconds", "Submission-to-done render time of the done jobs Redis "
-            "still holds (MELTER_JOB_TTL_DAYS)", buckets=buckets, sum_value=sum(durations))
+            "still holds (MELTER_JOB_TTL_DAYS)", buckets=buckets,
+            sum_value=counts.render_seconds)
 
         config = self.farm.config
         depth = GaugeMetricFamily("melter_queue_depth", "Messages waiting in the broker's "
@@ -76,9 +66,8 @@ class FarmCollector(Collector):
             depth.add_metric([name], sum(lengths[k * per:(k + 1) * per]))
         yield depth
 
-        workers = sum(1 for _ in r.scan_iter(match=f"{store.p}:worker:*", count=1000))
         yield GaugeMetricFamily("melter_workers", "Live workers (presence refreshed each "
-                                "second, expiring after 10 s)", value=workers)
+                                "second, expiring after 10 s)", value=store.live_workers())
         yield GaugeMetricFamily("melter_callbacks_pending", "Jobs with a status callback "
                                 "still to deliver", value=r.zcard(f"{store.p}:outbox"))
         if self.tracker is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from melter.farm.job import Priority
 from melter.meeting import VIDEOROOM
 from melter.serve.config import Settings
 
@@ -63,7 +64,7 @@ def auto_spec(settings: Settings, room: str, meeting: str, start_us: int,
         "inputs": [str(p) for p in files],
         "layout": rule.layout,
         "outputs": outputs,
-        "priority": "auto",
+        "priority": Priority.AUTO,
         "callback_url": rule.callback_url,
         "idempotency_key": f"auto:{trigger}:{meeting}",
         "metadata": {"room": room, "meeting": meeting, "trigger": trigger, **(extra or {})},
