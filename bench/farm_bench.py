@@ -1,9 +1,10 @@
 """Benchmark of the render farm itself: queue overhead per job, and throughput against the
 number of worker processes.
 
-The renderer is replaced by the job model's fixed-cost stand-in (``stand_in``: sleep, or burn
-CPU with ``--busy``), so what is measured is the farm: Redis state, Celery messages, claims,
-leases, commits (each job still writes its output file and manifest).
+The renderer is replaced by a fixed-cost stand-in (``stand_in.py``, which the workers run
+through their unit hook: sleep, or burn CPU with ``--busy``), so what is measured is the farm:
+Redis state, Celery messages, claims, leases, commits (each job still writes its output file
+and manifest).
 
     python bench/farm_bench.py                       # overhead, then N = 1 2 4 8 16
     python bench/farm_bench.py --workers 1 2 4 --cost 0.5 --jobs-per-worker 4 --json out.json
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from melter.farm.config import load_config  # noqa: E402
+from melter.farm.job import TERMINAL, JobState  # noqa: E402
 from melter.farm.jobs import Farm  # noqa: E402
 
 
@@ -54,6 +56,7 @@ class Bench:
             "MELTER_QUEUE_PREFIX": f"{self.prefix}-",
             "MELTER_BROKER_KEY_PREFIX": f"{self.prefix}:",
             "MELTER_CACHE_DIR": str(base / "cache"),
+            "MELTER_UNIT_HOOK": "bench.stand_in:run_unit",
         }
         self.env.pop("MELTER_CONFIG", None)
         self.farm = Farm(load_config(self.env))
@@ -100,7 +103,7 @@ class Bench:
         return self.farm.submit({
             "inputs": ["meeting"],
             "outputs": [{"path": f"out/job-{self.count}.mp4"}],
-            "stand_in": {"seconds": cost, "busy": busy},
+            "metadata": {"stand_in": {"seconds": cost, "busy": busy}},
         })
 
     def wait(self, jobs: list[str], timeout: float = 600) -> list[dict[str, Any]]:
@@ -108,8 +111,7 @@ class Bench:
         pending = set(jobs)
         while pending:
             for job in list(pending):
-                if self.farm.store.r.hget(self.farm.store.job_key(job), "state") in (
-                        "done", "failed", "cancelled"):
+                if self.farm.store.r.hget(self.farm.store.job_key(job), "state") in TERMINAL:
                     pending.discard(job)
             if time.monotonic() > deadline:
                 raise SystemExit(f"{len(pending)} jobs not done after {timeout} s")
@@ -165,7 +167,7 @@ def scaling(bench: Bench, counts: list[int], cost: float, per_worker: int,
         submitted = time.monotonic() - began
         infos = bench.wait(jobs)
         elapsed = time.monotonic() - began
-        assert all(i["state"] == "done" for i in infos), [i["error"] for i in infos]
+        assert all(i["state"] == JobState.DONE for i in infos), [i["error"] for i in infos]
         workers = {i["worker"] for i in infos}
         queued = sorted(i["timings"]["queued_s"] for i in infos)
         rows.append({

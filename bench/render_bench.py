@@ -742,10 +742,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(root))
     import melter
     from melter.compose import plan_meeting, prepare_media
-    from melter.engine.mlt import melt_binary, melt_environment
+    from melter.engine.mlt import (
+        DocumentOptions,
+        build_document,
+        melt_binary,
+        melt_environment,
+    )
     from melter.layout.model import load_layout
     from melter.meeting import discover
-    from melter.render import PRESETS, _document_text
+    from melter.render import PRESETS, style_of
 
     assert Path(melter.__file__).resolve().is_relative_to(root.resolve()), melter.__file__
     hash_at_start = source_hash(REPO)
@@ -788,12 +793,13 @@ def main(argv: list[str] | None = None) -> int:
     def melt_for(name: str, the_plan: Any, the_layout: Any, prescale: bool = True,
                  output: Path = scratch) -> list[str]:
         """Write the document melter writes for ``the_plan``; return melt's command for it."""
-        xml, doc_frames = _document_text(the_plan, media, the_layout, the_layout.canvas.width,
-                                         the_layout.canvas.height, False, False,
-                                         prescale=prescale)
-        assert doc_frames == frames
+        # As `melter render` builds it: the whole meeting, its audio mixed in one input.
+        options = DocumentOptions(the_layout.canvas.width, the_layout.canvas.height,
+                                  style_of(the_layout), prescale=prescale, mix_audio=True)
+        built = build_document(the_plan, media, options)
+        assert built.frames == frames
         document = work / f"{name}.mlt"
-        document.write_text(xml)
+        document.write_text(built.xml)
         return [melt_binary(), "-progress2", str(document), "-consumer", f"avformat:{output}",
                 *consumer]
 

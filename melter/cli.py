@@ -349,11 +349,12 @@ def plan(
                                            "timeline")] = False,
 ) -> None:
     """The scene plan: who sits where during which interval (a dry run, no media written)."""
-    from melter.compose import plan_meeting
     from melter.layout.model import load_layout
+    from melter.render import plan_render
 
     meeting = _meeting(inputs, room, events)
-    scene_plan, changes = plan_meeting(meeting, load_layout(layout))
+    planned = plan_render(meeting, load_layout(layout))
+    scene_plan, changes = planned.plan, planned.speakers
     data = scene_plan.to_json()
     data["participants"] = [
         {"id": p.id, "display": p.display, "kind": p.kind,
@@ -404,7 +405,7 @@ def render(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from melter.layout.model import load_layout
-    from melter.render import preset_for
+    from melter.render import RenderOptions, plan_render, preset_for
     from melter.render import render as run_render
 
     presets = preset or []
@@ -413,7 +414,7 @@ def render(
     targets = [(path, preset_for(path, presets[i] if presets else None))
                for i, path in enumerate(output)]
     meeting = _meeting(inputs, room, events)
-    chosen = load_layout(layout)
+    planned = plan_render(meeting, load_layout(layout), RenderOptions(trim=trim))
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())
     with Progress(*columns,
@@ -423,8 +424,7 @@ def render(
         def progress(frame: int, frames: int) -> None:
             bar.update(task, total=frames, completed=frame)
 
-        result = run_render(meeting, chosen, targets, workdir=workdir, trim=trim,
-                            progress=progress)
+        result = run_render(planned, targets, workdir=workdir, progress=progress)
     for warning in result.warnings:
         _warn(warning)
     for path in result.outputs:
@@ -443,14 +443,16 @@ def preview(
 ) -> None:
     """One composed frame as a PNG, in seconds."""
     from melter.layout.model import load_layout, parse_time
-    from melter.render import preview as run_preview
+    from melter.render import STILL, plan_render
+    from melter.render import render as run_render
 
     try:
         seconds = parse_time(at)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--at") from None
-    meeting = _meeting(inputs, room, events)
-    run_preview(meeting, load_layout(layout), seconds, output, workdir=workdir)
+    planned = plan_render(_meeting(inputs, room, events), load_layout(layout))
+    frame = planned.frame_at(seconds)
+    run_render(planned, [(output, STILL)], frames=(frame, frame), workdir=workdir)
     err.print(f"{output}: frame at {seconds:.3f} s")
 
 

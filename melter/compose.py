@@ -1,9 +1,7 @@
-"""From a meeting to a render: the plan's inputs, the speaker timeline, and timed media files.
-
-Kept apart from the engine so the CLI, the farm and the API all call the same three steps:
-:func:`plan_meeting` (seconds, no media written), :func:`prepare_media` (each participant
-segment remuxed once into a Matroska file that starts on an output-frame boundary), and the
-engine's render.
+"""The rendering layer's steps between a meeting and the MLT engine (callers outside that layer
+use :mod:`melter.render`): :func:`plan_meeting` (the plan's inputs and the speaker timeline;
+seconds, no media written) and :func:`prepare_media` (each participant segment remuxed once into
+a Matroska file that starts on an output-frame boundary).
 """
 
 from __future__ import annotations

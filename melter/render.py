@@ -1,26 +1,45 @@
-"""Render a meeting: discover, plan, prepare media, write the MLT document, run melt, check.
+"""Render a meeting: the one way in for the CLI's ``render``, ``preview`` and ``plan``, the
+farm's units and (through the farm) the API.
 
-This is the one library call the CLI's ``render`` and ``preview``, the farm's workers and the
-API all use.
+Two steps, so that a render split over processes does the expensive part once:
+
+* :func:`plan_render` discovers and analyses the recordings and plans the scenes. Its
+  :class:`RenderPlan` is plain data: :meth:`RenderPlan.to_json` stores it and
+  :meth:`RenderPlan.from_json` reads it back (the farm plans a job once; its units read that).
+* :func:`render` prepares the media, builds the MLT document of the plan and runs melt, for the
+  whole meeting or a range of its frames, with both streams or either.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import av
 
+from melter import __version__
 from melter.compose import plan_meeting, prepare_media
 from melter.convert import atomic_output
-from melter.engine.mlt import Output, RenderError, build_document, run_melt
+from melter.engine.mlt import (
+    DocumentOptions,
+    Output,
+    RenderError,
+    Style,
+    build_document,
+    run_melt,
+    trim_spans,
+)
 from melter.errors import MelterError
 from melter.layout.model import Layout
-from melter.meeting import Meeting
-from melter.plan import Plan
+from melter.meeting import Meeting, discover
+from melter.plan import Plan, SpeakerChange
+from melter.typedjson import dump, load, shape
 
 
 @dataclass(frozen=True)
@@ -32,6 +51,8 @@ class Preset:
     properties: dict[str, str]
     audio_only: bool = False
     description: str = ""
+    #: One picture, not a stream (``render`` with ``frames=(n, n)``).
+    still: bool = False
 
 
 _X264 = {"vcodec": "libx264", "preset": "veryfast", "crf": "23", "pix_fmt": "yuv420p",
@@ -62,6 +83,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: One composed frame as a PNG (what ``melter preview`` writes).
+STILL = Preset("png", ".png", None, None,
+               {"f": "image2", "vcodec": "png", "update": "1", "an": "1"},
+               description="one frame as a PNG", still=True)
+
+
 def preset_for(path: Path, name: str | None) -> Preset:
     if name is not None:
         if name not in PRESETS:
@@ -74,109 +101,237 @@ def preset_for(path: Path, name: str | None) -> Preset:
     return PRESETS[by_suffix[suffix]]
 
 
+@dataclass(frozen=True)
+class RenderOptions:
+    """What a render plan depends on besides the recordings and the layout.
+
+    ``room`` and ``root`` apply when :func:`plan_render` discovers the meeting itself: one
+    room among the recordings, and the folder the recordings must lie in (links out of it are
+    skipped).
+    """
+
+    trim: bool = False
+    room: str | None = None
+    root: Path | None = None
+
+
+#: Changes whenever the stored form of a render plan changes meaning without changing shape
+#: (a change of shape is caught by :func:`melter.typedjson.shape`).
+PLAN_FORMAT = 1
+
+
+class StalePlan(ValueError):
+    """Stored data that is not a render plan this version of melter can use."""
+
+
+@dataclass
+class RenderPlan:
+    """A meeting planned for rendering: everything a render needs except the media files.
+
+    Computing it reads every recording (analysis, and the speaker levels when the layout has a
+    speaker region); all of it is plain data, so one process can plan and others render.
+    """
+
+    #: The meeting as discovered and analysed.
+    meeting: Meeting
+    #: The scenes: who sits where during which interval.
+    plan: Plan
+    #: The active-speaker timeline the plan was made from.
+    speakers: list[SpeakerChange]
+    #: How the layout draws names, cards and the background.
+    style: Style
+    #: The layout document the plan was made by (as parsed), for records such as manifests.
+    layout: dict[str, Any]
+    #: Whether the rendered timeline leaves out the stretches where nobody is present.
+    trim: bool = False
+    #: Size and modification time (ns) of each recording when it was analysed, by path.
+    recordings: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> int:
+        return self.plan.fps
+
+    @property
+    def frames(self) -> int:
+        """Frames of the rendered timeline (the trimmed one with ``trim``)."""
+        if self.trim:
+            return sum(last - first + 1 for first, last in trim_spans(self.plan))
+        return max(1, round(self.plan.duration_us * self.fps / 1e6))
+
+    @property
+    def duration_s(self) -> float:
+        """The meeting's length (seconds, untrimmed)."""
+        return round(self.plan.duration_us / 1e6, 3)
+
+    def frame_at(self, seconds: float) -> int:
+        """The meeting's frame at ``seconds``, within the meeting."""
+        last = max(0, round(self.plan.duration_us * self.fps / 1e6) - 1)
+        return min(max(0, round(seconds * self.fps)), last)
+
+    def document_options(self, width: int | None = None, height: int | None = None, *,
+                         audio_only: bool = False, window: tuple[int, int] | None = None,
+                         prescale: bool = True) -> DocumentOptions:
+        """The options of this plan's MLT document (at the canvas size unless given)."""
+        return DocumentOptions(
+            width or self.plan.width, height or self.plan.height, self.style,
+            audio_only=audio_only, prescale=prescale,
+            # A trimmed render jumps over the stretches where nobody is present.
+            mix_audio=window is None and not self.trim,
+            window=window, trim=self.trim)
+
+    @property
+    def recording_paths(self) -> list[Path]:
+        return [track.path for participant in self.meeting.participants
+                for segment in participant.segments for track in segment.tracks]
+
+    def unchanged(self) -> bool:
+        """Whether every recording is still as it was analysed (same size and time)."""
+        return _recordings(self.recording_paths) == self.recordings
+
+    def to_json(self) -> bytes:
+        """The stored form: JSON, stamped with the format, melter's version and the shape."""
+        stored = {"format": PLAN_FORMAT, "melter": __version__, "shape": shape(RenderPlan),
+                  "plan": dump(self, RenderPlan)}
+        return json.dumps(stored, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RenderPlan:
+        """A plan from :meth:`to_json`; :class:`StalePlan` when it was written by another
+        version of melter or is not a plan at all."""
+        try:
+            stored = json.loads(data)
+        except ValueError as exc:
+            raise StalePlan(f"not JSON: {exc}") from None
+        stamp = {"format": PLAN_FORMAT, "melter": __version__, "shape": shape(RenderPlan)}
+        if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in stamp.items()):
+            raise StalePlan("written by another version of melter")
+        try:
+            plan = load(stored.get("plan"), RenderPlan)
+        except ValueError as exc:
+            raise StalePlan(str(exc)) from None
+        assert isinstance(plan, RenderPlan)
+        return plan
+
+
+def _recordings(paths: Sequence[Path]) -> dict[str, tuple[int, int]]:
+    found: dict[str, tuple[int, int]] = {}
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        found[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def style_of(layout: Layout) -> Style:
+    """What a document needs of ``layout`` to draw a plan made by it."""
+    return Style(
+        labels=layout.labels.enabled,
+        label_size=layout.labels.size,
+        label_color=layout.labels.color,
+        label_background=layout.labels.background,
+        font=layout.labels.font,
+        placeholder_text=layout.placeholder.text,
+        placeholder_color=layout.placeholder.color,
+        placeholder_text_color=layout.placeholder.text_color,
+        background_image=layout.canvas.background_image,
+    )
+
+
+def plan_render(source: Meeting | Sequence[Path], layout: Layout,
+                options: RenderOptions | None = None, *,
+                layouts: dict[str, Layout] | None = None) -> RenderPlan:
+    """Discover (unless ``source`` is a meeting already), analyse and plan a render.
+
+    ``layouts``: the layout's rule layouts by name, when the caller has resolved them already
+    (the farm does, under its storage root); otherwise they are loaded by name.
+    """
+    options = options or RenderOptions()
+    if isinstance(source, Meeting):
+        meeting = source
+    else:
+        meeting = discover(list(source), room=options.room, root=options.root)
+    plan, speakers = plan_meeting(meeting, layout, layouts)
+    planned = RenderPlan(meeting, plan, speakers, style_of(layout),
+                         layout.model_dump(mode="json"), options.trim)
+    planned.recordings = _recordings(planned.recording_paths)
+    return planned
+
+
 @dataclass
 class RenderResult:
     outputs: list[Path]
     plan: Plan
     duration_s: float
     warnings: list[str] = field(default_factory=list)
-
-
-def trim_spans(plan: Plan) -> list[tuple[int, int]]:
-    """Frame spans that have media (``--trim`` drops the stretches where nobody is present)."""
-    spans: list[tuple[int, int]] = []
-    fps = plan.fps
-    for scene in plan.scenes:
-        if not scene.placements and not scene.audio:
-            continue
-        first = round(scene.start_us * fps / 1e6)
-        last = round(scene.end_us * fps / 1e6) - 1
-        if spans and spans[-1][1] + 1 >= first:
-            spans[-1] = (spans[-1][0], last)
-        elif last >= first:
-            spans.append((first, last))
-    return spans
-
-
-def _document_text(plan: Plan, media: dict, layout: Layout, width: int, height: int,
-                   audio_only: bool, trim: bool,
-                   window: tuple[int, int] | None = None,
-                   prescale: bool = True) -> tuple[str, int]:
-    """The MLT document of a render, and its frame count. ``window``: only those frames
-    (first, last) will be rendered, with melt's ``in`` and ``out`` (frames of the trimmed
-    timeline when ``trim``). ``prescale=False`` leaves scaling to MLT (to compare the two)."""
-    spans = trim_spans(plan) if trim else []
-    if window is not None and trim:
-        window = (_untrimmed(window[0], spans), _untrimmed(window[1], spans))
-    document = build_document(
-        plan, media, width, height,
-        labels=layout.labels.enabled,
-        placeholder_text=layout.placeholder.text,
-        placeholder_color=layout.placeholder.color,
-        label_size=layout.labels.size,
-        label_color=layout.labels.color,
-        label_background=layout.labels.background,
-        placeholder_text_color=layout.placeholder.text_color,
-        font=layout.labels.font,
-        background_image=layout.canvas.background_image,
-        audio_only=audio_only,
-        prescale=prescale,
-        window=window,
-        # A trimmed render jumps over the stretches where nobody is present.
-        mix_audio=window is None and not trim,
-    )
-    xml, frames = document.xml, document.frames
-    if trim:
-        entries = "".join(
-            f'  <entry producer="main" in="{a}" out="{b}"/>\n' for a, b in spans
-        )
-        xml = xml.replace("</mlt>", f'<playlist id="trimmed">\n{entries}</playlist>\n</mlt>')
-        xml = xml.replace('producer="main">', 'producer="trimmed">', 1)
-        frames = sum(b - a + 1 for a, b in spans)
-    return xml, frames
-
-
-def _untrimmed(frame: int, spans: list[tuple[int, int]]) -> int:
-    """The meeting's frame that frame ``frame`` of the trimmed timeline shows."""
-    for first, last in spans:
-        if frame <= last - first:
-            return first + frame
-        frame -= last - first + 1
-    return spans[-1][1] if spans else frame
+    #: Frames rendered into each output.
+    frames: int = 0
 
 
 def render(
-    meeting: Meeting,
-    layout: Layout,
-    outputs: list[tuple[Path, Preset]],
+    render_plan: RenderPlan,
+    outputs: Sequence[tuple[Path, Preset]],
+    *,
+    frames: tuple[int, int] | None = None,
+    audio: bool = True,
+    video: bool = True,
     workdir: Path | None = None,
-    trim: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    layouts: dict[str, Layout] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> RenderResult:
-    """Render ``meeting`` by ``layout`` into each output (one melt run per rendition);
-    ``layouts``: its rule layouts, when the caller resolved them (as for ``plan_meeting``)."""
-    plan, _ = plan_meeting(meeting, layout, layouts)
-    fps = layout.canvas.fps
+    """Render a planned meeting into each output (one melt run per rendition).
+
+    ``frames``: only frames ``first`` to ``last`` of the rendered timeline (a chunk of a long
+    meeting, or one frame for :data:`STILL`). ``audio=False`` or ``video=False``: that stream
+    is left out (a chunk's video, a meeting's audio to put under chunks). Only a whole render
+    with both streams is checked here (its streams and length); for a part, the caller knows
+    what it should hold. ``workdir``: where prepared media are kept and reused (default: a
+    temporary folder). ``stage`` is told ``preparing media``, then ``rendering`` before melt
+    runs.
+    """
+    if not (audio or video):
+        raise MelterError("a render needs audio, video or both")
+    fps = render_plan.fps
+    count = 0
     with tempfile.TemporaryDirectory(prefix="melter-") as scratch:
-        media_dir = workdir or Path(scratch) / "media"
-        media = prepare_media(meeting, media_dir, fps)
+        if stage is not None:
+            stage("preparing media")
+        media = prepare_media(render_plan.meeting, workdir or Path(scratch) / "media", fps)
         written: list[Path] = []
         for path, preset in outputs:
-            width = preset.width or layout.canvas.width
-            height = preset.height or layout.canvas.height
-            xml, frames = _document_text(plan, media, layout, width, height, preset.audio_only,
-                                         trim)
+            options = render_plan.document_options(
+                preset.width, preset.height, audio_only=preset.audio_only or not video,
+                window=frames)
+            built = build_document(render_plan.plan, media, options)
             document = Path(scratch) / f"{path.stem}.mlt"
-            document.write_text(xml)
+            document.write_text(built.xml)
+            count = built.frames if frames is None else frames[1] - frames[0] + 1
+            extra = [f"in={frames[0]}", f"out={frames[1]}"] if frames is not None else None
+            if stage is not None:
+                stage("rendering")
             with atomic_output(path) as temp:
-                # One render thread: on a small machine a second costs more than it gains.
-                consumer = ["-consumer", f"avformat:{temp}", "real_time=-1",
-                            *(f"{k}={v}" for k, v in preset.properties.items())]
-                run_melt(document, consumer, frames, progress)
-                check_output(temp, frames / fps, preset.audio_only)
+                properties = [f"{k}={v}" for k, v in preset.properties.items()]
+                if preset.still:
+                    image = temp.with_suffix(".png")
+                    run_melt(document, ["-consumer", f"avformat:{image}", *properties], count,
+                             progress, extra=extra)
+                    if not image.exists():
+                        raise RenderError("melt wrote no preview frame")
+                    image.replace(temp)
+                else:
+                    # One render thread: on a small machine a second costs more than it gains.
+                    consumer = ["-consumer", f"avformat:{temp}", "real_time=-1", *properties]
+                    if not audio:
+                        consumer.append("an=1")
+                    if not video and not preset.audio_only:
+                        consumer.append("vn=1")
+                    run_melt(document, consumer, count, progress, extra=extra)
+                    if frames is None and audio and video:
+                        check_output(temp, built.frames / fps, preset.audio_only)
             written.append(path)
-    return RenderResult(written, plan, round(plan.duration_us / 1e6, 3), list(plan.warnings))
+    plan = render_plan.plan
+    return RenderResult(written, plan, render_plan.duration_s, list(plan.warnings), count)
 
 
 def check_output(path: Path, expected_s: float, audio_only: bool) -> None:
@@ -194,28 +349,6 @@ def check_output(path: Path, expected_s: float, audio_only: bool) -> None:
         raise RenderError(f"melt's output lasts {duration:.2f} s instead of {expected_s:.2f} s")
 
 
-def preview(
-    meeting: Meeting, layout: Layout, at_s: float, output: Path, workdir: Path | None = None
-) -> Plan:
-    """One frame of the composition at ``at_s`` seconds, as a PNG."""
-    plan, _ = plan_meeting(meeting, layout)
-    fps = layout.canvas.fps
-    frame = min(max(0, round(at_s * fps)), max(0, round(plan.duration_us * fps / 1e6) - 1))
-    with tempfile.TemporaryDirectory(prefix="melter-") as scratch:
-        media = prepare_media(meeting, workdir or Path(scratch) / "media", fps)
-        xml, _ = _document_text(plan, media, layout, layout.canvas.width, layout.canvas.height,
-                                False, False, window=(frame, frame))
-        document = Path(scratch) / "preview.mlt"
-        document.write_text(xml)
-        with atomic_output(output) as temp:
-            image = temp.with_suffix(".png")
-            consumer = ["-consumer", f"avformat:{image}", "f=image2", "vcodec=png",
-                        "update=1", "an=1"]
-            run_melt(document, consumer, 1, extra=[f"in={frame}", f"out={frame}"])
-            if not image.exists():
-                raise RenderError("melt wrote no preview frame")
-            image.replace(temp)
-    return plan
-
-
-__all__ = ["PRESETS", "Output", "RenderResult", "preview", "render"]
+__all__ = ["PRESETS", "STILL", "Output", "Preset", "RenderOptions", "RenderPlan", "RenderResult",
+           "StalePlan", "check_output", "plan_render", "preset_for", "render", "style_of",
+           "trim_spans"]

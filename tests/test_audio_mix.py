@@ -18,7 +18,7 @@ from mediacheck import DecodedAudio, rising_edges, tone_envelope
 from mjrwriter import T0_US, Stream
 
 from melter.compose import plan_meeting, prepare_media
-from melter.engine.mlt import build_document, run_melt
+from melter.engine.mlt import DocumentOptions, build_document, run_melt
 from melter.layout.model import load_layout
 from melter.meeting import discover
 
@@ -57,7 +57,8 @@ def renders(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     plan, _ = plan_meeting(meeting, load_layout("audio-only"))
     out = {}
     for mixed in (False, True):
-        document = build_document(plan, media, 1280, 720, audio_only=True, mix_audio=mixed)
+        options = DocumentOptions(1280, 720, audio_only=True, mix_audio=mixed)
+        document = build_document(plan, media, options)
         tree = ET.fromstring(document.xml)
         resources = [e.text or "" for e in tree.iter("property") if e.get("name") == "resource"]
         mixes = [r for r in resources if r.startswith("lavfi:")]

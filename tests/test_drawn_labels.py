@@ -18,10 +18,10 @@ import pytest
 from test_layout_rules import GREEN, RED, Person, write_meeting
 
 from melter.compose import plan_meeting, prepare_media
-from melter.engine.mlt import build_document
+from melter.engine.mlt import DocumentOptions, build_document
 from melter.layout.model import load_layout
 from melter.meeting import discover
-from melter.render import PRESETS, render
+from melter.render import PRESETS, plan_render, render
 
 BLUE = (40, 70, 200)
 TRICKY = "O'Brien: A, B; [x] \\ y %{n}"
@@ -50,14 +50,15 @@ def test_which_names_ffmpeg_draws(meeting_dir: Path, tmp_path: Path) -> None:
     meeting = discover([meeting_dir])
     media = prepare_media(meeting, tmp_path / "media", 30)
     plan, _ = plan_meeting(meeting, load_layout("grid"))
-    drawn = _producers(build_document(plan, media, 1280, 720, prescale=True).xml).values()
+    scaled, unscaled = DocumentOptions(1280, 720), DocumentOptions(1280, 720, prescale=False)
+    drawn = _producers(build_document(plan, media, scaled).xml).values()
     lavfi = [r for r in drawn if r.startswith("lavfi:movie")]
     assert len(lavfi) == 3
     assert sum("drawtext" in r for r in lavfi) == 1
     assert sorted(r for r in drawn if not r.startswith(("lavfi", "#", "/"))) == [
         "Who?", "王小明"]
     # Without FFmpeg scaling (odd cell sizes) every name is a pango title.
-    plain = _producers(build_document(plan, media, 1280, 720, prescale=False).xml).values()
+    plain = _producers(build_document(plan, media, unscaled).xml).values()
     assert sorted(r for r in plain if not r.startswith(("lavfi", "#", "/"))) == sorted(
         NAMES.values())
     # A name too long for its cell at one em a character keeps pango, which shrinks it.
@@ -67,14 +68,14 @@ def test_which_names_ffmpeg_draws(meeting_dir: Path, tmp_path: Path) -> None:
         for index, placement in enumerate(scene.placements):
             scene.placements[index] = type(placement)(**{**placement.__dict__,
                                                          "display": "W" * 40})
-    texts = _producers(build_document(many, long, 1280, 720, prescale=True).xml).values()
+    texts = _producers(build_document(many, long, scaled).xml).values()
     assert sum(t == "W" * 40 for t in texts) == 3
 
 
 def test_drawn_names_show_every_character(meeting_dir: Path, tmp_path: Path) -> None:
     meeting = discover([meeting_dir])
     out = tmp_path / "labels.mp4"
-    result = render(meeting, load_layout("grid"), [(out, PRESETS["mp4"])])
+    result = render(plan_render(meeting, load_layout("grid")), [(out, PRESETS["mp4"])])
     with av.open(str(out)) as container:
         picture = next(frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)
                        if float(frame.pts * frame.time_base) >= 1.0).astype(int)

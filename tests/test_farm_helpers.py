@@ -133,6 +133,8 @@ class FarmHarness:
             "MELTER_DISPATCH_GRACE_SECONDS": "10",
             "MELTER_RETRY_BACKOFF_SECONDS": "0.5",
             "MELTER_CACHE_DIR": str(self.base / "cache"),
+            # Jobs submitted with ``stand_in`` run bench/stand_in.py instead of melt.
+            "MELTER_UNIT_HOOK": "bench.stand_in:run_unit",
             **self.settings,
         }
         self.env.pop("MELTER_CONFIG", None)
@@ -210,6 +212,9 @@ class FarmHarness:
     def submit(self, meeting: Path, output: str, **options: Any) -> str:
         spec: dict[str, Any] = {"inputs": [str(meeting)], "layout": SMALL_LAYOUT,
                                 "outputs": [{"path": str(self.outputs / output)}]}
+        stand_in = options.pop("stand_in", None)
+        if stand_in is not None:
+            options["metadata"] = {**options.get("metadata", {}), "stand_in": stand_in}
         spec.update(options)
         return self.farm.submit(spec)
 

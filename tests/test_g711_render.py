@@ -16,10 +16,10 @@ from mediacheck import DecodedAudio, decode_audio, rising_edges, tone_envelope
 from mjrwriter import T0_US, Stream, g711_payloads, vp8_pictures
 
 from melter.compose import plan_meeting, prepare_media
-from melter.engine.mlt import build_document
+from melter.engine.mlt import DocumentOptions, build_document
 from melter.layout.model import load_layout
 from melter.meeting import discover
-from melter.render import PRESETS, render
+from melter.render import PRESETS, plan_render, render
 
 FRAME = 1 / 30
 GREEN = (40, 160, 60)
@@ -56,7 +56,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     write_meeting(work / "meeting")
     meeting = discover([work / "meeting"])
     out = work / "meeting.mp4"
-    result = render(meeting, load_layout("grid"), [(out, PRESETS["mp4"])],
+    result = render(plan_render(meeting, load_layout("grid")), [(out, PRESETS["mp4"])],
                     workdir=work / "media")
     return meeting, result, out, work / "media"
 
@@ -106,7 +106,8 @@ def test_the_g711_publisher_shows_its_picture(rendered) -> None:  # type: ignore
 def test_mono_voices_join_the_mix_at_full_level_in_both_channels(rendered) -> None:  # type: ignore[no-untyped-def]
     meeting, result, out, media_dir = rendered
     media = prepare_media(meeting, media_dir, 30)
-    document = build_document(result.plan, media, 1280, 720, prescale=True, mix_audio=True)
+    document = build_document(result.plan, media,
+                              DocumentOptions(1280, 720, prescale=True, mix_audio=True))
     # One input mixes all three voices; the two G.711 ones are mono, copied to both channels.
     assert document.xml.count("amovie=") == 3 and document.xml.count("pan=stereo") == 2
     with av.open(str(out)) as container:

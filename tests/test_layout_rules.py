@@ -24,7 +24,7 @@ from melter.compose import plan_meeting
 from melter.layout.model import Layout, load_layout, parse_layout
 from melter.meeting import Meeting, discover
 from melter.plan import Plan, SpeakerChange
-from melter.render import PRESETS, RenderResult, render
+from melter.render import PRESETS, RenderResult, plan_render, render
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOM = "4242"
@@ -191,7 +191,7 @@ class Rendered:
 
 
 def render_one(meeting: Meeting, layout: Layout, path: Path) -> Rendered:
-    result = render(meeting, layout, [(path, PRESETS["mp4"])])
+    result = render(plan_render(meeting, layout), [(path, PRESETS["mp4"])])
     return Rendered(meeting, result, path)
 
 

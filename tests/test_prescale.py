@@ -18,10 +18,10 @@ import pytest
 from mjrwriter import T0_US, Stream, vp8_pictures
 
 from melter.compose import plan_meeting, prepare_media
-from melter.engine.mlt import build_document, run_melt
+from melter.engine.mlt import DocumentOptions, Style, build_document, run_melt
 from melter.layout.model import Layout, load_layout
 from melter.meeting import discover
-from melter.render import PRESETS, render
+from melter.render import PRESETS, plan_render, render
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MEETING = FIXTURES / "dev-three-party-vp8"
@@ -66,7 +66,8 @@ def test_prescaled_sources_show_the_same_pictures_at_the_same_frames(
     plan, _ = plan_meeting(meeting, layout)
     rendered: dict[bool, list[np.ndarray]] = {}
     for prescale in (False, True):
-        document = build_document(plan, media, 1280, 720, labels=False, prescale=prescale)
+        options = DocumentOptions(1280, 720, Style(labels=False), prescale=prescale)
+        document = build_document(plan, media, options)
         resources = [e.text or "" for e in ET.fromstring(document.xml).iter("property")
                      if e.get("name") == "resource"]
         lavfi = [r for r in resources if r.startswith("lavfi:")]
@@ -125,7 +126,7 @@ def test_rotated_video_is_rendered_upright(tmp_path: Path, degrees: int, flip: b
         folder / f"videoroom-4321-user-7-{start}-video-1.mjr")
     meeting = discover([folder])
     out = tmp_path / "rotated.mp4"
-    result = render(meeting, grid_layout(), [(out, PRESETS["mp4"])])
+    result = render(plan_render(meeting, grid_layout()), [(out, PRESETS["mp4"])])
     picture = decode(out)[45]
     cell = result.plan.scenes[0].placements[0].rect
     x, y = cell.x + cell.width // 2, cell.y + cell.height // 2

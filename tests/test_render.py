@@ -19,7 +19,7 @@ from mediacheck import DecodedAudio, decode_audio, rising_edges, tone_envelope
 from melter.layout.model import load_layout
 from melter.meeting import Meeting, discover
 from melter.plan import Plan
-from melter.render import PRESETS, RenderResult, render
+from melter.render import PRESETS, RenderResult, plan_render, render
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MEETINGS = [
@@ -102,7 +102,7 @@ def rendering(name: str, layout: str, factory: pytest.TempPathFactory) -> Render
     if (name, layout) not in _RENDERS:
         meeting = discover([FIXTURES / name])
         out = factory.mktemp(name) / f"{layout}.mp4"
-        result = render(meeting, load_layout(layout), [(out, PRESETS["mp4"])])
+        result = render(plan_render(meeting, load_layout(layout)), [(out, PRESETS["mp4"])])
         people, span = truth(name)
         _RENDERS[name, layout] = Rendered(name, meeting, result, out, people, span,
                                           decode_audio(out))

@@ -35,7 +35,7 @@ from mjrwriter import T0_US, Stream, flash_pictures, marker_tone, opus_signal_pa
 from melter.layout.model import Layout, load_layout
 from melter.meeting import Meeting, discover
 from melter.plan import Plan
-from melter.render import PRESETS, RenderResult, preview, render
+from melter.render import PRESETS, STILL, RenderResult, plan_render, render
 
 OUTPUT_FPS = (25, 30, 50, 60)
 TICKS = 90_000  # RTP video clock: all picture times are kept in these ticks
@@ -344,7 +344,8 @@ def rendered(request: pytest.FixtureRequest, meetings: dict[str, tuple[Design, M
     design, meeting = meetings[name]
     work = tmp_path_factory.mktemp(f"{name}-{fps}")
     out = work / "grid.mp4"
-    result = render(meeting, layout_at(fps), [(out, PRESETS["mp4"])], workdir=work / "media")
+    result = render(plan_render(meeting, layout_at(fps)), [(out, PRESETS["mp4"])],
+                    workdir=work / "media")
     zero_s = (T0_US - meeting.start_us) / 1e6
     tiles = measure_tiles(out, result.plan, design.sources, fps)
     return Rendered(design, fps, meeting, result, out, work / "media", zero_s, tiles,
@@ -502,7 +503,10 @@ def test_preview_shows_each_flash_from_the_same_frame(
     seen: dict[int, dict[str, str]] = {}
     for number in (frame - 1, frame):
         png = tmp_path / f"frame-{number}.png"
-        plan = preview(meeting, layout, number / fps, png, workdir=tmp_path / "media")
+        planned = plan_render(meeting, layout)
+        shown = planned.frame_at(number / fps)
+        plan = render(planned, [(png, STILL)], frames=(shown, shown),
+                      workdir=tmp_path / "media").plan
         with av.open(str(png)) as container:
             picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
         seen[number] = {}

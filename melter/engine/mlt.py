@@ -10,7 +10,9 @@ Every segment's pictures reach MLT through an FFmpeg ``lavfi`` graph (see :func:
 that turns them upright, scales them to their cell (one producer per cell size; a segment's
 video track switches between them) and resamples them to the output frame rate, each picture
 from the output frame nearest its own time: MLT then shows source frame n on output frame n,
-whatever rate the publisher sent at.
+whatever rate the publisher sent at. A trimmed document (see :class:`DocumentOptions`) plays
+that composition through a playlist of the spans that have media, so the trimmed timeline is
+the meeting's frames without the stretches where nobody is present.
 
 melt's exit code means little (a missing input, a malformed document or an unknown codec all
 exit 0): inputs are checked before, stderr is scanned for the errors melt prints, and the
@@ -103,36 +105,86 @@ def _prop(parent: ET.Element, name: str, value: object) -> None:
     ET.SubElement(parent, "property", name=name).text = str(value)
 
 
-def build_document(
-    plan: Plan,
-    media: dict[str, PreparedSegment],
-    width: int,
-    height: int,
-    labels: bool = True,
-    placeholder_text: str = "initials",
-    placeholder_color: str = "#3a3a4a",
-    label_size: int = 20,
-    label_color: str = "#ffffff",
-    label_background: str = "#00000099",
-    placeholder_text_color: str = "#ffffff",
-    font: str = "DejaVu Sans",
-    background_image: str | None = None,
-    audio_only: bool = False,
-    prescale: bool = True,
-    mix_audio: bool = False,
-    window: tuple[int, int] | None = None,
-) -> Document:
-    """The MLT XML for ``plan`` at ``width`` x ``height`` (rects scale from the plan's canvas).
+@dataclass(frozen=True)
+class Style:
+    """How a layout draws what the plan places: names, placeholder cards, the background."""
+
+    labels: bool = True
+    label_size: int = 20
+    label_color: str = "#ffffff"
+    label_background: str = "#00000099"
+    font: str = "DejaVu Sans"
+    placeholder_text: str = "initials"
+    placeholder_color: str = "#3a3a4a"
+    placeholder_text_color: str = "#ffffff"
+    background_image: str | None = None
+
+
+@dataclass(frozen=True)
+class DocumentOptions:
+    """What one MLT document of a plan shows, and at which size.
 
     ``prescale``: sources reach MLT already at their cells' sizes (see :func:`_picture`);
     without it MLT scales them.
     ``window``: only output frames ``first`` to ``last`` will be rendered (melt's ``in`` and
     ``out``): each video source starts reading at ``first`` instead of decoding its file from
     the start (the sources cannot seek, see :func:`_source_graph`), so the document shows
-    those frames only.
+    those frames only. With ``trim``, these are frames of the trimmed timeline.
     ``mix_audio``: all audio comes mixed from one input (see :func:`_audio_mix`). Only for a
     render read from its first frame to its last without a jump: it cannot seek at all.
+    ``trim``: the document's timeline leaves out the stretches where nobody is present (see
+    :func:`trim_spans`).
     """
+
+    width: int
+    height: int
+    style: Style = Style()
+    audio_only: bool = False
+    prescale: bool = True
+    mix_audio: bool = False
+    window: tuple[int, int] | None = None
+    trim: bool = False
+
+
+def trim_spans(plan: Plan) -> list[tuple[int, int]]:
+    """Frame spans that have media (a trimmed render drops the stretches where nobody is
+    present)."""
+    spans: list[tuple[int, int]] = []
+    fps = plan.fps
+    for scene in plan.scenes:
+        if not scene.placements and not scene.audio:
+            continue
+        first = round(scene.start_us * fps / 1e6)
+        last = round(scene.end_us * fps / 1e6) - 1
+        if spans and spans[-1][1] + 1 >= first:
+            spans[-1] = (spans[-1][0], last)
+        elif last >= first:
+            spans.append((first, last))
+    return spans
+
+
+def _untrimmed(frame: int, spans: list[tuple[int, int]]) -> int:
+    """The meeting's frame that frame ``frame`` of the trimmed timeline shows."""
+    for first, last in spans:
+        if frame <= last - first:
+            return first + frame
+        frame -= last - first + 1
+    return spans[-1][1] if spans else frame
+
+
+def build_document(plan: Plan, media: dict[str, PreparedSegment],
+                   options: DocumentOptions) -> Document:
+    """The MLT XML for ``plan`` at ``options.width`` x ``options.height`` (rects scale from the
+    plan's canvas)."""
+    width, height, style = options.width, options.height, options.style
+    labels, audio_only, prescale = style.labels, options.audio_only, options.prescale
+    placeholder_text, placeholder_color = style.placeholder_text, style.placeholder_color
+    label_size, label_color = style.label_size, style.label_color
+    label_background, font = style.label_background, style.font
+    kept = trim_spans(plan) if options.trim else []
+    window = options.window
+    if window is not None and options.trim:
+        window = (_untrimmed(window[0], kept), _untrimmed(window[1], kept))
     fps = plan.fps
     frames = max(1, round(plan.duration_us * fps / 1_000_000))
     sx, sy = width / plan.width, height / plan.height
@@ -149,10 +201,10 @@ def build_document(
     )
     background = ET.SubElement(root, "producer", id="background",
                                attrib={"in": "0", "out": str(frames - 1)})
-    if background_image:
-        service = "qimage" if background_image.endswith(".svg") else "pixbuf"
+    if style.background_image:
+        service = "qimage" if style.background_image.endswith(".svg") else "pixbuf"
         _prop(background, "mlt_service", service)
-        _prop(background, "resource", background_image)
+        _prop(background, "resource", style.background_image)
     else:
         _prop(background, "mlt_service", "color")
         _prop(background, "resource", mlt_colour(plan.background))
@@ -202,7 +254,7 @@ def build_document(
 
     heard = {seg for s in plan.scenes for seg in s.audio}
     audible = [media[seg] for seg in sorted(heard) if media[seg].has_audio]
-    mix = _audio_mix(audible, frames, fps) if mix_audio else None
+    mix = _audio_mix(audible, frames, fps) if options.mix_audio else None
     if mix is not None:
         producer = ET.SubElement(root, "producer", id="mix",
                                  attrib={"in": "0", "out": str(frames - 1)})
@@ -304,7 +356,8 @@ def build_document(
                         "in": str(first), "out": str(last), "text": text, "pad": "0",
                         "geometry": _geometry(cell), "size": str(card_size),
                         "halign": "center", "valign": "middle",
-                        "fgcolour": mlt_colour(placeholder_text_color), "bgcolour": "#00000000",
+                        "fgcolour": mlt_colour(style.placeholder_text_color),
+                        "bgcolour": "#00000000",
                     })
             if (labels and (placement.video or placeholder_text != "name")
                     and (scene_number, number) not in drawn):
@@ -350,6 +403,14 @@ def build_document(
                 element.set(bound, spec.pop(bound))
         for key, value in spec.items():
             _prop(element, key, value)
+    if options.trim:
+        # The trimmed timeline: the composition's frames that have media, one after another.
+        root.set("producer", "trimmed")
+        trimmed = ET.SubElement(root, "playlist", id="trimmed")
+        for first, last in kept:
+            ET.SubElement(trimmed, "entry",
+                          attrib={"producer": "main", "in": str(first), "out": str(last)})
+        frames = sum(last - first + 1 for first, last in kept)
     ET.indent(root)
     xml = '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
     return Document(xml, frames, fps)

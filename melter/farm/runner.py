@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import importlib
 import json
 import math
 import os
@@ -29,15 +31,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from melter.engine.mlt import RenderError, run_melt
+from melter.engine.mlt import RenderError
 from melter.errors import MelterError
-from melter.farm.job import iso, under_root
+from melter.farm.attempt import Attempt
+from melter.farm.job import UnitKind, chunk_place, iso, under_root, unit_output
 from melter.farm.jobs import JobRecord, manifest_path, remove_tmp
 from melter.farm.manifest import (
     count_video_frames,
@@ -56,40 +58,63 @@ from melter.farm.paths import (
     write_at,
 )
 from melter.farm.procs import REGISTRY
-from melter.farm.tasks import Attempt
+from melter.render import (
+    PRESETS,
+    RenderOptions,
+    RenderPlan,
+    StalePlan,
+    check_output,
+    plan_render,
+    render,
+)
 
 #: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.
 AUDIO_WEIGHT = 0.25
 JOIN_WEIGHT = 0.05
 
 
-@dataclass
-class Planned:
-    meeting: Any
-    layout: Any
-    plan: Any
-    fps: int
-    frames: int
-    layouts: Any = None
+#: The job's render plan, stored beside its first output's scratch files (see :func:`_planned`).
+PLAN_FILE = "render-plan.json"
+#: The job's field holding the stored plan's SHA-256: a unit uses only the file its job wrote.
+PLAN_DIGEST = "plan_sha256"
+PLAN_LIMIT = 256 << 20
+#: Benchmarks and tests only: ``module:function``, called with each unit's attempt and job
+#: record before anything else; when it returns True it has run the unit (a fixed-cost stand-in
+#: for melt, to measure the farm itself: ``bench/stand_in.py``). Unset on a real farm.
+UNIT_HOOK = "MELTER_UNIT_HOOK"
+_HOOKS: dict[str, Callable[[Attempt, JobRecord], bool]] = {}
+
+
+def unit_hook() -> Callable[[Attempt, JobRecord], bool] | None:
+    spec = os.environ.get(UNIT_HOOK)
+    if not spec:
+        return None
+    if spec not in _HOOKS:
+        module, _, name = spec.partition(":")
+        _HOOKS[spec] = getattr(importlib.import_module(module), name)
+    return _HOOKS[spec]
 
 
 def run(attempt: Attempt) -> None:
     record = attempt.farm.record(attempt.job)
     unit = attempt.unit
-    if record.spec.stand_in is not None:
-        _stand_in(attempt, record)
-    elif unit == "main":
+    hook = unit_hook()
+    if hook is not None and hook(attempt, record):
+        return
+    try:
+        kind = UnitKind.of(unit)
+    except ValueError:
+        raise MelterError(f"unknown unit {unit!r}") from None
+    if kind is UnitKind.MAIN:
         _main(attempt, record)
-    elif unit.startswith("r"):
-        _render_outputs(attempt, record, [int(unit[1:])], _planned(attempt, record))
-    elif unit.startswith("v"):
+    elif kind is UnitKind.RENDER:
+        _render_outputs(attempt, record, [unit_output(unit)], _planned(attempt, record))
+    elif kind is UnitKind.VIDEO:
         _video_chunk(attempt, record)
-    elif unit.startswith("a"):
-        _audio(attempt, record, int(unit[1:]))
-    elif unit.startswith("j"):
-        _join(attempt, record, int(unit[1:]))
+    elif kind is UnitKind.AUDIO:
+        _audio(attempt, record, unit_output(unit))
     else:
-        raise MelterError(f"unknown unit {unit!r}")
+        _join(attempt, record, unit_output(unit))
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -104,23 +129,61 @@ def checked_inputs(record: JobRecord, root: Path) -> list[Path]:
     return [under_root(p, root, "input", "MELTER_STORAGE_ROOT") for p in record.inputs]
 
 
-def _planned(attempt: Attempt, record: JobRecord) -> Planned:
-    from melter.compose import plan_meeting
-    from melter.meeting import discover
-    from melter.render import trim_spans
+def _planned(attempt: Attempt, record: JobRecord) -> RenderPlan:
+    """The job's render plan: the one stored with the job while it still holds, else planned
+    here (discovery, analysis, the layout) and stored for the job's other units.
 
+    The file lies beside the job's scratch files and the job's state keeps its digest, so a
+    unit only reads the file a unit of its job wrote. Units that race write the same plan,
+    each file whole (a private temporary renamed into place).
+    """
+    stored = _stored_plan(attempt, record)
+    if stored is not None:
+        return stored
     attempt.stage("planning")
     root = attempt.config.storage_root
-    meeting = discover(checked_inputs(record, root), room=record.spec.room, root=root)
+    inputs = checked_inputs(record, root)
     layout, layouts = resolve_layout(record, root)
-    plan, _ = plan_meeting(meeting, layout, layouts)
-    fps = layout.canvas.fps
-    if record.spec.trim:
-        frames = sum(b - a + 1 for a, b in trim_spans(plan))
-    else:
-        frames = max(1, round(plan.duration_us * fps / 1e6))
+    options = RenderOptions(trim=record.spec.trim, room=record.spec.room, root=root)
+    planned = plan_render(inputs, layout, options, layouts=layouts)
     attempt.check()
-    return Planned(meeting, layout, plan, fps, frames, layouts)
+    data = planned.to_json()
+    with folder_fd(attempt.config.outputs_root, record.tmp_dir(0), create=True) as folder:
+        write_at(folder, PLAN_FILE, data, file_mode())
+    digest = hashlib.sha256(data).hexdigest()
+    attempt.store.set_fields(record.id, {PLAN_DIGEST: digest})
+    record.fields[PLAN_DIGEST] = digest
+    return planned
+
+
+def _stored_plan(attempt: Attempt, record: JobRecord) -> RenderPlan | None:
+    """The job's stored render plan, unless it is missing, not the one the job's state names,
+    from another version of melter, or about recordings that have changed since (or have
+    become links)."""
+    digest = record.fields.get(PLAN_DIGEST)
+    if not digest:
+        return None
+    try:
+        with folder_fd(attempt.config.outputs_root, record.tmp_dir(0)) as folder:
+            data = read_at(folder, PLAN_FILE, PLAN_LIMIT)
+    except (OSError, MelterError):
+        return None
+    if hashlib.sha256(data).hexdigest() != digest:
+        return None
+    try:
+        planned = RenderPlan.from_json(data)
+    except StalePlan:
+        return None
+    root = attempt.config.storage_root
+    try:
+        if any(under_root(path, root, "input", "MELTER_STORAGE_ROOT") != path
+               for path in planned.recording_paths):
+            return None
+    except MelterError:
+        return None
+    if planned.trim != record.spec.trim or not planned.unchanged():
+        return None
+    return planned
 
 
 def plan_chunks(plan: Any, frames: int, fps: int, seconds: float,
@@ -141,8 +204,6 @@ def plan_chunks(plan: Any, frames: int, fps: int, seconds: float,
 
 
 def _main(attempt: Attempt, record: JobRecord) -> None:
-    from melter.render import PRESETS
-
     planned = _planned(attempt, record)
     config = attempt.config
     seconds = record.spec.chunk_seconds
@@ -165,19 +226,20 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
     chunks = 0
     for k, output in enumerate(record.outputs):
         if PRESETS[output.preset].audio_only:
-            units.append({"name": f"r{k}", "weight": planned.frames * AUDIO_WEIGHT, "output": k})
+            units.append({"name": UnitKind.RENDER.unit(k), "weight": planned.frames * AUDIO_WEIGHT,
+                          "output": k})
             continue
         ranges = plan_chunks(planned.plan, planned.frames, planned.fps, seconds,
                              scene_cuts=not record.spec.trim)
         chunks = max(chunks, len(ranges))
         # The audio pass first: in one piece, it is often the longest unit of a long meeting.
-        names = [f"a{k}"]
+        names = [UnitKind.AUDIO.unit(k)]
         units.append({"name": names[-1], "weight": planned.frames * AUDIO_WEIGHT, "output": k})
         for i, (first, last) in enumerate(ranges):
-            names.append(f"v{k}.{i}")
+            names.append(UnitKind.VIDEO.unit(k, i))
             units.append({"name": names[-1], "weight": last - first + 1, "first": first,
                           "last": last, "output": k})
-        units.append({"name": f"j{k}", "weight": planned.frames * JOIN_WEIGHT,
+        units.append({"name": UnitKind.JOIN.unit(k), "weight": planned.frames * JOIN_WEIGHT,
                       "deps": ",".join(names), "output": k})
     attempt.begin_commit()
     attempt.finishing()
@@ -251,9 +313,7 @@ def cleanup_attempt(attempt: Attempt) -> None:
 
 
 def _render_outputs(attempt: Attempt, record: JobRecord, indices: list[int],
-                    planned: Planned) -> None:
-    from melter.render import PRESETS, render
-
+                    planned: RenderPlan) -> None:
     rendered: list[tuple[int, Path]] = []
     started = time.time()
     for n, k in enumerate(indices):
@@ -262,59 +322,31 @@ def _render_outputs(attempt: Attempt, record: JobRecord, indices: list[int],
         temp = attempt_dir(attempt, record, k) / f"render{output.path.suffix}"
         attempt.window(n / len(indices), 1 / len(indices))
         attempt.stage(f"rendering {output.path.name}" if len(indices) > 1 else "rendering")
-        render(planned.meeting, planned.layout, [(temp, preset)], workdir=cache_dir(attempt),
-               trim=record.spec.trim, progress=attempt.progress, layouts=planned.layouts)
+        render(planned, [(temp, preset)], workdir=cache_dir(attempt), progress=attempt.progress)
         rendered.append((k, temp))
-    commit_outputs(attempt, record, rendered, {"render_s": round(time.time() - started, 3)})
+    commit_outputs(attempt, record, rendered, {"render_s": round(time.time() - started, 3)},
+                   layout=planned.layout)
 
 
-def _chunk_props(preset: Any) -> list[str]:
-    return [f"{k}={v}" for k, v in preset.properties.items()]
-
-
-def _document(planned: Planned, record: JobRecord, k: int, audio_only: bool,
-              folder: Path, window: tuple[int, int] | None = None) -> tuple[Path, int]:
-    from melter.compose import prepare_media
-    from melter.render import PRESETS, _document_text
-
-    preset = PRESETS[record.outputs[k].preset]
-    layout = planned.layout
-    width = preset.width or layout.canvas.width
-    height = preset.height or layout.canvas.height
-    media = prepare_media(planned.meeting, folder, planned.fps)
-    # The audio pass reads the meeting from its first frame on, as a single render does (and
-    # so gives the same samples); video chunks start mid-meeting, at their window.
-    xml, frames = _document_text(planned.plan, media, layout, width, height, audio_only,
-                                 record.spec.trim, window)
-    handle, name = tempfile.mkstemp(prefix="melter-", suffix=".mlt")
-    with os.fdopen(handle, "w") as out:
-        out.write(xml)
-    return Path(name), frames
+def _staged(attempt: Attempt, rendering: str) -> Callable[[str], None]:
+    """``render``'s stages as this unit names them."""
+    return lambda name: attempt.stage(rendering if name == "rendering" else name)
 
 
 def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
-    from melter.render import PRESETS
-
-    k_text, i_text = attempt.unit[1:].split(".")
-    k, i = int(k_text), int(i_text)
+    k, i = chunk_place(attempt.unit)
     unit = attempt.store.unit(record.id, attempt.unit)
     first, last = int(unit["first"]), int(unit["last"])
     count = last - first + 1
     planned = _planned(attempt, record)
     output = record.outputs[k]
     preset = PRESETS[output.preset]
-    attempt.stage("preparing media")
-    document, _ = _document(planned, record, k, False, cache_dir(attempt), (first, last))
     folder = record.tmp_dir(k)
     temp = attempt_dir(attempt, record, k) / f"v{i}{output.path.suffix}"
-    try:
-        attempt.stage(f"rendering chunk {i + 1}")
-        consumer = ["-consumer", f"avformat:{temp}", "real_time=-1", *_chunk_props(preset),
-                    "an=1"]
-        run_melt(document, consumer, count, attempt.progress,
-                 extra=[f"in={first}", f"out={last}"])
-    finally:
-        document.unlink(missing_ok=True)
+    # Video only, from the chunk's first frame: each video source starts reading there.
+    render(planned, [(temp, preset)], frames=(first, last), audio=False,
+           workdir=cache_dir(attempt), progress=attempt.progress,
+           stage=_staged(attempt, f"rendering chunk {i + 1}"))
     attempt.check()
     frames = count_video_frames(temp)
     if frames != count:
@@ -336,25 +368,18 @@ def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -
 
 
 def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
-    from melter.render import PRESETS
-
     planned = _planned(attempt, record)
     output = record.outputs[k]
     preset = PRESETS[output.preset]
-    attempt.stage("preparing media")
-    document, frames = _document(planned, record, k, True, cache_dir(attempt))
     temp = attempt_dir(attempt, record, k) / f"audio{output.path.suffix}"
-    try:
-        attempt.stage("rendering audio")
-        consumer = ["-consumer", f"avformat:{temp}", "real_time=-1", *_chunk_props(preset),
-                    "vn=1"]
-        run_melt(document, consumer, frames, attempt.progress)
-    finally:
-        document.unlink(missing_ok=True)
+    # The whole meeting's audio from its first frame on, as a single render reads it (and so
+    # the same samples).
+    result = render(planned, [(temp, preset)], video=False, workdir=cache_dir(attempt),
+                    progress=attempt.progress, stage=_staged(attempt, "rendering audio"))
     attempt.check()
     info = measure(temp)
     audio = info.get("audio") or {}
-    expected = frames / planned.fps
+    expected = result.frames / planned.fps
     if not audio or not math.isclose(audio.get("duration_s") or info["duration_s"], expected,
                                      abs_tol=max(0.2, expected * 0.01)):
         raise RenderError(f"audio pass lasts {info['duration_s']:.2f} s, not {expected:.2f} s")
@@ -363,15 +388,14 @@ def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
 
 
 def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
-    from melter.render import PRESETS, check_output
-
     output = record.outputs[k]
     preset = PRESETS[output.preset]
     units = attempt.store.all_units(record.id)
     chunks = sorted(
-        ((int(name.split(".")[1]), u) for name, u in units.items()
-         if name.startswith(f"v{k}.")), key=lambda item: item[0])
-    audio = units[f"a{k}"]["file"]
+        ((chunk_place(name)[1], u) for name, u in units.items()
+         if UnitKind.of(name) is UnitKind.VIDEO and chunk_place(name)[0] == k),
+        key=lambda item: item[0])
+    audio = units[UnitKind.AUDIO.unit(k)]["file"]
     frames = sum(int(u["last"]) - int(u["first"]) + 1 for _, u in chunks)
     fps = int(record.fields.get("fps") or attempt.store.job(record.id).get("fps") or 30)
     folder = attempt_dir(attempt, record, k)
@@ -394,15 +418,15 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     joined = count_video_frames(temp)
     if joined != frames:
         raise RenderError(f"joined video has {joined} frames, not {frames}")
-    pieces = [{"unit": f"v{k}.{i}", "frames": [int(u["first"]), int(u["last"])],
+    pieces = [{"unit": UnitKind.VIDEO.unit(k, i), "frames": [int(u["first"]), int(u["last"])],
                "worker": u.get("worker"), "attempts": int(u.get("attempts") or 0),
                "seconds": _span(u)} for i, u in chunks]
-    audio_unit = units[f"a{k}"]
+    audio_unit = units[UnitKind.AUDIO.unit(k)]
     commit_outputs(attempt, record, [(k, temp)], {
         "join_s": round(time.time() - started, 3),
         "chunks": pieces,
         "audio": {"worker": audio_unit.get("worker"), "seconds": _span(audio_unit)},
-    })
+    }, layout=_planned(attempt, record).layout)
 
 
 def _span(unit: dict[str, str]) -> float | None:
@@ -432,38 +456,12 @@ def _run_tracked(command: list[str]) -> None:
         raise RenderError(f"{command[0]} failed: {detail}")
 
 
-def _stand_in(attempt: Attempt, record: JobRecord) -> None:
-    """A fixed-cost renderer for benchmarks: sleep or burn CPU, then commit a small file."""
-    stand_in = record.spec.stand_in
-    assert stand_in is not None
-    attempt.stage("rendering")
-    # Sleeping costs wall time; busy costs CPU time (as a render does: slower when shared).
-    clock = time.process_time if stand_in.busy else time.monotonic
-    began = clock()
-    end = began + stand_in.seconds
-    while True:
-        now = clock()
-        if now >= end:
-            break
-        if stand_in.busy:
-            stop = min(end, now + 0.05)
-            while clock() < stop:
-                pass
-        else:
-            time.sleep(min(0.05, end - now))
-        attempt.progress(round((clock() - began) * 1000), max(1, round(stand_in.seconds * 1000)))
-    written = []
-    for k, output in enumerate(record.outputs):
-        temp = attempt_dir(attempt, record, k) / f"stand-in{output.path.suffix}"
-        temp.write_bytes(b"melter stand-in output\n")
-        written.append((k, temp))
-    commit_outputs(attempt, record, written, {"stand_in": stand_in.model_dump()}, media=False)
-
-
 # -- commit ------------------------------------------------------------------------------------
 def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int, Path]],
-                   details: dict[str, Any], media: bool = True) -> None:
-    """Put finished files in place, once, and only while this attempt holds the lease."""
+                   details: dict[str, Any], media: bool = True,
+                   layout: dict[str, Any] | None = None) -> None:
+    """Put finished files in place, once, and only while this attempt holds the lease.
+    ``layout``: the layout document the files were rendered by, for their manifests."""
     measured = {k: measure(temp) if media else {"bytes": temp.stat().st_size}
                 for k, temp in rendered}
     attempt.begin_commit()
@@ -472,7 +470,7 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
     root = attempt.config.outputs_root
     for k, temp in rendered:
         final = record.outputs[k].path
-        manifest = _manifest(attempt, record, k, fields, history, measured[k], details)
+        manifest = _manifest(attempt, record, k, fields, history, measured[k], details, layout)
         side = manifest_path(final)
         with folder_fd(root, final.parent) as target, _source(root, temp.parent) as source:
             if exists_at(target, final.name):
@@ -521,10 +519,8 @@ def _link(source: int, temp: str, target: int, final: str) -> None:
 
 def _manifest(attempt: Attempt, record: JobRecord, k: int, fields: dict[str, str],
               history: list[dict[str, Any]], output: dict[str, Any],
-              details: dict[str, Any]) -> dict[str, Any]:
+              details: dict[str, Any], layout: dict[str, Any] | None) -> dict[str, Any]:
     spec = record.spec
-    layout = (resolve_layout(record, attempt.config.storage_root)[0]
-              if spec.stand_in is None else None)
     now = time.time()
     created = float(fields.get("created") or record.created)
     started = float(fields.get("started") or attempt.started)
@@ -544,7 +540,7 @@ def _manifest(attempt: Attempt, record: JobRecord, k: int, fields: dict[str, str
         "previous_attempts": [h for h in history if h.get("outcome") not in ("done", "planned")],
         "layout": {
             "source": spec.layout if isinstance(spec.layout, str) else "inline",
-            "document": layout.model_dump(mode="json") if layout is not None else None,
+            "document": layout,
         },
         "inputs": inputs,
         "meeting": json.loads(fields.get("meeting") or "null"),
