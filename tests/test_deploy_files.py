@@ -208,6 +208,74 @@ def test_the_dev_stack_mounts_a_local_folder_read_only_and_keeps_redis_data() ->
         "127.0.0.1:${MELTER_DEV_FLOWER_PORT:-5555}:5555"]
 
 
+def _image_uids() -> dict[str, int]:
+    """The uid each image of the development stack runs as, from its Dockerfile."""
+    uids = {}
+    for image, dockerfile in (("melter:latest", "workers/Dockerfile"),
+                              ("melter-redis:latest", "workers/redis/Dockerfile")):
+        text = (ROOT / dockerfile).read_text()
+        user = re.search(r"^USER (\S+)$", text, re.M)
+        assert user, dockerfile
+        uid = re.search(rf"useradd --system --uid (\d+) .*?{user.group(1)}\s", text, re.S)
+        assert uid, dockerfile
+        uids[image] = int(uid.group(1))
+    return uids
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="compose/up gives the secret files to the "
+                    "containers' users: as root here (else through a container of the image)")
+def test_compose_up_gives_each_secret_0600_to_the_user_that_reads_it(tmp_path: Path) -> None:
+    data, secrets = tmp_path / "data", tmp_path / "secrets"
+    # as an earlier compose/up left them: secrets 0644, renders 0777
+    (data / "renders").mkdir(parents=True)
+    (data / "renders").chmod(0o777)
+    secrets.mkdir()
+    (secrets / "redis_password").write_text("old-redis-pw\n")
+    (secrets / "redis_password").chmod(0o644)
+    env = {**os.environ, "MELTER_DEV_DATA": str(data), "MELTER_DEV_SECRETS": str(secrets)}
+    runs = [subprocess.run([str(ROOT / "compose" / "up"), "--files-only"], env=env,
+                           capture_output=True, text=True, timeout=60) for _ in range(2)]
+    for result in runs:
+        assert result.returncode == 0, result.stderr
+        assert "nothing started" in result.stderr
+    compose = load(ROOT / "compose" / "compose.yml")
+    uids = _image_uids()
+    assert uids == {"melter:latest": 10001, "melter-redis:latest": 10002}
+    files = {}
+    for name, secret in compose["secrets"].items():
+        found = re.fullmatch(r"\$\{MELTER_DEV_SECRETS:-\./secrets\}/([\w.]+)", secret["file"])
+        assert found, secret
+        files[name] = secrets / found.group(1)
+    readers: dict[str, set[int]] = {}
+    for service in compose["services"].values():
+        for secret in service.get("secrets", []):
+            readers.setdefault(secret, set()).add(uids[service["image"]])
+    assert set(readers) == set(files)
+    modes = {}
+    for name, path in files.items():
+        info = path.stat()
+        modes[path.name] = (oct(info.st_mode & 0o777), info.st_uid, info.st_gid)
+        assert readers[name] == {info.st_uid}, (name, readers[name], info.st_uid)
+        assert info.st_mode & 0o777 == 0o600, (name, oct(info.st_mode))
+    redis_copy = secrets / "redis_password.redis"
+    assert redis_copy.read_text() == (secrets / "redis_password").read_text() == \
+        "old-redis-pw\n"
+    handler = secrets / "janus.eventhandler.sampleevh.jcfg"
+    assert handler.stat().st_mode & 0o777 == 0o600 and handler.stat().st_uid == os.getuid()
+    password = (secrets / "janus_password").read_text().strip()
+    assert f'backend_pwd = "{password}"' in handler.read_text()
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in secrets.iterdir() if p.stat().st_mode & 0o077]
+    renders, recordings = (data / "renders").stat(), (data / "recordings").stat()
+    print(f"secret files (mode, uid, gid): {modes}; renders "
+          f"{oct(renders.st_mode & 0o777)} uid {renders.st_uid}; recordings "
+          f"{oct(recordings.st_mode & 0o777)}")
+    assert renders.st_mode & 0o777 == 0o750
+    assert renders.st_uid == uids["melter:latest"] and renders.st_gid == os.getgid()
+    assert recordings.st_mode & 0o777 == 0o755  # mounted read-only; the workers read it
+    assert not (data.stat().st_mode | recordings.st_mode) & 0o002
+
+
 # -- melter swarm apply without an engine ------------------------------------------------------
 def _inventory(nodes: int = 1) -> Inventory:
     return Inventory.model_validate({
