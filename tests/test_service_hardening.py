@@ -265,6 +265,45 @@ def test_rooms_that_expired_are_forgotten(farm: FarmHarness) -> None:
     assert tracker.r.zscore(f"{tracker.p}:due", "2002") is None
 
 
+def test_rooms_are_bounded_and_idle_ones_are_forgotten_first(farm: FarmHarness) -> None:
+    """Any number of distinct rooms leaves at most MELTER_MAX_ROOMS followed: rooms that were
+    only created (or had nothing to render) expire soon and give their place to new ones; a
+    room with people publishing is never forgotten for another, and when every followed room
+    holds one, a new room's events are dropped and counted."""
+    from melter.farm.jobs import Farm
+    from melter.serve.config import load_settings
+    from melter.serve.tracker import Tracker
+
+    env = {**farm.env, "MELTER_MAX_ROOMS": "50", "MELTER_IDLE_ROOM_TTL_SECONDS": "60"}
+    tracker = Tracker(load_settings(env), Farm(farm.config))
+    for first in range(0, 500, 50):  # as Janus posts them: a POST at a time
+        tracker.handle([e for k in range(first, first + 50) for e in _parse(json.dumps(
+            videoroom(f"flood-{k}", "created", publisher=None)))])
+    flood_ttl = tracker.r.ttl(tracker.room_key("flood-499"))
+    followed_after_flood = len(tracker.rooms())
+    real = [e for line in event_lines(FIXTURE) for e in _parse(line) if e.kind != "destroyed"]
+    tracker.handle(real)
+    real_ttl = tracker.r.ttl(tracker.room_key("2002"))
+    busy = [e for k in range(60) for e in _parse(json.dumps(videoroom(f"busy-{k}")))]
+    tracker.handle(busy)
+    stats = tracker.stats()
+    rooms = tracker.rooms()
+    keys = list(tracker.r.scan_iter(match=f"{tracker.p}:room:*", count=1000))
+    late = tracker.handle(_parse(json.dumps(videoroom("late-comer"))))
+    print(f"500 created rooms: {followed_after_flood} followed, TTL {flood_ttl} s; the real "
+          f"room's TTL {real_ttl} s; then 60 rooms with a publisher: {len(rooms)} followed, "
+          f"{len(keys)} room keys, stats {stats}")
+    assert followed_after_flood == 50 and 0 < flood_ttl <= 60
+    assert stats["idle_rooms_forgotten"] == 450 + 50
+    assert "2002" in rooms and real_ttl > 3600
+    assert len(rooms) == 50 and len(keys) == 50
+    assert sum(room.startswith("busy-") for room in rooms) == 49
+    assert not any(room.startswith("flood-") for room in rooms)
+    assert stats["dropped_room_limit"] == 11
+    assert late == [] and "late-comer" not in tracker.rooms()
+    assert tracker.stats()["dropped_room_limit"] == 12
+
+
 def _parse(line: str) -> list[Any]:
     from melter.serve.rooms import parse_events
 

@@ -20,7 +20,8 @@ Output names are relative to ``renders_dir`` (``{room}``, ``{start}``: the meeti
 ``MELTER_JANUS_PASSWORD``, ``MELTER_JANUS_TOKEN``, ``MELTER_GRACE_SECONDS``,
 ``MELTER_TICK_SECONDS``, ``MELTER_SETTLE_SECONDS``, ``MELTER_DEFAULT_LAYOUT``,
 ``MELTER_AUTO_CALLBACK_URL``, the limits of ``POST /janus/events`` (``MELTER_JANUS_MAX_*``,
-``MELTER_JANUS_RATE_*``, ``MELTER_JANUS_CLOCK_SKEW_SECONDS``) and ``MELTER_ROOM_TTL_SECONDS``.
+``MELTER_JANUS_RATE_*``, ``MELTER_JANUS_CLOCK_SKEW_SECONDS``) ``MELTER_ROOM_TTL_SECONDS``,
+``MELTER_IDLE_ROOM_TTL_SECONDS`` and ``MELTER_MAX_ROOMS``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ class ServiceConfig(BaseModel):
     room_ttl_seconds: float = Field(
         172800.0, ge=3600, description="a room's state in Redis expires after this long "
         "without an event (longer than any meeting plus its grace period)")
+    idle_room_ttl_seconds: float = Field(
+        600.0, ge=10, description="a room with nothing to keep (nobody publishing, no render "
+        "pending or submitted) expires after this long without an event")
+    max_rooms: int = Field(
+        20000, ge=10, description="most rooms followed at once; beyond it, idle rooms are "
+        "forgotten oldest first, and events of new rooms are dropped (counted) if none is idle")
     rate_limit: float = Field(
         200.0, ge=0, description="POST /janus/events per second per client address, "
         "sustained (0: no limit); above it, 429")
@@ -163,6 +170,8 @@ _ENV = {
     "MELTER_JANUS_MAX_JSON_DEPTH": "max_json_depth",
     "MELTER_JANUS_CLOCK_SKEW_SECONDS": "clock_skew_seconds",
     "MELTER_ROOM_TTL_SECONDS": "room_ttl_seconds",
+    "MELTER_IDLE_ROOM_TTL_SECONDS": "idle_room_ttl_seconds",
+    "MELTER_MAX_ROOMS": "max_rooms",
     "MELTER_JANUS_RATE_LIMIT": "rate_limit",
     "MELTER_JANUS_RATE_BURST": "rate_burst",
     "MELTER_GRACE_SECONDS": "grace_seconds",

@@ -185,6 +185,16 @@ class Room:
         found = [m.deadline for m in self.meetings if m.open and m.deadline is not None]
         return min(found) if found else None
 
+    def worth_keeping(self) -> bool:
+        """Whether forgetting the room could lose or repeat a render: someone publishes in an
+        open meeting, or a render is pending or submitted (a late event must find it ended).
+        Other rooms (created and never used, or whose meetings had nothing to render) are
+        cheap to forget, and are kept only briefly."""
+        return any(
+            (m.open and m.publishers)
+            or (m.render or {}).get("state") in ("pending", "submitted")
+            for m in self.meetings)
+
     def pending(self) -> list[MeetingSpan]:
         return [m for m in self.meetings if m.render and m.render.get("state") == "pending"]
 

@@ -3,8 +3,10 @@
 Keys (``P`` the farm's key prefix)::
 
     P:svc:room:<room>   string: the room's meetings (JSON of melter.serve.rooms.Room),
-                        expiring ``room_ttl_seconds`` after the room's last change
+                        expiring ``room_ttl_seconds`` after the room's last change, or
+                        ``idle_room_ttl_seconds`` when it holds nothing worth keeping
     P:svc:seen          sorted set: rooms by their last change (trimmed with the same TTL)
+    P:svc:idle          sorted set: the rooms holding nothing worth keeping, by last change
     P:svc:due           sorted set: rooms by their next grace deadline (wall clock)
     P:svc:pending       set: rooms with a meeting whose render is decided but not yet submitted
     P:svc:failed        hash: room -> JSON {error, at} of the last pass that failed on it
@@ -21,6 +23,11 @@ Every key expires or is trimmed: Janus names rooms, and nothing it sends may kee
 Redis's ``noeviction`` for good. A room that fails (a state this version cannot read, a spec
 that cannot be made) is logged and marked in ``P:svc:failed``, and the pass goes on with the
 other rooms: one bad room never stops the automatic renders of the rest.
+
+Rooms are bounded too: at most ``max_rooms`` are followed. A room that is created and never
+used, or whose meetings had nothing to render, expires after ``idle_room_ttl_seconds`` and is
+the first forgotten when a new room needs its place; events of a new room are dropped (and
+counted) only when every followed room holds a live meeting or a render.
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ class Tracker:
     def ttl(self) -> int:
         return int(self.settings.service.room_ttl_seconds)
 
+    @property
+    def idle_ttl(self) -> int:
+        return min(self.ttl, int(self.settings.service.idle_room_ttl_seconds))
+
     # -- state -------------------------------------------------------------------------------
     def _update(self, room: str, change: Callable[[Room], T]) -> T:
         key = self.room_key(room)
@@ -69,9 +80,15 @@ class Tracker:
             raw = pipe.get(key)
             state = Room.from_json(raw) if raw else Room(room)
             result[:] = [change(state)]
+            keep = state.worth_keeping()
+            now = time.time()
             pipe.multi()
-            pipe.set(key, state.to_json(), ex=self.ttl)
-            pipe.zadd(f"{self.p}:seen", {room: time.time()})
+            pipe.set(key, state.to_json(), ex=self.ttl if keep else self.idle_ttl)
+            pipe.zadd(f"{self.p}:seen", {room: now})
+            if keep:
+                pipe.zrem(f"{self.p}:idle", room)
+            else:
+                pipe.zadd(f"{self.p}:idle", {room: now})
             deadline = state.next_deadline()
             if deadline is None:
                 pipe.zrem(f"{self.p}:due", room)
@@ -113,16 +130,46 @@ class Tracker:
     def expire_rooms(self, now: float | None = None) -> int:
         """Forget the rooms whose state expired; how many."""
         now = time.time() if now is None else now
-        seen = f"{self.p}:seen"
-        old = self.r.zrangebyscore(seen, "-inf", now - self.ttl)
-        if old:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.zrem(seen, *old)
-            pipe.zrem(f"{self.p}:due", *old)
-            pipe.srem(f"{self.p}:pending", *old)
-            pipe.hdel(f"{self.p}:failed", *old)
-            pipe.execute()
+        old = set(self.r.zrangebyscore(f"{self.p}:seen", "-inf", now - self.ttl))
+        old.update(self.r.zrangebyscore(f"{self.p}:idle", "-inf", now - self.idle_ttl))
+        self._forget(sorted(old), delete=False)
         return len(old)
+
+    def _forget(self, rooms: list[str], delete: bool) -> None:
+        if not rooms:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        if delete:
+            pipe.delete(*[self.room_key(room) for room in rooms])
+        pipe.zrem(f"{self.p}:seen", *rooms)
+        pipe.zrem(f"{self.p}:idle", *rooms)
+        pipe.zrem(f"{self.p}:due", *rooms)
+        pipe.srem(f"{self.p}:pending", *rooms)
+        pipe.hdel(f"{self.p}:failed", *rooms)
+        pipe.execute()
+
+    def admit(self, rooms: list[str]) -> set[str]:
+        """The rooms among ``rooms`` whose events may be taken: every room already followed,
+        and new ones while fewer than ``max_rooms`` are followed, making place by forgetting
+        idle rooms, oldest first."""
+        seen = f"{self.p}:seen"
+        pipe = self.r.pipeline(transaction=False)
+        for room in rooms:
+            pipe.zscore(seen, room)
+        pipe.zcard(seen)
+        *scores, followed = pipe.execute()
+        new = [room for room, score in zip(rooms, scores, strict=True) if score is None]
+        limit = int(self.settings.service.max_rooms)
+        excess = followed + len(new) - limit
+        if new and excess > 0:
+            idle = [room for room, _ in self.r.zpopmin(f"{self.p}:idle", excess)]
+            self._forget(idle, delete=True)
+            if idle:
+                self.count("idle_rooms_forgotten", len(idle))
+            followed -= len(idle)
+        room_for = max(0, limit - followed)
+        refused = set(new[room_for:])
+        return {room for room in rooms if room not in refused}
 
     def stats(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(f"{self.p}:stats").items()}
@@ -137,6 +184,14 @@ class Tracker:
         by_room: dict[str, list[RoomEvent]] = {}
         for event in events:
             by_room.setdefault(event.room, []).append(event)
+        admitted = self.admit(list(by_room)) if by_room else set()
+        refused = [room for room in by_room if room not in admitted]
+        if refused:
+            dropped = sum(len(by_room.pop(room)) for room in refused)
+            self.count("dropped_room_limit", dropped)
+            log.warning("%d events of %d new rooms dropped: %d rooms followed, none idle "
+                        "(MELTER_MAX_ROOMS)", dropped, len(refused),
+                        self.settings.service.max_rooms)
         ended: list[str] = []
         for room, items in by_room.items():
             def change(state: Room, items: list[RoomEvent] = items) -> list[str]:
