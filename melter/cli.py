@@ -392,7 +392,7 @@ def render(
                                                "several renditions")],
     layout: LayoutOption = "grid",
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="preset per output, "
-                      "in order (mp4, 720p, 1080p, 4k, webm, m4a, opus); default from the "
+                      "in order (mp4, 720p, 1080p, 4k, webm, m4a, opus, hls); default from the "
                       "extension")] = None,
     room: RoomOption = None,
     events: EventsOption = None,

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from melter.engine.mlt import (
     trim_spans,
 )
 from melter.errors import MelterError
+from melter.hls import atomic_playlist
 from melter.layout.model import Layout
 from melter.meeting import Meeting, discover
 from melter.plan import Plan, SpeakerChange
@@ -53,6 +54,25 @@ class Preset:
     description: str = ""
     #: One picture, not a stream (``render`` with ``frames=(n, n)``).
     still: bool = False
+    #: Key frames exactly this many seconds apart and nowhere else (no scene-cut key frames),
+    #: so the video can be cut there without re-encoding.
+    keyframe_seconds: int | None = None
+    #: An HLS playlist of MPEG-TS segments of ``keyframe_seconds`` each, cut without
+    #: re-encoding from the MP4 the properties describe (see :mod:`melter.hls`).
+    hls: bool = False
+
+    def encoder_properties(self, fps: int) -> dict[str, str]:
+        """The consumer's properties at ``fps`` (the GOP of ``keyframe_seconds`` is in frames)."""
+        if self.keyframe_seconds is None:
+            return self.properties
+        gop = str(self.keyframe_seconds * fps)
+        return {**self.properties, "g": gop, "keyint_min": gop, "sc_threshold": "0"}
+
+    @property
+    def parts(self) -> Preset:
+        """What the farm renders this preset's chunks, audio pass and join as: the preset
+        itself, or for HLS the MP4 its segments are cut from (same key frames)."""
+        return replace(self, suffix=".mp4", hls=False) if self.hls else self
 
 
 _X264 = {"vcodec": "libx264", "preset": "veryfast", "crf": "23", "pix_fmt": "yuv420p",
@@ -80,6 +100,9 @@ PRESETS: dict[str, Preset] = {
                    {"f": "opus", "vn": "1", "acodec": "libopus", "ab": "64k",
                     "frequency": "48000", "channels": "2"},
                    audio_only=True, description="audio only, Opus"),
+    "hls": Preset("hls", ".m3u8", None, None, {"f": "mp4", **_X264},
+                  description="HLS (VOD): H.264/AAC MPEG-TS segments of 6 s beside an .m3u8 "
+                  "playlist", keyframe_seconds=6, hls=True),
 }
 
 
@@ -93,8 +116,15 @@ def preset_for(path: Path, name: str | None) -> Preset:
     if name is not None:
         if name not in PRESETS:
             raise MelterError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
-        return PRESETS[name]
-    by_suffix = {".mp4": "mp4", ".webm": "webm", ".m4a": "m4a", ".opus": "opus", ".ogg": "opus"}
+        preset = PRESETS[name]
+        if preset.hls != (path.suffix.lower() == ".m3u8"):
+            # The name is the playlist's (its segments are named after it), and only a playlist
+            # is called .m3u8.
+            raise MelterError(f"{path}: the hls preset writes a playlist named *.m3u8, and "
+                              "only it does")
+        return preset
+    by_suffix = {".mp4": "mp4", ".webm": "webm", ".m4a": "m4a", ".opus": "opus", ".ogg": "opus",
+                 ".m3u8": "hls"}
     suffix = path.suffix.lower()
     if suffix not in by_suffix:
         raise MelterError(f"{path}: cannot tell the preset from {suffix!r}; give --preset")
@@ -286,12 +316,16 @@ def render(
     meeting, or one frame for :data:`STILL`). ``audio=False`` or ``video=False``: that stream
     is left out (a chunk's video, a meeting's audio to put under chunks). Only a whole render
     with both streams is checked here (its streams and length); for a part, the caller knows
-    what it should hold. ``workdir``: where prepared media are kept and reused (default: a
-    temporary folder). ``stage`` is told ``preparing media``, then ``rendering`` before melt
-    runs.
+    what it should hold; an HLS output (:attr:`Preset.hls`) is rendered whole only, its parts
+    being MP4 (:attr:`Preset.parts`). ``workdir``: where prepared media are kept and reused
+    (default: a temporary folder). ``stage`` is told ``preparing media``, then ``rendering``
+    before melt runs.
     """
     if not (audio or video):
         raise MelterError("a render needs audio, video or both")
+    if (frames is not None or not (audio and video)) and any(p.hls for _, p in outputs):
+        raise MelterError("an HLS playlist is rendered whole; render its parts with the "
+                          "preset's parts (MP4)")
     fps = render_plan.fps
     count = 0
     with tempfile.TemporaryDirectory(prefix="melter-") as scratch:
@@ -310,8 +344,10 @@ def render(
             extra = [f"in={frames[0]}", f"out={frames[1]}"] if frames is not None else None
             if stage is not None:
                 stage("rendering")
-            with atomic_output(path) as temp:
-                properties = [f"{k}={v}" for k, v in preset.properties.items()]
+            target = (atomic_playlist(path, preset.keyframe_seconds or 6) if preset.hls
+                      else atomic_output(path))
+            with target as temp:
+                properties = [f"{k}={v}" for k, v in preset.encoder_properties(fps).items()]
                 if preset.still:
                     image = temp.with_suffix(".png")
                     run_melt(document, ["-consumer", f"avformat:{image}", *properties], count,

@@ -40,7 +40,7 @@ from melter.engine.mlt import RenderError
 from melter.errors import MelterError
 from melter.farm.attempt import Attempt
 from melter.farm.job import UnitKind, chunk_place, iso, under_root, unit_output
-from melter.farm.jobs import JobRecord, manifest_path, remove_tmp
+from melter.farm.jobs import JobRecord, OutputTarget, manifest_path, remove_tmp
 from melter.farm.manifest import (
     count_video_frames,
     describe_inputs,
@@ -58,8 +58,10 @@ from melter.farm.paths import (
     write_at,
 )
 from melter.farm.procs import REGISTRY
+from melter.hls import atomic_playlist, free_stem, named_after, place, read_playlist, segment_name
 from melter.render import (
     PRESETS,
+    Preset,
     RenderOptions,
     RenderPlan,
     StalePlan,
@@ -225,12 +227,19 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
     units: list[dict[str, Any]] = []
     chunks = 0
     for k, output in enumerate(record.outputs):
-        if PRESETS[output.preset].audio_only:
+        preset = PRESETS[output.preset]
+        if preset.audio_only:
             units.append({"name": UnitKind.RENDER.unit(k), "weight": planned.frames * AUDIO_WEIGHT,
                           "output": k})
             continue
-        ranges = plan_chunks(planned.plan, planned.frames, planned.fps, seconds,
-                             scene_cuts=not record.spec.trim)
+        step, scene_cuts = seconds, not record.spec.trim
+        if preset.keyframe_seconds:
+            # A chunk starts on a key frame of its own: cut only where the fixed GOP has one,
+            # so that every key frame of the joined file stays on the GOP's grid.
+            step = math.ceil(seconds / preset.keyframe_seconds) * preset.keyframe_seconds
+            scene_cuts = False
+        ranges = plan_chunks(planned.plan, planned.frames, planned.fps, step,
+                             scene_cuts=scene_cuts)
         chunks = max(chunks, len(ranges))
         # The audio pass first: in one piece, it is often the longest unit of a long meeting.
         names = [UnitKind.AUDIO.unit(k)]
@@ -333,6 +342,13 @@ def _staged(attempt: Attempt, rendering: str) -> Callable[[str], None]:
     return lambda name: attempt.stage(rendering if name == "rendering" else name)
 
 
+def _part(output: OutputTarget) -> tuple[Preset, str]:
+    """The preset and file suffix of an output's chunks, audio pass and join (an HLS
+    playlist's are MP4: the playlist is cut from the joined file)."""
+    preset = PRESETS[output.preset]
+    return preset.parts, preset.parts.suffix if preset.hls else output.path.suffix
+
+
 def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     k, i = chunk_place(attempt.unit)
     unit = attempt.store.unit(record.id, attempt.unit)
@@ -340,9 +356,9 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     count = last - first + 1
     planned = _planned(attempt, record)
     output = record.outputs[k]
-    preset = PRESETS[output.preset]
+    preset, suffix = _part(output)
     folder = record.tmp_dir(k)
-    temp = attempt_dir(attempt, record, k) / f"v{i}{output.path.suffix}"
+    temp = attempt_dir(attempt, record, k) / f"v{i}{suffix}"
     # Video only, from the chunk's first frame: each video source starts reading there.
     render(planned, [(temp, preset)], frames=(first, last), audio=False,
            workdir=cache_dir(attempt), progress=attempt.progress,
@@ -351,7 +367,7 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     frames = count_video_frames(temp)
     if frames != count:
         raise RenderError(f"chunk {i} (frames {first}-{last}) has {frames} frames, not {count}")
-    _commit_part(attempt, record, temp, folder / f"v{i}.{attempt.token}{output.path.suffix}")
+    _commit_part(attempt, record, temp, folder / f"v{i}.{attempt.token}{suffix}")
 
 
 def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -> None:
@@ -370,8 +386,8 @@ def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -
 def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
     planned = _planned(attempt, record)
     output = record.outputs[k]
-    preset = PRESETS[output.preset]
-    temp = attempt_dir(attempt, record, k) / f"audio{output.path.suffix}"
+    preset, suffix = _part(output)
+    temp = attempt_dir(attempt, record, k) / f"audio{suffix}"
     # The whole meeting's audio from its first frame on, as a single render reads it (and so
     # the same samples).
     result = render(planned, [(temp, preset)], video=False, workdir=cache_dir(attempt),
@@ -383,13 +399,12 @@ def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
     if not audio or not math.isclose(audio.get("duration_s") or info["duration_s"], expected,
                                      abs_tol=max(0.2, expected * 0.01)):
         raise RenderError(f"audio pass lasts {info['duration_s']:.2f} s, not {expected:.2f} s")
-    _commit_part(attempt, record, temp,
-                 record.tmp_dir(k) / f"a.{attempt.token}{output.path.suffix}")
+    _commit_part(attempt, record, temp, record.tmp_dir(k) / f"a.{attempt.token}{suffix}")
 
 
 def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     output = record.outputs[k]
-    preset = PRESETS[output.preset]
+    preset, suffix = _part(output)
     units = attempt.store.all_units(record.id)
     chunks = sorted(
         ((chunk_place(name)[1], u) for name, u in units.items()
@@ -402,7 +417,7 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     listing = folder / "chunks.txt"
     listing.write_text("".join(
         "file '" + u["file"].replace("'", "'\\''") + "'\n" for _, u in chunks))
-    temp = folder / f"joined{output.path.suffix}"
+    temp = folder / f"joined{suffix}"
     fmt = preset.properties.get("f", "mp4")
     command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
                "-f", "concat", "-safe", "0", "-i", str(listing), "-i", audio,
@@ -418,6 +433,14 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     joined = count_video_frames(temp)
     if joined != frames:
         raise RenderError(f"joined video has {joined} frames, not {frames}")
+    whole = PRESETS[output.preset]
+    if whole.hls:
+        attempt.stage("segmenting")
+        playlist = folder / f"joined{output.path.suffix}"
+        with atomic_playlist(playlist, whole.keyframe_seconds or 6, replace=False) as staged:
+            os.replace(temp, staged)
+        attempt.check()
+        temp = playlist
     pieces = [{"unit": UnitKind.VIDEO.unit(k, i), "frames": [int(u["first"]), int(u["last"])],
                "worker": u.get("worker"), "attempts": int(u.get("attempts") or 0),
                "seconds": _span(u)} for i, u in chunks]
@@ -462,12 +485,12 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
                    layout: dict[str, Any] | None = None) -> None:
     """Put finished files in place, once, and only while this attempt holds the lease.
     ``layout``: the layout document the files were rendered by, for their manifests."""
-    measured = {k: measure(temp) if media else {"bytes": temp.stat().st_size}
-                for k, temp in rendered}
+    root = attempt.config.outputs_root
+    measured = {k: _measure(root, temp, PRESETS[record.outputs[k].preset].hls) if media
+                else {"bytes": temp.stat().st_size} for k, temp in rendered}
     attempt.begin_commit()
     fields = attempt.store.job(record.id)
     history = attempt.store.history(record.id)
-    root = attempt.config.outputs_root
     for k, temp in rendered:
         final = record.outputs[k].path
         manifest = _manifest(attempt, record, k, fields, history, measured[k], details, layout)
@@ -483,9 +506,17 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
                                       f"{record.id}; not overwriting it")
                 os.unlink(temp.name, dir_fd=source)
                 continue  # an earlier attempt of this job committed it before dying
+            stem = None
+            if PRESETS[record.outputs[k].preset].hls:
+                stem = _segment_stem(source, temp.name, target, final.name, side.name,
+                                     record.id, manifest)
             text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
             write_at(target, side.name, text.encode(), file_mode())
-            _link(source, temp.name, target, final.name)
+            if stem is None:
+                _link(source, temp.name, target, final.name)
+            else:
+                place(source, temp.name, target, final.name, replace=False, mode=file_mode(),
+                      stem=stem)
     attempt.finishing()
     status, _ = attempt.store.complete(
         record.id, attempt.unit, attempt.token, ",".join(str(record.outputs[k].path)
@@ -494,6 +525,38 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
     if status == "done":
         for k in range(len(record.outputs)):
             remove_tmp(record.tmp_dir(k))
+
+
+def _measure(root: Path, path: Path, hls: bool) -> dict[str, Any]:
+    """``measure`` of a file, or of a playlist read through its segments (whose names the
+    manifest gets when they are chosen) and their bytes."""
+    info = measure(path)
+    if hls:
+        with _source(root, path.parent) as folder:
+            staged = read_playlist(folder, path.name)
+            info["segment_bytes"] = sum(os.stat(name, dir_fd=folder, follow_symlinks=False)
+                                        .st_size for name, _ in staged.segments)
+    return info
+
+
+def _segment_stem(source: int, staged: str, target: int, final: str, side: str, job: str,
+                  manifest: dict[str, Any]) -> str:
+    """The stem of a playlist's segment names, recorded in its manifest before they are
+    linked. Segments an earlier attempt of the job linked before it died (its manifest names
+    them, and there is no playlist) are removed first: nothing else names them."""
+    try:
+        earlier = json.loads(read_at(target, side))
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("job") == job:
+        for name in (earlier.get("output") or {}).get("segments") or []:
+            if isinstance(name, str) and named_after(final, name):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=target)
+    stem = free_stem(target, Path(final).stem)
+    count = len(read_playlist(source, staged).segments)
+    manifest["output"]["segments"] = [segment_name(stem, i) for i in range(count)]
+    return stem
 
 
 def _link(source: int, temp: str, target: int, final: str) -> None:
