@@ -19,7 +19,7 @@ from rich.table import Table
 from melter import __version__
 from melter.errors import MelterError, mask_secrets
 
-app = typer.Typer(
+commands = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Turn Janus recordings (MJR files) into playable, in-sync media.",
@@ -159,7 +159,7 @@ def _print_report(report: dict[str, Any], earliest_us: int) -> None:
     out.print(table)
 
 
-@app.command()
+@commands.command()
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="MJR recordings", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -174,7 +174,7 @@ def inspect(
         _print_report(report, earliest)
 
 
-@app.command()
+@commands.command()
 def convert(
     files: Annotated[
         list[Path],
@@ -215,7 +215,7 @@ def _mount_farm() -> None:
     """The farm's commands (submit, status, jobs, cancel, retry, worker, flower) at top level."""
     from melter.farm.cli import farm_app
 
-    app.registered_commands.extend(farm_app.registered_commands)
+    commands.registered_commands.extend(farm_app.registered_commands)
 
 
 _mount_farm()
@@ -225,14 +225,14 @@ def _mount_service() -> None:
     """``serve`` (Janus events, jobs API, metrics) and ``watch`` at top level."""
     from melter.serve.cli import service_app
 
-    app.registered_commands.extend(service_app.registered_commands)
+    commands.registered_commands.extend(service_app.registered_commands)
 
 
 _mount_service()
 
 swarm_app = typer.Typer(help="Docker Swarm deployment: macvlan address plans and networks.",
                         no_args_is_help=True)
-app.add_typer(swarm_app, name="swarm")
+commands.add_typer(swarm_app, name="swarm")
 
 
 @swarm_app.command("plan")
@@ -291,7 +291,7 @@ def swarm_apply(
 
 
 layouts_app = typer.Typer(help="Built-in layouts and the layout file schema.", no_args_is_help=True)
-app.add_typer(layouts_app, name="layouts")
+commands.add_typer(layouts_app, name="layouts")
 
 RoomOption = Annotated[str | None, typer.Option("--room", help="the Janus room, when the folder "
                                                  "holds several")]
@@ -338,7 +338,7 @@ def _meeting(inputs: list[Path], room: str | None, events: Path | None):  # type
     return discover(inputs, room=room, events=events)
 
 
-@app.command()
+@commands.command()
 def plan(
     inputs: Annotated[list[Path], typer.Argument(help="meeting folder or MJR files")],
     layout: LayoutOption = "grid",
@@ -385,7 +385,7 @@ def plan(
         _warn(warning)
 
 
-@app.command()
+@commands.command()
 def render(
     inputs: Annotated[list[Path], typer.Argument(help="meeting folder or MJR files")],
     output: Annotated[list[Path], typer.Option("-o", "--output", help="output file; repeat for "
@@ -431,7 +431,7 @@ def render(
         err.print(f"{path}: {result.duration_s} s, {len(meeting.participants)} participants")
 
 
-@app.command()
+@commands.command()
 def preview(
     inputs: Annotated[list[Path], typer.Argument(help="meeting folder or MJR files")],
     at: Annotated[str, typer.Option("--at", help="meeting time: HH:MM:SS, MM:SS or seconds")],
@@ -456,7 +456,7 @@ def preview(
     err.print(f"{output}: frame at {seconds:.3f} s")
 
 
-@app.command()
+@commands.command()
 def replay(
     meeting: Annotated[Path, typer.Argument(help="a recorded meeting folder (MJR files and "
                                                  "events.jsonl)")],
@@ -496,7 +496,7 @@ def replay(
         raise typer.Exit(1)
 
 
-@app.callback(invoke_without_command=True)
+@commands.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="print the version")] = False,
 ) -> None:
@@ -518,7 +518,7 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Entry point: map Melter's errors to exit code 1 with one line, never a traceback."""
     try:
-        app()  # click handles usage errors (exit 2) and --help itself
+        commands()  # click handles usage errors (exit 2) and --help itself
     except MelterError as exc:
         _fail(str(exc))
         sys.exit(EXIT_INPUT)

@@ -57,7 +57,7 @@ def test_configuration_from_environment_and_file(tmp_path: Path) -> None:
                      "MELTER_HARD_TIME_LIMIT": "7500"})
     with pytest.raises(MelterError, match="lease_seconds"):
         load_config({"MELTER_LEASE_SECONDS": "1", "MELTER_HEARTBEAT_SECONDS": "1"})
-    settings = __import__("melter.farm.app", fromlist=["celery_settings"]).celery_settings(
+    settings = __import__("melter.farm.celery_app", fromlist=["celery_settings"]).celery_settings(
         load_config({"MELTER_BROKER_URL": "redis://x/3"}))
     assert settings["task_acks_late"] and settings["task_reject_on_worker_lost"]
     assert settings["worker_prefetch_multiplier"] == 1

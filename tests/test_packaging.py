@@ -51,8 +51,8 @@ def test_the_core_imports_no_farm_service_or_docker_library(code: str) -> None:
 
 def test_the_extras_modules_are_importable_here() -> None:
     """The check above means something only where the extras are installed (``[test]``)."""
-    assert "celery" in loaded_after("import melter.farm.app")
-    assert {"fastapi", "redis"} <= set(loaded_after("import melter.serve.app"))
+    assert "celery" in loaded_after("import melter.farm.celery_app")
+    assert {"fastapi", "redis"} <= set(loaded_after("import melter.serve.api"))
     assert "docker" in loaded_after("import docker")
 
 

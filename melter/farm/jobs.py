@@ -26,8 +26,8 @@ from celery import Celery
 
 from melter.errors import MelterError
 from melter.farm.allow import callback_refusal
-from melter.farm.app import TASK, client_app
 from melter.farm.callbacks import Outbox
+from melter.farm.celery_app import TASK, client_app
 from melter.farm.config import FarmConfig, load_config, require_broker
 from melter.farm.job import (
     TERMINAL,
@@ -92,7 +92,8 @@ def _float(value: str | None) -> float | None:
 
 class Farm:
     """One farm: a configuration, its Redis state and its Celery app (``celery``: a worker's
-    own; by default the farm's :func:`~melter.farm.app.client_app`, made when first needed)."""
+    own; by default the farm's :func:`~melter.farm.celery_app.client_app`, made when first
+    needed)."""
 
     def __init__(self, config: FarmConfig | None = None, celery: Celery | None = None) -> None:
         self.config = config or load_config()

@@ -21,8 +21,8 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from melter.farm.app import config_of
 from melter.farm.callbacks import Deliverer
+from melter.farm.celery_app import config_of
 from melter.farm.job import TERMINAL
 from melter.farm.jobs import Farm
 

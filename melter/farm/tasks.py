@@ -1,7 +1,7 @@
 """The one Celery task: run one unit of a job, under a lease, as one fenced attempt
 (:class:`~melter.farm.attempt.Attempt`: its heartbeat, progress and fencing).
 
-Importing this module registers the task, named :data:`melter.farm.app.TASK`, on the Celery
+Importing this module registers the task, named :data:`melter.farm.celery_app.TASK`, on the Celery
 apps of the process (:mod:`melter.farm.worker` does, for the worker's app).
 """
 
@@ -18,8 +18,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from melter.errors import MelterError
 from melter.farm import runner
-from melter.farm.app import TASK, config_of
 from melter.farm.attempt import Attempt
+from melter.farm.celery_app import TASK, config_of
 from melter.farm.job import TERMINAL
 from melter.farm.jobs import Farm, farm_for
 from melter.farm.procs import kill_children

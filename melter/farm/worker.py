@@ -1,5 +1,5 @@
 """The farm worker: ``celery -A melter.farm.worker worker`` (or ``melter worker``) runs
-:data:`app`, the farm's Celery app (:mod:`melter.farm.app`) for the configuration in the
+:data:`app`, the farm's Celery app (:mod:`melter.farm.celery_app`) for the configuration in the
 environment, with the task of :mod:`melter.farm.tasks` registered on it.
 
 The worker signals connected here start the sweeper and the status-callback deliverer
@@ -14,7 +14,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from melter.farm import tasks
-from melter.farm.app import make_app
+from melter.farm.celery_app import make_app
 from melter.farm.config import FarmConfig
 from melter.farm.sweeper import start_deliverer, start_sweeper, stop_deliverer, stop_sweeper
 

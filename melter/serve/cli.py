@@ -47,7 +47,7 @@ def serve(
     require("serve", "`melter serve`")
     import uvicorn
 
-    from melter.serve.app import create_app
+    from melter.serve.api import create_app
     from melter.serve.config import require_janus_auth
 
     settings = _settings()

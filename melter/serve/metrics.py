@@ -17,7 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from melter.farm.app import PRIORITIES
+from melter.farm.celery_app import PRIORITIES
 from melter.farm.counts import RENDER_BUCKETS
 
 # kombu's Redis transport keeps one list per priority step of a queue.
