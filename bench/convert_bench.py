@@ -13,8 +13,8 @@ Steps:
 
 Run from the repository root::
 
-    python bench/convert_bench.py                  # 10, 30, 60 minutes; 3 runs at 60
-    python bench/convert_bench.py --minutes 5      # quick check (5 minutes only)
+    python -m bench.convert_bench                  # 10, 30, 60 minutes; 3 runs at 60
+    python -m bench.convert_bench --minutes 5      # quick check (5 minutes only)
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ through their unit hook: sleep, or burn CPU with ``--busy``), so what is measure
 Redis state, Celery messages, claims, leases, commits (each job still writes its output file
 and manifest).
 
-    python bench/farm_bench.py                       # overhead, then N = 1 2 4 8 16
-    python bench/farm_bench.py --workers 1 2 4 --cost 0.5 --jobs-per-worker 4 --json out.json
+    python -m bench.farm_bench                       # overhead, then N = 1 2 4 8 16
+    python -m bench.farm_bench --workers 1 2 4 --cost 0.5 --jobs-per-worker 4 --json out.json
 
 Needs Redis (``--redis``, default redis://127.0.0.1:6379/11); everything it writes there is
 under its own prefixes and deleted at the end.
@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from melter.farm.config import load_config
+from melter.farm.job import TERMINAL, JobState
+from melter.farm.jobs import Farm
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import redis  # noqa: E402
-
-from melter.farm.config import load_config  # noqa: E402
-from melter.farm.job import TERMINAL, JobState  # noqa: E402
-from melter.farm.jobs import Farm  # noqa: E402
 
 
 class Bench:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Damaged recordings at scale: ``inspect``, ``convert`` and ``plan`` on seeded damage.
 
-Runs the cases of ``tests/fuzzcases.py`` (prefixes of real Opus, VP8 and H.264 recordings,
+Runs the cases of ``tests/helpers/fuzzcases.py`` (prefixes of real Opus, VP8 and H.264 recordings,
 each with one damage: bit flips, overwrites, truncation, inserted and spliced bytes, length
 fields, RTP header fields, arrival times, the JSON header) over worker processes, each under
 an address-space cap, each case under a time limit. Prints and writes (``--out``, JSON) the
@@ -9,8 +9,8 @@ outcome counts by codec and damage, the failures, the slowest cases and the rate
 
 Run from the repository root::
 
-    python bench/fuzz_bench.py                    # 100 000 cases, seed 1
-    python bench/fuzz_bench.py --cases 2000 --seed 7
+    python -m bench.fuzz_bench                    # 100 000 cases, seed 1
+    python -m bench.fuzz_bench --cases 2000 --seed 7
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import fuzzcases
+from tests.helpers import fuzzcases
 
 
 def main() -> int:

@@ -7,8 +7,8 @@ same container, with nothing else done: no file read, no RTP parsed, no timing m
 takes is a lower bound for a converter that writes its packets through PyAV's Python API, as
 ``melter convert`` does.
 
-    python bench/pyav_floor.py audio PACKETS BYTES OUT.opus
-    python bench/pyav_floor.py video PACKETS BYTES OUT.webm
+    python -m bench.pyav_floor audio PACKETS BYTES OUT.opus
+    python -m bench.pyav_floor video PACKETS BYTES OUT.webm
 """
 
 from __future__ import annotations

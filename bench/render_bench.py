@@ -4,7 +4,7 @@
 Steps:
 
 1. Build a four-participant VideoRoom meeting of MJR00002 recordings with the test-side writer
-   (``tests/mjrwriter.py``): 640x360 15 fps VP8 at about 500 kb/s (a moving, grainy picture
+   (``tests/helpers/mjrwriter.py``): 640x360 15 fps VP8 at about 500 kb/s (a moving, grainy picture
    around a solid patch of the participant's colour, encoded by the system ``ffmpeg``/libvpx in
    real-time mode) and 20 ms Opus tones. They join at 0, 5, 12 and 20 s and all stay to the end.
    The meeting is cached under ``<out>/render-meeting/``.
@@ -26,8 +26,8 @@ Steps:
 
 Run from the repository root::
 
-    python bench/render_bench.py                       # 60 s meeting, 3 runs of each
-    python bench/render_bench.py --seconds 30 --runs 1 --no-profile   # quick check
+    python -m bench.render_bench                       # 60 s meeting, 3 runs of each
+    python -m bench.render_bench --seconds 30 --runs 1 --no-profile   # quick check
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-TESTS = REPO / "tests"
 
 #: Bump when the generated meeting changes, so an old cached one is rebuilt.
 MEETING_VERSION = 1
@@ -210,11 +209,7 @@ def encode_vp8(person: Person, count: int, seed: int, work: Path) -> list[tuple[
 
 def build_meeting(folder: Path, seconds: float) -> dict[str, Any]:
     """Write the meeting (cached: reused when its manifest matches)."""
-    sys.path.insert(0, str(TESTS))
-    try:
-        from mjrwriter import T0_US, Picture, Stream, opus_packets
-    finally:
-        sys.path.remove(str(TESTS))
+    from tests.helpers.mjrwriter import T0_US, Picture, Stream, opus_packets
 
     manifest_path = folder / "manifest.json"
     wanted = {

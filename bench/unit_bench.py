@@ -5,9 +5,9 @@ A job is submitted to a farm on Redis and its units are run one after another in
 unit's start to that moment is printed. The first unit after ``main`` also prepares the media
 (the cache is per job and worker); the video chunk units show what every further unit pays.
 
-    python bench/unit_bench.py dev-turn-taking-vp8 --chunk 8
-    python bench/unit_bench.py long:600 --chunk 120 --layout speaker --jobs 2
-    python bench/unit_bench.py long:90 --tree /path/to/another/checkout   # compare
+    python -m bench.unit_bench dev-turn-taking-vp8 --chunk 8
+    python -m bench.unit_bench long:600 --chunk 120 --layout speaker --jobs 2
+    python -m bench.unit_bench long:90 --tree /path/to/another/checkout   # compare
 
 SOURCE is a fixture of ``tests/fixtures``, or ``long:<seconds>``: the farm tests' synthetic
 meeting of three 10 fps publishers. Needs Redis (``--redis``); everything written there is
@@ -113,7 +113,6 @@ def main() -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/11")
     args = parser.parse_args()
     sys.path.insert(0, str(args.tree))
-    sys.path.insert(1, str(REPO / "tests"))
     import melter
 
     if not Path(melter.__file__).resolve().is_relative_to(args.tree.resolve()):
@@ -123,7 +122,7 @@ def main() -> int:
     (storage / "out").mkdir(parents=True)
     try:
         if args.source.startswith("long:"):
-            from test_farm_helpers import write_long_meeting
+            from tests.helpers.farm import write_long_meeting
 
             write_long_meeting(storage / "meetings" / "long", float(args.source[5:]))
             meeting = "meetings/long"

@@ -1,8 +1,3 @@
-"""Shared test setup: the media measuring helpers live beside the tests."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
+"""Shared test setup. The tests are a package (``tests``) mirroring ``melter``'s; their helpers
+(the MJR writer, media measurements, the farm, service and Janus harnesses) are the package
+``tests.helpers``, which the benchmarks import too."""

@@ -1,0 +1,67 @@
+"""A render plan is plain data: stored and read back it is the same plan, a stored plan of
+another shape or version is refused, and a plan notices recordings that changed after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from melter.compose import prepare_media
+from melter.engine.mlt import build_document, trim_spans
+from melter.layout.model import load_layout
+from melter.render import RenderOptions, RenderPlan, StalePlan, plan_render
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+@pytest.mark.parametrize("fixture", ["dev-two-party-h264", "janus-mixed-fps-vp8"])
+def test_a_stored_plan_reads_back_the_same(fixture: str) -> None:
+    planned = plan_render([FIXTURES / fixture], load_layout("speaker"), RenderOptions(trim=True))
+    data = planned.to_json()
+    again = RenderPlan.from_json(data)
+    assert again == planned
+    assert again.to_json() == data
+    assert again.frames == planned.frames == sum(b - a + 1 for a, b in trim_spans(planned.plan))
+    assert again.layout == load_layout("speaker").model_dump(mode="json")
+
+
+def test_a_plan_of_another_version_or_shape_is_stale() -> None:
+    planned = plan_render([FIXTURES / "dev-two-party-h264"], load_layout("grid"))
+    stored = json.loads(planned.to_json())
+    for change in ({"format": 0}, {"melter": "0.0.0"}, {"shape": "0"}):
+        with pytest.raises(StalePlan):
+            RenderPlan.from_json(json.dumps({**stored, **change}))
+    del stored["plan"]["meeting"]["participants"][0]["segments"][0]["index"]
+    with pytest.raises(StalePlan):
+        RenderPlan.from_json(json.dumps(stored))
+    with pytest.raises(StalePlan):
+        RenderPlan.from_json(b"not json")
+
+
+def test_a_plan_notices_a_changed_recording(tmp_path: Path) -> None:
+    folder = tmp_path / "meeting"
+    shutil.copytree(FIXTURES / "dev-two-party-h264", folder)
+    planned = plan_render([folder], load_layout("grid"))
+    assert planned.unchanged()
+    recording = planned.recording_paths[0]
+    stat = recording.stat()
+    os.utime(recording, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert not planned.unchanged()
+
+
+def test_a_trimmed_document_plays_only_the_kept_spans(tmp_path: Path) -> None:
+    planned = plan_render([FIXTURES / "dev-three-party-vp8"], load_layout("grid"),
+                          RenderOptions(trim=True))
+    media = prepare_media(planned.meeting, tmp_path / "media", planned.fps)
+    document = build_document(planned.plan, media, planned.document_options())
+    root = ET.fromstring(document.xml.split("\n", 1)[1])
+    assert root.get("producer") == "trimmed"
+    entries = [(int(e.get("in") or 0), int(e.get("out") or 0))
+               for e in root.findall("playlist[@id='trimmed']/entry")]
+    assert entries == trim_spans(planned.plan)
+    assert document.frames == planned.frames
