@@ -503,9 +503,10 @@ def _bound_clock_jumps(analysis: TrackAnalysis, facts: _FirstPass) -> None:
     """No clock jump may open a gap longer than the file's own RTP span.
 
     A clock-jump piece is placed by its arrival times alone. A gap (or overlap) between two
-    pieces longer than all the media the file holds is not a pause any sender makes inside one
-    recording: it is a damaged or stepped arrival clock, and believing it would stretch a
-    minute of media over hours of silence. Such a piece follows the one before it directly.
+    pieces longer than all the media the file holds, which the RTP clock does not show too, is
+    not a pause any sender makes inside one recording: it is a damaged or stepped arrival clock,
+    and believing it would stretch a minute of media over hours of silence. Such a piece
+    follows the one before it directly.
     """
     pieces = analysis.pieces
     if len(pieces) < 2:
@@ -522,13 +523,27 @@ def _bound_clock_jumps(analysis: TrackAnalysis, facts: _FirstPass) -> None:
             continue
         before = prev.offset_us + ends[k - 1] * scale
         gap = piece.offset_us + piece.t_start * scale - before
-        if abs(gap) > max(span_us, JUMP_TOLERANCE_S * 1e6):
-            piece.offset_us -= gap
-            analysis.warnings.append(
-                f"{analysis.path}: an arrival-time jump of {gap / 1e6:.1f} s at packet "
-                f"{piece.first_index} is longer than the file's own media "
-                f"({span_us / 1e6:.1f} s): taken as a clock fault, not a gap"
-            )
+        if abs(gap) <= max(span_us, JUMP_TOLERANCE_S * 1e6) or _rtp_agrees(
+                gap / scale, piece.t_start - ends[k - 1], analysis.clock_rate):
+            continue
+        piece.offset_us -= gap
+        analysis.warnings.append(
+            f"{analysis.path}: an arrival-time jump of {gap / 1e6:.1f} s at packet "
+            f"{piece.first_index} is longer than the file's own media ({span_us / 1e6:.1f} s) "
+            "and the RTP clock shows no such pause: taken as a clock fault, not a gap"
+        )
+
+
+def _rtp_agrees(arrival_gap_s: float, rtp_gap_s: float, clock_rate: int) -> bool:
+    """Whether the RTP clock moved as far as the arrival clock across a gap. A pause longer
+    than half the 32-bit RTP counter's period reads as a jump backwards once unwrapped; it
+    still agrees modulo the period when the sender's clock ran through the pause."""
+    if clock_rate <= 0:
+        return False
+    period = 2**32 / clock_rate
+    difference = (arrival_gap_s - rtp_gap_s) % period
+    return min(difference, period - difference) <= JUMP_TOLERANCE_S * 2
+
 
 def _scan_picture(
     group: _PictureGroup,
