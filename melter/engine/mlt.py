@@ -21,11 +21,16 @@ caller checks the output file after.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
 import re
+import selectors
 import shutil
+import signal
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -753,11 +758,60 @@ def _merge_texts(texts: list[dict[str, str]]) -> list[dict[str, str]]:
     return merged
 
 
+#: The melt to run instead of the one on the PATH: a path, or a name looked up on the PATH.
+MELT_ENV = "MELTER_MELT"
+#: Seconds melt may print nothing while it renders before it is taken for hung.
+STALL_ENV = "MELTER_MELT_STALL_SECONDS"
+#: Seconds melt may take to exit once it has reported its last frame.
+EXIT_ENV = "MELTER_MELT_EXIT_SECONDS"
+
+
 def melt_binary() -> str:
+    chosen = os.environ.get(MELT_ENV, "").strip()
+    if chosen:
+        path = shutil.which(chosen)
+        if path is None:
+            raise RenderError(f"{MELT_ENV}={chosen}: no such executable")
+        return path
     path = shutil.which("melt") or shutil.which("melt-7")
     if path is None:
         raise RenderError("melt is not installed (Debian package 'melt')")
     return path
+
+
+@dataclass(frozen=True)
+class MeltWatch:
+    """How long :func:`run_melt` lets melt go quiet before it kills it.
+
+    ``stall_s``: melt has printed nothing (no progress line, nothing else) and its output
+    has not changed for this long while it renders. ``exit_s``: melt has reported its last
+    frame (or closed its stderr) and neither exited nor changed its output for this long.
+    melt 7.12 can stay forever in its wait loop without rendering anything: its avformat
+    consumer marks itself running only after starting its thread, and a thread that gets
+    there first finds it not running, closes the output empty and ends.
+    """
+
+    stall_s: float = 120.0
+    exit_s: float = 15.0
+
+
+def melt_watch(environ: dict[str, str] | None = None) -> MeltWatch:
+    """The watch's limits from ``MELTER_MELT_STALL_SECONDS`` and ``MELTER_MELT_EXIT_SECONDS``
+    (default: :class:`MeltWatch`'s)."""
+    env = os.environ if environ is None else environ
+    limits: dict[str, float] = {}
+    for name, key in ((STALL_ENV, "stall_s"), (EXIT_ENV, "exit_s")):
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise RenderError(f"{name} must be a number of seconds above 0, not {raw!r}")
+        limits[key] = value
+    return MeltWatch(**limits)
 
 
 def melt_environment() -> dict[str, str]:
@@ -779,35 +833,29 @@ def run_melt(
     extra: list[str] | None = None,
     timeout: float | None = None,
 ) -> str:
-    """Run melt on a document; returns its stderr. Raises :class:`RenderError` on trouble."""
+    """Run melt on a document; returns its stderr. Raises :class:`RenderError` on trouble.
+
+    melt is watched (see :class:`MeltWatch`): one that stops responding is killed, with any
+    process it started, and reported as a :class:`RenderError` naming the last frame it
+    reported. ``timeout``: seconds the whole run may take.
+    """
+    watch = melt_watch()
     command = [melt_binary(), "-progress2", str(document_path), *(extra or []), *consumer]
+    target = next((Path(item.split(":", 1)[1]) for item in consumer
+                   if item.startswith("avformat:")), None)
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=melt_environment(), bufsize=1,
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=melt_environment(),
     )
     lines: list[str] = []
-    assert process.stderr is not None
-    buffer = ""
     try:
-        while True:
-            chunk = process.stderr.read(256)
-            if not chunk:
-                break
-            buffer += chunk
-            parts = re.split(r"[\r\n]", buffer)
-            buffer = parts.pop()
-            for line in parts:
-                match = _PROGRESS.search(line)
-                if match:
-                    if progress is not None:
-                        progress(int(match.group(1)), frames)
-                elif line.strip():
-                    lines.append(line)
-        process.wait(timeout=timeout)
+        _follow(process, frames, progress, lines, watch, target, timeout)
     except BaseException:
-        process.kill()
-        process.wait()
+        _kill(process)
         raise
+    finally:
+        if process.stderr is not None:
+            process.stderr.close()
     stderr = "\n".join(lines)
     problems = [line for line in lines if any(p.search(line) for p in _ERRORS)]
     if process.returncode != 0 or problems:
@@ -817,6 +865,123 @@ def run_melt(
         detail = "; ".join(problems[:3]) or f"exit code {process.returncode}"
         raise RenderError(f"melt failed: {detail}")
     return stderr
+
+
+def _follow(process: subprocess.Popen[bytes], frames: int,
+            progress: Callable[[int, int], None] | None, lines: list[str], watch: MeltWatch,
+            target: Path | None, timeout: float | None) -> None:
+    """Read melt's stderr into ``lines`` (reporting progress) until melt has exited; raise
+    :class:`RenderError` when it stops responding (see :class:`MeltWatch`) or outlasts
+    ``timeout``."""
+    assert process.stderr is not None
+    fd = process.stderr.fileno()
+    started = last_seen = time.monotonic()
+    frame = 0
+    last = False
+    done = False
+    output = _signature(target)
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            limit = watch.exit_s if done or last else watch.stall_s
+            if timeout is not None and now - started >= timeout:
+                raise RenderError(f"melt took longer than {timeout:g} s "
+                                  f"(at frame {frame} of {frames})")
+            if now - last_seen >= limit:
+                if last:
+                    raise RenderError(f"melt did not exit {limit:g} s after its last frame "
+                                      f"({frame} of {frames})")
+                if done:
+                    raise RenderError(f"melt did not exit {limit:g} s after closing its "
+                                      f"stderr (at frame {frame} of {frames})")
+                raise RenderError(f"melt stopped responding for {limit:g} s at frame {frame} "
+                                  f"of {frames}")
+            wait = min(1.0, last_seen + limit - now)
+            if timeout is not None:
+                wait = min(wait, started + timeout - now)
+            if done:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, wait))
+                    return
+            elif selector.select(max(0.0, wait)):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    done = True
+                    selector.unregister(fd)
+                    chunk = b"\n"
+                last_seen = time.monotonic()
+                buffer += chunk
+                parts = re.split(rb"[\r\n]", buffer)
+                buffer = parts.pop()
+                for raw in parts:
+                    line = raw.decode("utf-8", "replace")
+                    match = _PROGRESS.search(line)
+                    if match:
+                        frame = max(frame, int(match.group(1)))
+                        last = frame >= frames - 1
+                        if progress is not None:
+                            progress(int(match.group(1)), frames)
+                    elif line.strip():
+                        lines.append(line)
+                continue
+            elif process.poll() is not None:
+                return  # melt has exited; a process it started holds its stderr
+            changed = _signature(target)
+            if changed != output:
+                output = changed
+                last_seen = time.monotonic()
+
+
+def _signature(path: Path | None) -> tuple[int, int] | None:
+    """What tells a growing output from one left alone: its size and modification time."""
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """Kill melt and every process under it, and reap melt."""
+    family = _descendants(process.pid) if process.poll() is None else []
+    process.kill()
+    for pid in family:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (from ``/proc``; none where there is no ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.append(child)
+                pending.append(child)
+    return found
 
 
 def _write_failure(lines: list[str], consumer: list[str]) -> str | None:
