@@ -343,7 +343,8 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         dropped: dict[str, int] = {}
         events = parse_events(payload, now=time.time(), skew=limits.clock_skew_seconds,
                               dropped=dropped)
-        ended = await run_in_threadpool(record, events, dropped)
+        client = request.client.host if request.client else "?"
+        ended = await run_in_threadpool(record, events, dropped, client)
         if ended:
             for thread in threads:
                 if isinstance(thread, Background):
@@ -351,14 +352,14 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
         return {"received": received, "videoroom": len(events), "ended": ended,
                 "dropped": dropped}
 
-    def record(events: list[Any], dropped: dict[str, int]) -> list[str]:
+    def record(events: list[Any], dropped: dict[str, int], client: str) -> list[str]:
         if dropped:
             pipe = farm.store.r.pipeline(transaction=False)
             for reason, n in dropped.items():
                 pipe.hincrby(f"{tracker.p}:stats", f"dropped_{reason}", n)
             pipe.execute()
             log.warning("janus events: dropped %s", dropped)
-        return tracker.handle(events) if events else []
+        return tracker.handle(events, client=client) if events else []
 
     @app.get("/rooms", tags=["rooms"], dependencies=[Depends(token)])
     def rooms() -> dict[str, Any]:

@@ -7,6 +7,8 @@ Keys (``P`` the farm's key prefix)::
                         ``idle_room_ttl_seconds`` when it holds nothing worth keeping
     P:svc:seen          sorted set: rooms by their last change (trimmed with the same TTL)
     P:svc:idle          sorted set: the rooms holding nothing worth keeping, by last change
+    P:svc:clients       set: the client addresses that named rooms followed now
+    P:svc:by:<client>   sorted set: the rooms a client's events named first, by when
     P:svc:due           sorted set: rooms by their next grace deadline (wall clock)
     P:svc:pending       set: rooms with a meeting whose render is decided but not yet submitted
     P:svc:failed        hash: room -> JSON {error, at} of the last pass that failed on it
@@ -27,7 +29,10 @@ other rooms: one bad room never stops the automatic renders of the rest.
 Rooms are bounded too: at most ``max_rooms`` are followed. A room that is created and never
 used, or whose meetings had nothing to render, expires after ``idle_room_ttl_seconds`` and is
 the first forgotten when a new room needs its place; events of a new room are dropped (and
-counted) only when every followed room holds a live meeting or a render.
+counted) only when every followed room holds a live meeting or a render. Then a client naming
+a new room takes the place of the oldest room of the client that named the most, as long as
+that client holds more rooms than the asking one: a client posting thousands of names (with
+Janus's credentials) crowds out only itself, never the rooms of a Janus that posts a few.
 """
 
 from __future__ import annotations
@@ -138,7 +143,11 @@ class Tracker:
     def _forget(self, rooms: list[str], delete: bool) -> None:
         if not rooms:
             return
+        clients = sorted(self.r.smembers(f"{self.p}:clients"))
         pipe = self.r.pipeline(transaction=False)
+        for client in clients:
+            pipe.zrem(f"{self.p}:by:{client}", *rooms)
+            pipe.exists(f"{self.p}:by:{client}")
         if delete:
             pipe.delete(*[self.room_key(room) for room in rooms])
         pipe.zrem(f"{self.p}:seen", *rooms)
@@ -146,12 +155,16 @@ class Tracker:
         pipe.zrem(f"{self.p}:due", *rooms)
         pipe.srem(f"{self.p}:pending", *rooms)
         pipe.hdel(f"{self.p}:failed", *rooms)
-        pipe.execute()
+        answers = pipe.execute()
+        gone = [c for k, c in enumerate(clients) if not answers[2 * k + 1]]
+        if gone:
+            self.r.srem(f"{self.p}:clients", *gone)
 
-    def admit(self, rooms: list[str]) -> set[str]:
+    def admit(self, rooms: list[str], client: str = "local") -> set[str]:
         """The rooms among ``rooms`` whose events may be taken: every room already followed,
         and new ones while fewer than ``max_rooms`` are followed, making place by forgetting
-        idle rooms, oldest first."""
+        idle rooms, oldest first, then rooms of the client holding the most, while it holds
+        more than ``client``."""
         seen = f"{self.p}:seen"
         pipe = self.r.pipeline(transaction=False)
         for room in rooms:
@@ -167,24 +180,63 @@ class Tracker:
             if idle:
                 self.count("idle_rooms_forgotten", len(idle))
             followed -= len(idle)
+            excess -= len(idle)
+            if excess > 0:
+                followed -= self._crowd_out(client, excess)
         room_for = max(0, limit - followed)
+        admitted_new = new[:room_for]
+        if admitted_new:
+            now = time.time()
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zadd(f"{self.p}:by:{client}", dict.fromkeys(admitted_new, now))
+            pipe.sadd(f"{self.p}:clients", client)
+            pipe.execute()
         refused = set(new[room_for:])
         return {room for room in rooms if room not in refused}
+
+    def holdings(self) -> dict[str, int]:
+        """How many followed rooms each client address named first."""
+        clients = sorted(self.r.smembers(f"{self.p}:clients"))
+        pipe = self.r.pipeline(transaction=False)
+        for client in clients:
+            pipe.zcard(f"{self.p}:by:{client}")
+        return {c: n for c, n in zip(clients, pipe.execute(), strict=True) if n}
+
+    def _crowd_out(self, client: str, wanted: int) -> int:
+        """Forget up to ``wanted`` rooms of the clients holding the most, each down to what
+        ``client`` holds; how many were forgotten."""
+        forgotten = 0
+        while forgotten < wanted:
+            held = self.holdings()
+            if not held:
+                break
+            owner = max(held, key=lambda c: held[c])
+            room_for = min(wanted - forgotten, held[owner] - held.get(client, 0) - 1)
+            if owner == client or room_for <= 0:
+                break
+            oldest = self.r.zrange(f"{self.p}:by:{owner}", 0, room_for - 1)
+            if not oldest:
+                break
+            self._forget(oldest, delete=True)
+            forgotten += len(oldest)
+            self.count("rooms_crowded_out", len(oldest))
+        return forgotten
 
     def stats(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(f"{self.p}:stats").items()}
 
     # -- events and time ---------------------------------------------------------------------
-    def handle(self, events: list[RoomEvent], now: float | None = None) -> list[str]:
-        """Apply events (grouped by room, each room in order of arrival); the ids of the
-        meetings that ended."""
+    def handle(self, events: list[RoomEvent], now: float | None = None,
+               client: str = "local") -> list[str]:
+        """Apply events (grouped by room, each room in order of arrival) that ``client`` (an
+        address) posted; the ids of the meetings that ended."""
         now = time.time() if now is None else now
         grace = self.settings.service.grace_seconds
         settle = self.settings.service.settle_seconds
         by_room: dict[str, list[RoomEvent]] = {}
         for event in events:
             by_room.setdefault(event.room, []).append(event)
-        admitted = self.admit(list(by_room)) if by_room else set()
+        admitted = self.admit(list(by_room), client) if by_room else set()
         refused = [room for room in by_room if room not in admitted]
         if refused:
             dropped = sum(len(by_room.pop(room)) for room in refused)

@@ -304,6 +304,40 @@ def test_rooms_are_bounded_and_idle_ones_are_forgotten_first(farm: FarmHarness) 
     assert tracker.stats()["dropped_room_limit"] == 12
 
 
+def test_a_client_flooding_room_names_crowds_out_only_itself(farm: FarmHarness) -> None:
+    """A client with Janus's credentials that names thousands of rooms, each with someone in
+    it, fills the places; Janus's own new rooms then take the flooder's oldest places, never the
+    other way round, and the fixture meeting posted by Janus is still followed to its end."""
+    from melter.farm.jobs import Farm
+    from melter.serve.config import load_settings
+    from melter.serve.tracker import Tracker
+
+    env = {**farm.env, "MELTER_MAX_ROOMS": "100"}
+    tracker = Tracker(load_settings(env), Farm(farm.config))
+    flooder, janus = "10.9.9.9", "10.0.0.1"
+    for first in range(0, 300, 50):
+        tracker.handle([e for k in range(first, first + 50) for e in _parse(json.dumps(
+            videoroom(f"flood-{k}")))], client=flooder)
+    full = len(tracker.rooms())
+    events = [e for line in event_lines(FIXTURE) for e in _parse(line)]
+    ended = tracker.handle(events, client=janus)
+    others = [e for k in range(20) for e in _parse(json.dumps(videoroom(f"janus-{k}")))]
+    tracker.handle(others, client=janus)
+    more_flood = tracker.handle(_parse(json.dumps(videoroom("flood-late"))), client=flooder)
+    rooms = tracker.rooms()
+    stats = tracker.stats()
+    owners = tracker.holdings()
+    print(f"flooder: {full} rooms followed of 100; then Janus's meeting and 20 rooms: "
+          f"{len(rooms)} followed, owners {owners}, stats {stats}")
+    assert full == 100
+    assert ended and "2002" in rooms
+    assert all(f"janus-{k}" in rooms for k in range(20))
+    assert len(rooms) == 100 and stats["rooms_crowded_out"] == 21
+    assert owners == {flooder: 79, janus: 21}
+    assert more_flood == [] and "flood-late" not in rooms
+    assert "flood-0" not in rooms and "flood-99" in rooms and "flood-299" not in rooms
+
+
 def _parse(line: str) -> list[Any]:
     from melter.serve.rooms import parse_events
 
