@@ -2,8 +2,8 @@
 the machine takes, with a real meeting among them every minute, against a real service, real
 farm workers and a real Redis.
 
-    python bench/soak.py                          # 10 minutes, as fast as the machine goes
-    python bench/soak.py --minutes 1 --rate 300   # one minute, at most 300 POSTs a second
+    python -m bench.soak                          # 10 minutes, as fast as the machine goes
+    python -m bench.soak --minutes 1 --rate 300   # one minute, at most 300 POSTs a second
 
 It starts ``melter serve`` (Janus credentials set, its own Redis database and key prefix, a
 storage root in a temporary folder) and ``--workers`` farm workers, then runs until the time is
@@ -23,21 +23,35 @@ up:
   posted at the pace Janus sent them (``--meeting-pace burst``: at once); it is rendered on the
   farm.
 
+The service follows at most ``--max-rooms`` rooms (``MELTER_MAX_ROOMS``, 20 000); a room with
+nothing to keep (such as a fake room once its render is skipped) expires after
+``--idle-room-ttl`` seconds (``MELTER_IDLE_ROOM_TTL_SECONDS``, 600) and is the first forgotten
+when a new room needs its place; when no room is idle, a new room takes the oldest place of
+the client address that named the most rooms, while that address holds more than the asking
+one (``rooms_crowded_out``); otherwise its events are dropped and counted
+(``dropped_room_limit``). Both settings are set explicitly and printed at the start.
+
 Every minute it prints one line: elapsed time, POSTs sent by class and answers by status in
 that minute, POSTs a second, the 50th and 99th percentile answer times, the service's CPU
 share and RSS (psutil, with its children; the workers' RSS beside), Redis's ``used_memory``
-(the whole server) and the keys under the run's prefix with their memory (``MEMORY USAGE``;
-room keys estimated from a sample). At the end it checks that each real meeting was rendered
-exactly once (one job for its room, done, the output's duration within 0.1 s of the meeting's
-span, measured with PyAV), that no other job exists, no answer was 5xx, none was unexpected
-for its kind (429 is always allowed), no request went unanswered, no room failed or was left
-undecided, the last rooms of each valid client were skipped for want of recordings, the
-service's RSS grew by at most 10 % (16 MB) from the first minute to the last, and Redis memory
-not held by rooms did not grow while the bytes per room stayed the same. Room state is kept
-``MELTER_ROOM_TTL_SECONDS`` (at least an hour), so within a soak every room posted stays: the
-summary prints the rooms' bytes and what an hour of this traffic would hold. Exit status 0 when
-every check passed, 1 otherwise. Everything it made (processes, Redis keys, the folder) is
-removed at the end unless ``--keep``.
+(the whole server), the keys under the run's prefix with their memory (``MEMORY USAGE``; room
+keys estimated from a sample), the tracker's counts of idle rooms forgotten, rooms crowded out
+and events dropped at the room limit so far, and the rooms followed per client address (the
+last byte of the address, by kind of client). At the end it checks that each real meeting was
+rendered exactly once (one job for its room, done, the output's duration within 0.1 s of the
+meeting's span, measured with PyAV), that no other job exists, no answer was 5xx, none was
+unexpected for its kind (429 is always allowed), no request went unanswered, no room failed or
+was left undecided, every fake room whose last POST was taken was followed to its end (the
+service logged its render skipped for want of recordings, once), the last 20 of each valid
+client are followed and skipped for want of recordings, ended as posted (destroyed or empty),
+or else were forgotten as idle after that skip, which must then have been logged before the
+last POST was answered (after it, no new room asks for a place), the keys under the prefix
+stayed at most ``--max-rooms`` + 1 000 in every minute, and, in runs of three minutes or more,
+that memory is flat after the warm-up: the largest Redis ``used_memory`` (the whole server)
+and the largest service RSS of minutes 2 to the last exceed those of minute 2 by at most 10 %
+or 16 MB, whichever is more. The summary prints the tracker's counters and the rooms per
+client address at the end. Exit status 0 when every check passed, 1 otherwise. Everything it
+made (processes, Redis keys, the folder) is removed at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -51,6 +65,7 @@ import io
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -61,6 +76,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections import Counter
@@ -87,6 +103,24 @@ SMALL_LAYOUT: dict[str, Any] = {
 }
 DURATION_TOLERANCE = 0.1  # s, between a render and its meeting's span
 MB = 1024 * 1024
+#: Keys under the prefix beyond MELTER_MAX_ROOMS: the tracker's indexes (one per client
+#: address among them) and counters and the farm's job, queue and lock keys (under 100 with ten
+#: jobs), and the rooms admitted by POSTs in flight together, as admission and the room's
+#: write are separate round trips (eight clients, at most 100 new rooms a POST).
+KEY_SLACK = 1000
+#: Growth allowed after the warm-up, of Redis used_memory and of the service's RSS: 10 % or
+#: 16 MB, whichever is more. The room state at the cap (20 000 rooms of about 650 B with their
+#: index entries, 12.5 MB) fits within it even if the cap is reached only after minute 2, while
+#: state kept per room posted (17 MB a minute at this load) does not.
+FLAT_SHARE = 0.10
+FLAT_BYTES = 16 * MB
+#: The last byte of each client's loopback address: the real meetings', the first hostile
+#: client's and the first Janus-like client's (the others follow).
+REAL_ADDRESS, HOSTILE_ADDRESS, VALID_ADDRESS = 2, 10, 40
+#: The service's log line of a meeting whose render is skipped for want of recordings: its
+#: time (local) and room.
+SKIPPED_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) WARNING melter\.serve: "
+                          r"meeting (\S+)-\d+: not rendered: no recordings of room ")
 
 
 def now_us() -> int:
@@ -321,6 +355,8 @@ class FakeRooms:
         self.ends_destroyed = False
         #: the last rooms whose every POST was taken: (room, destroyed or left to the grace)
         self.finished: list[tuple[str, bool]] = []
+        #: every room whose last POST was taken, in order
+        self.all_finished: list[str] = []
 
     def _room(self) -> list[list[dict[str, Any]]]:
         self.rooms += 1
@@ -360,6 +396,7 @@ class FakeRooms:
 
     def done(self) -> None:
         self.finished = [*self.finished[-199:], (str(self.room), self.ends_destroyed)]
+        self.all_finished.append(str(self.room))
 
 
 # -- the farm and the service -------------------------------------------------------------------
@@ -397,7 +434,8 @@ class RealMeeting:
 
 def meeting_span(fixture: str) -> float:
     """First packet to the end of the last one on its sender's media clock (first packet's
-    arrival plus RTP span, as ``tests/test_render.py``), plus the last audio packet's 20 ms."""
+    arrival plus RTP span, as ``tests/render/test_render.py``), plus the last audio packet's
+    20 ms."""
     files = json.loads((FIXTURES / fixture / "manifest.json").read_text())["files"]
     start = min(f["mjr_first_packet_us"] for f in files)
     end = max(f["mjr_first_packet_us"] + f["rtp"]["rtp_span_s"] * 1e6 for f in files)
@@ -465,6 +503,8 @@ class Soak:
             "MELTER_GRACE_SECONDS": str(args.grace),
             "MELTER_SETTLE_SECONDS": "1",
             "MELTER_DEFAULT_LAYOUT": str(layout),
+            "MELTER_MAX_ROOMS": str(args.max_rooms),
+            "MELTER_IDLE_ROOM_TTL_SECONDS": str(args.idle_room_ttl),
         }
         self.env.pop("MELTER_CONFIG", None)
         self.r = redis.Redis.from_url(args.redis)
@@ -479,6 +519,9 @@ class Soak:
         self.stop_at = 0.0
         self.started = 0.0
         self.stats: dict[str, int] = {}
+        self.end_holdings: dict[str, int] = {}
+        self.last_answer = 0.0  # Unix time, when the last POST was answered
+        self.fake_decided = (0, 0)  # finished fake rooms skipped in the service log; finished
         self.cpu_at_start = 0.0
         self.own_cpu = 0.0
         self.fake_renders: Counter[str] = Counter()
@@ -551,7 +594,9 @@ class Soak:
     # -- measurements ----------------------------------------------------------------------
     def measure(self) -> dict[str, Any]:
         """RSS of the service and the workers (with their children), and Redis: the server's
-        used_memory, the keys under the prefix and their memory (room keys from a sample)."""
+        used_memory, the keys under the prefix and their memory (room keys from a sample, with
+        the room indexes ``seen``, ``idle`` and ``by:<client>``), the tracker's counters and
+        the rooms per client address."""
         def tree(process: subprocess.Popen | None) -> list[psutil.Process]:
             if process is None or process.poll() is not None:
                 return []
@@ -596,17 +641,56 @@ class Soak:
             pipe.memory_usage(key, samples=0)
         sizes = [int(s or 0) for s in pipe.execute()]
         other_bytes = sum(sizes[:len(other)])
-        seen = f"{self.prefix}:svc:seen".encode()
-        seen_bytes = sum(s for k, s in zip(other, sizes, strict=False) if k == seen)
+        indexes = {f"{self.prefix}:svc:seen".encode(), f"{self.prefix}:svc:idle".encode()}
+        by_client = f"{self.prefix}:svc:by:".encode()
+        seen_bytes = sum(s for k, s in zip(other, sizes, strict=False)
+                         if k in indexes or k.startswith(by_client))
         per_room = statistics.fmean(sizes[len(other):]) if sample else 0.0
         room_bytes = per_room * rooms + seen_bytes
+        stats = {k.decode(): int(v) for k, v in
+                 self.r.hgetall(f"{self.prefix}:svc:stats").items()}
+        holdings = self.holdings()
         return {"at": time.monotonic() - self.started,
                 "serve_rss": tree_rss(self.service), "serve_cpu": tree_cpu(self.service),
                 "workers_rss": sum(tree_rss(w) for w in self.workers),
                 "redis_used": used, "keys": keys, "room_keys": rooms,
                 "prefix_bytes": other_bytes - seen_bytes + room_bytes,
                 "room_bytes": room_bytes, "other_bytes": other_bytes - seen_bytes,
+                "forgotten": stats.get("idle_rooms_forgotten", 0),
+                "crowded": stats.get("rooms_crowded_out", 0),
+                "dropped": stats.get("dropped_room_limit", 0), "holdings": holdings,
                 "alive": self.service is not None and self.service.poll() is None}
+
+    def holdings(self) -> dict[str, int]:
+        """The rooms followed now by the client address that named them first, as
+        ``Tracker.holdings()`` counts them (``P:svc:by:<address>``)."""
+        p = f"{self.prefix}:svc"
+        clients = sorted(c.decode() for c in self.r.smembers(f"{p}:clients"))
+        pipe = self.r.pipeline(transaction=False)
+        for client in clients:
+            pipe.zcard(f"{p}:by:{client}")
+        return {c: int(n) for c, n in zip(clients, pipe.execute(), strict=True) if n}
+
+    def role(self, address: str) -> str:
+        """Which of the soak's clients posts from ``address``."""
+        last = int(address.rsplit(".", 1)[1]) if address.startswith("127.0.0.") else -1
+        if last == REAL_ADDRESS:
+            return "real meetings"
+        if HOSTILE_ADDRESS <= last < HOSTILE_ADDRESS + self.args.hostile:
+            return f"hostile {last - HOSTILE_ADDRESS}"
+        if VALID_ADDRESS <= last < VALID_ADDRESS + self.args.valid:
+            return f"Janus-like {last - VALID_ADDRESS}"
+        return "unknown"
+
+    def by_role(self, holdings: dict[str, int]) -> str:
+        """``holdings`` grouped by kind of client: ``hostile .10 4990 .11 4987; ...``."""
+        groups: dict[str, list[str]] = {}
+        for address, n in sorted(holdings.items(),
+                                 key=lambda a: [int(x) for x in a[0].split(".")
+                                                if x.isdigit()]):
+            kind = self.role(address).split(" ")[0]
+            groups.setdefault(kind, []).append(f".{address.rsplit('.', 1)[-1]} {n}")
+        return "; ".join(f"{kind} {' '.join(rows)}" for kind, rows in groups.items()) or "none"
 
     # -- traffic ---------------------------------------------------------------------------
     async def send(self, http: Http, post: Post, group: str) -> tuple[int | None, bytes]:
@@ -621,6 +705,7 @@ class Soak:
                 tally.errors[f"{post.kind}: {exc}"[:120]] += 1
             return None, b""
         took = time.monotonic() - began
+        self.last_answer = time.time()
         ok = status in post.expect or status == 429
         for tally in (self.minute, self.total):
             tally.add(group, post.kind, str(status), took, ok)
@@ -629,7 +714,7 @@ class Soak:
     async def hostile_client(self, index: int, pacer: Pacer) -> None:
         assert self.hostile is not None
         rng = random.Random(f"hostile-{index}")
-        http = Http(self.port, f"127.0.0.{10 + index}")
+        http = Http(self.port, f"127.0.0.{HOSTILE_ADDRESS + index}")
         try:
             while time.monotonic() < self.stop_at:
                 await pacer.wait()
@@ -641,7 +726,7 @@ class Soak:
     async def valid_client(self, index: int, pacer: Pacer) -> None:
         rooms = FakeRooms(self.auth, index, random.Random(f"valid-{index}"))
         self.fake.append(rooms)
-        http = Http(self.port, f"127.0.0.{40 + index}")
+        http = Http(self.port, f"127.0.0.{VALID_ADDRESS + index}")
         try:
             while time.monotonic() < self.stop_at:
                 post, last = rooms.make()
@@ -676,7 +761,7 @@ class Soak:
                 data["room"] = int(room)
         lines.sort(key=lambda e: e["timestamp"])
         rng = random.Random(f"meeting-{index}")
-        http = Http(self.port, "127.0.0.2")
+        http = Http(self.port, f"127.0.0.{REAL_ADDRESS}")
         meeting.started = time.monotonic()
         try:
             k = 0
@@ -777,7 +862,10 @@ class Soak:
                 f"{sample['serve_rss'] / MB:.1f} MB (workers {sample['workers_rss'] / MB:.0f} "
                 f"MB) | Redis used_memory {sample['redis_used'] / MB:.1f} MB, prefix "
                 f"{sample['keys']} keys ({sample['room_keys']} rooms) "
-                f"{sample['prefix_bytes'] / MB:.1f} MB")
+                f"{sample['prefix_bytes'] / MB:.1f} MB | idle rooms forgotten "
+                f"{sample['forgotten']}, rooms crowded out {sample['crowded']}, events "
+                f"dropped at the limit {sample['dropped']} | rooms by client address: "
+                f"{self.by_role(sample['holdings'])}")
         print(line, flush=True)
 
     async def run(self) -> None:
@@ -802,6 +890,16 @@ class Soak:
             with urllib.request.urlopen(request, timeout=30) as reply:
                 return json.loads(reply.read())
 
+        def room_state(room: str) -> dict[str, Any] | None:
+            """The room as ``GET /rooms/{room}`` shows it; None when the service does not
+            follow it (404: its events were dropped at MELTER_MAX_ROOMS, or it expired)."""
+            try:
+                return dict(get(f"/rooms/{room}"))
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return None
+                raise
+
         # The rooms still in their grace period or waiting to be submitted are decided
         # within the grace and settle times once the traffic stops.
         deadline = time.monotonic() + 30
@@ -812,9 +910,35 @@ class Soak:
         left = {"pending": self.r.scard(f"{p}:pending"), "due": self.r.zcard(f"{p}:due")}
         if any(left.values()):
             problems.append(f"rooms still undecided 30 s after the traffic: {left}")
+        self.stats = {k.decode(): int(v) for k, v in
+                      self.r.hgetall(f"{self.prefix}:svc:stats").items()}
+        self.end_holdings = self.holdings()
+        skipped = self.skipped_in_log()
+        finished = [room for f in self.fake for room in f.all_finished]
+        missing = [room for room in finished if room not in skipped]
+        twice = [room for room in finished if len(skipped.get(room, ())) > 1]
+        self.fake_decided = (len(finished) - len(missing), len(finished))
+        if missing:
+            problems.append(f"{len(missing)} of {len(finished)} finished fake rooms without "
+                            f"their render skipped for want of recordings in the service log "
+                            f"(not followed to their end), e.g. {', '.join(missing[:3])}")
+        if twice:
+            problems.append(f"{len(twice)} fake rooms skipped more than once in the service "
+                            f"log, e.g. {', '.join(twice[:3])}")
+        unfollowed: list[str] = []
         for rooms_of_client in self.fake:
             for room, destroyed in rooms_of_client.finished[-20:]:
-                meetings = get(f"/rooms/{room}")["meetings"] or [{}]
+                state = room_state(room)
+                if state is None:
+                    decided = skipped.get(room, [])
+                    if decided and max(decided) < self.last_answer:
+                        self.fake_renders["skipped (no recordings), then forgotten as idle "
+                                          "(404)"] += 1
+                    else:
+                        unfollowed.append(room)
+                        self.fake_renders["not followed (404)"] += 1
+                    continue
+                meetings = state["meetings"] or [{}]
                 render = meetings[-1].get("render") or {}
                 ended = meetings[-1].get("ended_by")
                 why = "no recordings" if "no recordings" in str(render.get("error")) else \
@@ -823,6 +947,10 @@ class Soak:
                 if render.get("state") != "skipped" or why != "no recordings" or ended != (
                         "destroyed" if destroyed else "empty"):
                     problems.append(f"fake room {room}: render {render}, ended by {ended}")
+        if unfollowed:
+            problems.append(f"{len(unfollowed)} of the last fake rooms not followed by the "
+                            f"service (404) without their render skipped before the last POST "
+                            f"was answered, e.g. {', '.join(unfollowed[:3])}")
         all_jobs = get("/jobs?limit=1000")
         began = time.monotonic()
         rooms = get("/rooms")
@@ -834,7 +962,10 @@ class Soak:
             jobs = [j for j in all_jobs if str(j["spec"].get("room")) == meeting.room]
             meeting.jobs = len(jobs)
             if len(jobs) != 1:
-                problems.append(f"room {meeting.room} ({meeting.fixture}): {len(jobs)} jobs")
+                followed = "" if jobs or room_state(meeting.room) is not None else \
+                    ", the room not followed by the service (404)"
+                problems.append(f"room {meeting.room} ({meeting.fixture}): {len(jobs)} "
+                                f"jobs{followed}")
                 continue
             job = jobs[0]
             if job["state"] != "done":
@@ -878,27 +1009,49 @@ class Soak:
         self.rooms_view = rooms
         return problems
 
+    def skipped_in_log(self) -> dict[str, list[float]]:
+        """The rooms whose meeting's render the service skipped for want of recordings, with
+        when (Unix time), from its log (``meeting <room>-<µs>: not rendered: no recordings
+        of room <room> ...``)."""
+        found: dict[str, list[float]] = {}
+        log = self.base / "serve.log"
+        if not log.is_file():
+            return found
+        with log.open(errors="replace") as lines:
+            for line in lines:
+                match = SKIPPED_LINE.match(line)
+                if match:
+                    at = dt.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    found.setdefault(match[2], []).append(at)
+        return found
+
+    @staticmethod
+    def flat_limit(base: float) -> float:
+        return base + max(FLAT_SHARE * base, FLAT_BYTES)
+
     def flatness(self) -> list[str]:
-        """RSS at the end of the first and the last minute; Redis memory not held by rooms,
-        and the bytes per room, likewise. Rooms themselves stay for MELTER_ROOM_TTL_SECONDS."""
+        """Keys under the prefix within ``--max-rooms`` + KEY_SLACK in every minute; from
+        minute 2 (the warm-up over) to the last, Redis used_memory (the whole server) and the
+        service's RSS within FLAT_SHARE or FLAT_BYTES of minute 2."""
         problems: list[str] = []
-        if len(self.samples) < 2:
+        if not self.samples:
             return problems
-        first, last = self.samples[0], self.samples[-1]
-        grew = last["serve_rss"] - first["serve_rss"]
-        if grew > max(0.10 * first["serve_rss"], 16 * MB):
-            problems.append(f"service RSS grew {grew / MB:.1f} MB "
-                            f"({first['serve_rss'] / MB:.1f} -> {last['serve_rss'] / MB:.1f})")
-        grew = last["other_bytes"] - first["other_bytes"]
-        if grew > max(0.25 * first["other_bytes"], 1 * MB):
-            problems.append(f"Redis memory not held by rooms grew {grew / MB:.2f} MB")
-
-        def per_room(s: dict[str, Any]) -> float:
-            return s["room_bytes"] / max(1, s["room_keys"])
-
-        if first["room_keys"] and per_room(last) > 1.2 * per_room(first):
-            problems.append(f"Redis bytes per room grew: {per_room(first):.0f} -> "
-                            f"{per_room(last):.0f}")
+        bound = self.args.max_rooms + KEY_SLACK
+        most = max(self.samples, key=lambda s: s["keys"])
+        if most["keys"] > bound:
+            problems.append(f"{most['keys']} keys under the prefix at minute "
+                            f"{most['minute']} ({most['room_keys']} rooms), over "
+                            f"MELTER_MAX_ROOMS + {KEY_SLACK} = {bound}")
+        if len(self.samples) < 3:
+            return problems
+        base, after = self.samples[1], self.samples[1:]
+        for key, name in (("redis_used", "Redis used_memory"), ("serve_rss", "service RSS")):
+            top = max(after, key=lambda s, key=key: s[key])
+            grew = top[key] - base[key]
+            if top[key] > self.flat_limit(base[key]):
+                problems.append(f"{name} grew {grew / MB:.1f} MB after the warm-up: "
+                                f"{base[key] / MB:.1f} MB at minute 2, {top[key] / MB:.1f} "
+                                f"MB at minute {top['minute']}")
         return problems
 
     def summary(self, problems: list[str]) -> list[str]:
@@ -923,8 +1076,18 @@ class Soak:
             for kind, c in sorted(total.by_kind.items()) if kind not in ("valid", "real")))
         fake_rooms = sum(f.rooms for f in self.fake)
         out.append(f"fake rooms: {fake_rooms} started, {sum(f.destroyed for f in self.fake)} "
-                   f"of them destroyed; the last 20 of each client: "
-                   f"{dict(self.fake_renders)}; tracker: {self.stats}")
+                   f"of them destroyed, {self.fake_decided[1]} finished, "
+                   f"{self.fake_decided[0]} of these skipped for want of recordings (service "
+                   f"log); the last 20 of each client: {dict(self.fake_renders)}")
+        named = ("events", "idle_rooms_forgotten", "rooms_crowded_out", "dropped_room_limit",
+                 "auto_submitted")
+        out.append("tracker: " + ", ".join(
+            [f"{k} {self.stats.get(k, 0)}" for k in named]
+            + [f"{k} {v}" for k, v in sorted(self.stats.items()) if k not in named]))
+        out.append("rooms by client address at the end: " + (", ".join(
+            f"{address} ({self.role(address)}) {n}"
+            for address, n in sorted(self.end_holdings.items(), key=lambda a: [
+                int(x) for x in a[0].split(".") if x.isdigit()])) or "none"))
         out.append("answer times by kind (p50/p99 ms): " + ", ".join(
             f"{kind} {statistics.median(v) * 1000:.0f}/"
             f"{sorted(v)[int(len(v) * 0.99)] * 1000:.0f}"
@@ -936,11 +1099,14 @@ class Soak:
                 + (f"output {m.duration:.3f} s" if m.duration is not None else "no output"))
         if self.samples:
             first, last = self.samples[0], self.samples[-1]
+            base = self.samples[1] if len(self.samples) >= 3 else None
 
             def row(name: str, key: str, scale: float = MB, unit: str = "MB") -> str:
-                top = max(s[key] for s in self.samples)
-                return (f"{name}: first minute {first[key] / scale:.1f} {unit}, last minute "
-                        f"{last[key] / scale:.1f} {unit}, max {top / scale:.1f} {unit}")
+                top = max(self.samples, key=lambda s: s[key])
+                warm = f"minute 2 {base[key] / scale:.1f} {unit}, " if base else ""
+                return (f"{name}: first minute {first[key] / scale:.1f} {unit}, {warm}last "
+                        f"minute {last[key] / scale:.1f} {unit}, max {top[key] / scale:.1f} "
+                        f"{unit} (minute {top['minute']})")
 
             out.append(row("service RSS", "serve_rss"))
             out.append(row("workers RSS", "workers_rss"))
@@ -948,17 +1114,26 @@ class Soak:
             out.append(row("Redis under the prefix", "prefix_bytes"))
             out.append(row("  of which rooms", "room_bytes"))
             out.append(row("  the rest", "other_bytes", 1024, "kB"))
-            out.append(f"keys under the prefix: first minute {first['keys']}, last minute "
-                       f"{last['keys']}, max {max(s['keys'] for s in self.samples)}")
-            rooms_per_s = last["room_keys"] / max(1.0, last["at"])
+            most = max(self.samples, key=lambda s: s["keys"])
+            out.append(f"keys under the prefix: first minute {first['keys']}, "
+                       + (f"minute 2 {base['keys']}, " if base else "")
+                       + f"last minute {last['keys']}, max {most['keys']} (minute "
+                       f"{most['minute']}); bound MELTER_MAX_ROOMS + {KEY_SLACK} = "
+                       f"{self.args.max_rooms + KEY_SLACK}")
+            if base is None:
+                out.append("memory flatness: not checked (fewer than three minutes)")
+            else:
+                out.append(
+                    "memory flatness after the warm-up: at most "
+                    f"max({FLAT_SHARE:.0%}, {FLAT_BYTES // MB} MB) over minute 2, that is "
+                    f"Redis used_memory <= {self.flat_limit(base['redis_used']) / MB:.1f} MB, "
+                    f"service RSS <= {self.flat_limit(base['serve_rss']) / MB:.1f} MB")
             per_room = last["room_bytes"] / max(1, last["room_keys"])
-            ttl = 172800.0
-            with contextlib.suppress(ValueError):
-                ttl = float(self.env.get("MELTER_ROOM_TTL_SECONDS", ttl))
-            out.append(f"rooms: {last['room_keys']} held ({rooms_per_s:.0f} new a second, "
-                       f"{per_room:.0f} B each); kept {ttl:.0f} s, so an hour of this traffic "
-                       f"holds {rooms_per_s * 3600 * per_room / MB:.0f} MB, the TTL "
-                       f"{rooms_per_s * ttl * per_room / MB:.0f} MB")
+            out.append(f"rooms: {last['room_keys']} held at the end ({per_room:.0f} B each "
+                       f"with their index entries); at most MELTER_MAX_ROOMS = "
+                       f"{self.args.max_rooms} are followed, so rooms hold at most "
+                       f"{self.args.max_rooms * per_room / MB:.1f} MB whatever is posted; "
+                       f"idle rooms expire after {self.args.idle_room_ttl:g} s")
         listed, size, took = self.rooms_list
         out.append(f"GET /rooms at the end: {listed} rooms, {size / MB:.1f} MB in {took:.2f} s")
         log = self.base / "serve.log"
@@ -1015,6 +1190,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="post a real meeting's events at Janus's pace, or all at once")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="the service's MELTER_GRACE_SECONDS (default 5)")
+    parser.add_argument("--max-rooms", type=int, default=20000,
+                        help="the service's MELTER_MAX_ROOMS (default 20000)")
+    parser.add_argument("--idle-room-ttl", type=float, default=600.0,
+                        help="the service's MELTER_IDLE_ROOM_TTL_SECONDS (default 600)")
     parser.add_argument("--render-timeout", type=float, default=300.0,
                         help="seconds a real meeting's render may take after its last POST")
     parser.add_argument("--redis", default=os.environ.get(
@@ -1039,7 +1218,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: melter serve on 127.0.0.1:{soak.port}, "
               f"{args.workers} worker(s), Redis {args.redis} prefix {soak.prefix}, folder "
               f"{soak.base}; {args.minutes:g} min, {args.hostile} hostile and {args.valid} "
-              f"valid clients, rate {'unlimited' if args.rate <= 0 else args.rate}",
+              f"valid clients, rate {'unlimited' if args.rate <= 0 else args.rate}; "
+              f"MELTER_MAX_ROOMS={args.max_rooms}, "
+              f"MELTER_IDLE_ROOM_TTL_SECONDS={args.idle_room_ttl:g}",
               flush=True)
         asyncio.run(_run(soak))
         try:
