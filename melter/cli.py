@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -404,6 +405,8 @@ def render(
     """Compose the meeting by a layout into finished video (through MLT's melt)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    _library_warnings()
+
     from melter.layout.model import load_layout
     from melter.render import RenderOptions, plan_render, preset_for
     from melter.render import render as run_render
@@ -442,6 +445,7 @@ def preview(
     workdir: Annotated[Path | None, typer.Option("--workdir")] = None,
 ) -> None:
     """One composed frame as a PNG, in seconds."""
+    _library_warnings()
     from melter.layout.model import load_layout, parse_time
     from melter.render import STILL, plan_render
     from melter.render import render as run_render
@@ -513,6 +517,22 @@ def _warn(message: str) -> None:
 def _fail(message: str) -> None:
     """One line on stderr, however long (no wrapping: scripts grep it)."""
     sys.stderr.write(f"melter: error: {' '.join(mask_secrets(message).split())}\n")
+
+
+class _WarningLines(logging.Handler):
+    """Warnings the library logs (a melt restarted, ...) as the command's own warning lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _warn(mask_secrets(record.getMessage()))
+
+
+def _library_warnings() -> None:
+    """Show the library's logged warnings as warning lines (media commands only: the farm's
+    and the service's commands log through their own handlers)."""
+    library = logging.getLogger("melter")
+    if not any(isinstance(h, _WarningLines) for h in library.handlers):
+        library.addHandler(_WarningLines(logging.WARNING))
+        library.propagate = False
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
@@ -39,6 +40,8 @@ from pathlib import Path
 from melter.compose import PreparedSegment
 from melter.errors import MelterError
 from melter.plan import VIDEO_OFF_US, Plan, Rect
+
+log = logging.getLogger(__name__)
 
 _PROGRESS = re.compile(r"Current Frame:\s*(\d+),\s*percentage:\s*(\d+)")
 _ERRORS = (
@@ -788,11 +791,18 @@ class MeltWatch:
     frame (or closed its stderr) and neither exited nor changed its output for this long.
     melt 7.12 can stay forever in its wait loop without rendering anything: its avformat
     consumer marks itself running only after starting its thread, and a thread that gets
-    there first finds it not running, closes the output empty and ends.
+    there first finds it not running, closes the output empty and ends. That hang is told
+    apart within ``race_s`` and melt is started again (``restarts`` times): waiting
+    ``stall_s`` for it would fail a render that a second start completes.
     """
 
     stall_s: float = 120.0
     exit_s: float = 15.0
+    #: How long melt must look as that race leaves it (see :func:`_start_race`) before it is
+    #: restarted: long enough for a melt still loading its document to show it is working.
+    race_s: float = 2.5
+    #: How often a melt that hung so is started again before the render fails.
+    restarts: int = 2
 
 
 def melt_watch(environ: dict[str, str] | None = None) -> MeltWatch:
@@ -811,7 +821,9 @@ def melt_watch(environ: dict[str, str] | None = None) -> MeltWatch:
         if not (math.isfinite(value) and value > 0):
             raise RenderError(f"{name} must be a number of seconds above 0, not {raw!r}")
         limits[key] = value
-    return MeltWatch(**limits)
+    default = MeltWatch()
+    return MeltWatch(stall_s=limits.get("stall_s", default.stall_s),
+                     exit_s=limits.get("exit_s", default.exit_s))
 
 
 def melt_environment() -> dict[str, str]:
@@ -823,6 +835,17 @@ def melt_environment() -> dict[str, str]:
     # Without this the avformat producer builds three swscale contexts per frame and source.
     env.setdefault("MLT_AVFORMAT_SLICED_PIXFMT_DISABLE", "1")
     return env
+
+
+#: Seconds between looks at a melt that has not reported a frame yet.
+_RACE_LOOK_S = 0.5
+#: The share of one CPU under which melt counts as idle: the wait loop of a melt caught in
+#: the consumer start race wakes 25 times a second and does next to nothing.
+_IDLE_SHARE = 0.05
+
+
+class _StartRace(Exception):
+    """melt hung in MLT's consumer start race (see :class:`MeltWatch`)."""
 
 
 def run_melt(
@@ -837,25 +860,43 @@ def run_melt(
 
     melt is watched (see :class:`MeltWatch`): one that stops responding is killed, with any
     process it started, and reported as a :class:`RenderError` naming the last frame it
-    reported. ``timeout``: seconds the whole run may take.
+    reported. One caught in MLT's consumer start race before its first frame is killed and
+    started again with the same arguments (a warning is logged), and the empty output it left
+    is removed when it was not there before. ``timeout``: seconds the whole run may take,
+    restarts included.
     """
     watch = melt_watch()
     command = [melt_binary(), "-progress2", str(document_path), *(extra or []), *consumer]
     target = next((Path(item.split(":", 1)[1]) for item in consumer
                    if item.startswith("avformat:")), None)
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=melt_environment(),
-    )
-    lines: list[str] = []
-    try:
-        _follow(process, frames, progress, lines, watch, target, timeout)
-    except BaseException:
-        _kill(process)
-        raise
-    finally:
-        if process.stderr is not None:
-            process.stderr.close()
+    created = target is not None and not os.path.lexists(target)
+    began = time.monotonic()
+    runs = watch.restarts + 1
+    for run in range(1, runs + 1):
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=melt_environment(),
+        )
+        lines: list[str] = []
+        try:
+            _follow(process, frames, progress, lines, watch, target, timeout, began)
+        except _StartRace:
+            _kill(process)
+            if created and target is not None:
+                _remove_empty(target)
+            if run == runs:
+                raise RenderError(f"melt hung before its first frame {runs} times "
+                                  "(MLT consumer start race)") from None
+            log.warning("melt hung before its first frame (MLT consumer start race); "
+                        "started it again (restart %d of %d)", run, watch.restarts)
+            continue
+        except BaseException:
+            _kill(process)
+            raise
+        finally:
+            if process.stderr is not None:
+                process.stderr.close()
+        break
     stderr = "\n".join(lines)
     problems = [line for line in lines if any(p.search(line) for p in _ERRORS)]
     if process.returncode != 0 or problems:
@@ -869,16 +910,22 @@ def run_melt(
 
 def _follow(process: subprocess.Popen[bytes], frames: int,
             progress: Callable[[int, int], None] | None, lines: list[str], watch: MeltWatch,
-            target: Path | None, timeout: float | None) -> None:
+            target: Path | None, timeout: float | None, began: float) -> None:
     """Read melt's stderr into ``lines`` (reporting progress) until melt has exited; raise
-    :class:`RenderError` when it stops responding (see :class:`MeltWatch`) or outlasts
-    ``timeout``."""
+    :class:`RenderError` when it stops responding (see :class:`MeltWatch`) or the run begun
+    at ``began`` (monotonic) outlasts ``timeout``, :class:`_StartRace` when it hung in the
+    consumer start race."""
     assert process.stderr is not None
     fd = process.stderr.fileno()
-    started = last_seen = time.monotonic()
+    started = began
+    last_seen = time.monotonic()
     frame = 0
     last = False
     done = False
+    reporting = False
+    look = last_seen + _RACE_LOOK_S
+    race_since: float | None = None
+    race_cpu = 0.0
     output = _signature(target)
     buffer = b""
     with selectors.DefaultSelector() as selector:
@@ -898,7 +945,21 @@ def _follow(process: subprocess.Popen[bytes], frames: int,
                                       f"stderr (at frame {frame} of {frames})")
                 raise RenderError(f"melt stopped responding for {limit:g} s at frame {frame} "
                                   f"of {frames}")
+            watching = not (reporting or done)
+            if watching and target is not None and now >= look:
+                look = now + _RACE_LOOK_S
+                seen = _start_race(process.pid, target) if process.poll() is None else None
+                if seen is None:
+                    race_since = None
+                elif race_since is None or seen[0] - race_cpu > _IDLE_SHARE * watch.race_s:
+                    # Counted from a look that finds melt asleep: a melt loading its document
+                    # on a crowded machine is waiting for a CPU, not asleep.
+                    race_since, race_cpu = (now, seen[0]) if seen[1] else (None, 0.0)
+                elif now - race_since >= watch.race_s:
+                    raise _StartRace
             wait = min(1.0, last_seen + limit - now)
+            if watching and target is not None:
+                wait = min(wait, look - now)
             if timeout is not None:
                 wait = min(wait, started + timeout - now)
             if done:
@@ -919,6 +980,7 @@ def _follow(process: subprocess.Popen[bytes], frames: int,
                     line = raw.decode("utf-8", "replace")
                     match = _PROGRESS.search(line)
                     if match:
+                        reporting = True
                         frame = max(frame, int(match.group(1)))
                         last = frame >= frames - 1
                         if progress is not None:
@@ -932,6 +994,64 @@ def _follow(process: subprocess.Popen[bytes], frames: int,
             if changed != output:
                 output = changed
                 last_seen = time.monotonic()
+
+
+def _start_race(pid: int, target: Path) -> tuple[float, bool] | None:
+    """melt's CPU time (seconds), and whether it is asleep, when it looks as MLT's consumer
+    start race leaves it; else ``None``.
+
+    The consumer's thread has ended (melt has one thread left, where a rendering melt always
+    has that one too), leaving the output empty (or, for a format that opens no file, absent)
+    and no longer open, and the thread left is asleep where melt's wait loop sleeps (when the
+    kernel says where) or waiting for a CPU. A melt still loading its document looks the same
+    but for its CPU time, and for not sleeping there, which the caller watches.
+    """
+    try:
+        if target.stat().st_size:
+            return None
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    proc = f"/proc/{pid}"
+    try:
+        if len(os.listdir(f"{proc}/task")) != 1:
+            return None
+        with open(f"{proc}/stat", encoding="utf-8", errors="replace") as handle:
+            stat = handle.read()
+        # pid (comm) state ppid ... utime stime: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] not in ("S", "R"):
+            return None
+        path = os.path.realpath(target)
+        for entry in os.listdir(f"{proc}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{proc}/fd/{entry}") == path:
+                    return None
+        where = ""
+        with contextlib.suppress(OSError), \
+                open(f"{proc}/wchan", encoding="utf-8", errors="replace") as handle:
+            where = handle.read().strip()
+        if where not in ("", "0") and "nanosleep" not in where:
+            return None
+        return (int(fields[11]) + int(fields[12])) / _clock_ticks(), fields[0] == "S"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _clock_ticks() -> int:
+    """The unit of the CPU times in ``/proc/<pid>/stat``."""
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError):
+        return 100
+
+
+def _remove_empty(path: Path) -> None:
+    """Remove ``path`` if it is an empty file."""
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.stat().st_size == 0:
+            path.unlink()
 
 
 def _signature(path: Path | None) -> tuple[int, int] | None:

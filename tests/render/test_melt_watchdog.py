@@ -2,13 +2,17 @@
 
 melt 7.12 can hang for good before its first frame (its avformat consumer's thread can end
 before the consumer is marked running: the output is closed empty and melt waits forever).
-That cannot be produced on demand, so the hung melt here is a stand-in executable chosen
-through ``MELTER_MELT``: it prints melt's ``-progress2`` lines, leaves an empty output like
-the real hang, starts a child process, and sleeps. Everything else is the real melt.
+That hang is recognised within seconds and melt started again; the real melt is made to hang
+so by an LD_PRELOAD library (``tests/helpers/melt_slowstart.c``, built with gcc) that holds up
+the thread starting the consumer's. Any other hang waits for the stall limit: the hung melt
+there is a stand-in executable chosen through ``MELTER_MELT``, which prints melt's
+``-progress2`` lines, starts a child process and sleeps with its output open (so it is not
+taken for the start race). Everything else is the real melt.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -23,10 +27,12 @@ import pytest
 from melter.engine.mlt import EXIT_ENV, MELT_ENV, STALL_ENV, RenderError, melt_watch, run_melt
 from melter.layout.model import load_layout
 from melter.meeting import discover
-from melter.render import PRESETS, plan_render, render
+from melter.render import PRESETS, RenderPlan, plan_render, render
 from tests.helpers.farm import FarmHarness, test_redis_url
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "dev-three-party-vp8"
+SLOWSTART = Path(__file__).parent.parent / "helpers" / "melt_slowstart.c"
+RACE = "melt hung before its first frame 3 times (MLT consumer start race)"
 #: Frames of the fixture's render at 30 fps.
 FIXTURE_FRAMES = 719
 
@@ -35,6 +41,13 @@ import os, subprocess, sys, time
 from pathlib import Path
 
 args = sys.argv[1:]
+load = float(os.environ.get("STAND_IN_LOAD", "0"))
+if load:
+    ends = time.monotonic() + load
+    while time.monotonic() < ends:
+        pass
+    real = os.environ["STAND_IN_MELT"]
+    os.execv(real, [real, *args])
 once = os.environ.get("STAND_IN_STALL_ONCE")
 if once and ("vn=1" not in args or os.path.exists(once)):
     real = os.environ["STAND_IN_MELT"]
@@ -47,8 +60,7 @@ record = os.environ.get("STAND_IN_RECORD")
 if record:
     Path(record).write_text(f"{{os.getpid()}} {{child.pid}}")
 outputs = [a.split(":", 1)[1] for a in args if a.startswith("avformat:")]
-for output in outputs:
-    open(output, "wb").close()
+held = [open(output, "wb") for output in outputs]
 for frame in range(1, int(os.environ.get("STAND_IN_FRAMES", "0")) + 1):
     sys.stderr.write(f"Current Frame: {{frame:10d}}, percentage: {{frame:10d}}\\n")
     sys.stderr.flush()
@@ -57,8 +69,8 @@ grow = float(os.environ.get("STAND_IN_GROW", "0"))
 if grow:
     ends = time.monotonic() + grow
     while time.monotonic() < ends:
-        with open(outputs[0], "ab") as handle:
-            handle.write(b"x" * 1000)
+        held[0].write(b"x" * 1000)
+        held[0].flush()
         time.sleep(0.2)
     child.kill()
     sys.exit(0)
@@ -218,8 +230,8 @@ def test_the_audio_pass_renders_with_the_watch(tmp_path: Path,
 
 
 def test_the_farm_retries_a_unit_whose_melt_hung(stand_in: Path, tmp_path: Path) -> None:
-    """The audio pass's melt hangs once, as melt 7.12 does; the unit fails with the reason
-    and its retry renders the job."""
+    """The audio pass's melt hangs once (not in the start race, which is restarted in the
+    unit); the unit fails with the reason and its retry renders the job."""
     melt = shutil.which("melt")
     assert melt is not None
     marker = tmp_path / "stalled-once"
@@ -240,3 +252,172 @@ def test_the_farm_retries_a_unit_whose_melt_hung(stand_in: Path, tmp_path: Path)
         assert (farm.outputs / "retried.mp4").exists()
     finally:
         farm.cleanup()
+
+
+def restarts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.name == "melter.engine.mlt" and record.levelno == logging.WARNING]
+
+
+def restart(n: int) -> str:
+    return (f"melt hung before its first frame (MLT consumer start race); started it again "
+            f"(restart {n} of 2)")
+
+
+def melts_below(pid: int) -> list[int]:
+    """The melt processes under ``pid`` (other people's melts are not this test's)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+            names[int(entry)] = stat[stat.find("(") + 1:stat.rfind(")")]
+    found = []
+    for child, name in names.items():
+        ancestor = parents.get(child)
+        while ancestor is not None and ancestor != pid:
+            ancestor = parents.get(ancestor)
+        if ancestor == pid and name == "melt":
+            found.append(child)
+    return found
+
+
+@pytest.fixture(scope="module")
+def slowstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LD_PRELOAD library that makes the real melt hang in its consumer start race."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed: cannot build tests/helpers/melt_slowstart.c, "
+                    "which makes melt hang in its consumer start race")
+    library = tmp_path_factory.mktemp("slowstart") / "melt_slowstart.so"
+    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(library), str(SLOWSTART),
+                    "-ldl"], check=True, capture_output=True, text=True)
+    return library
+
+
+@pytest.fixture
+def planned() -> RenderPlan:
+    return plan_render(discover([FIXTURE]), load_layout("grid"))
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["audio", "video"])
+def test_a_melt_caught_in_the_start_race_is_restarted(
+        slowstart: Path, planned: RenderPlan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, video: bool) -> None:
+    """The first melt hangs as melt 7.12 does on a busy machine; the render is done by the
+    second, a few seconds later, with a warning. (melt can also hang so by itself, which
+    then adds a second restart.)"""
+    monkeypatch.delenv(MELT_ENV, raising=False)
+    media = tmp_path / "media"
+    began = time.monotonic()
+    render(planned, [(tmp_path / "normal.mp4", PRESETS["mp4"])], video=video, workdir=media)
+    normal = time.monotonic() - began
+    marker = tmp_path / "held-up"
+    monkeypatch.setenv("LD_PRELOAD", str(slowstart))
+    monkeypatch.setenv("MELT_SLOWSTART_ONCE", str(marker))
+    folder = tmp_path / "out"
+    out = folder / "meeting.mp4"
+    caplog.clear()
+    began, clock = time.monotonic(), time.time()
+    result = render(planned, [(out, PRESETS["mp4"])], video=video, workdir=media)
+    took = time.monotonic() - began
+    # Time lost to the hung melt: until it was started again (the load of other people's
+    # tests makes two renders' times too far apart to compare).
+    lost = next((record.created - clock for record in caplog.records
+                 if record.name == "melter.engine.mlt"), math.inf)
+    print(f"\n{'video' if video else 'audio'}: a render {normal:.1f} s; with melt hung once "
+          f"{took:.1f} s, of which {lost:.1f} s until the restart; "
+          f"{len(restarts(caplog))} restart(s)")
+    assert marker.exists()
+    assert restarts(caplog)[:1] == [restart(1)]
+    assert restarts(caplog) in ([restart(1)], [restart(1), restart(2)])
+    assert lost < 10, lost
+    assert result.frames == FIXTURE_FRAMES
+    assert sorted(folder.iterdir()) == [out]
+    with av.open(str(out)) as container:
+        audio = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(audio))
+        if video:
+            assert container.streams.video[0].frames == FIXTURE_FRAMES
+        else:
+            assert not container.streams.video
+    # AAC adds its priming and pads its last frame: within two 1024-sample frames.
+    assert math.isclose(samples, round(FIXTURE_FRAMES * 48000 / 30), abs_tol=2048), samples
+    assert melts_below(os.getpid()) == []
+
+
+def test_a_melt_that_always_hangs_in_the_start_race_fails_in_one_line(
+        slowstart: Path, planned: RenderPlan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv(MELT_ENV, raising=False)
+    monkeypatch.delenv("MELT_SLOWSTART_ONCE", raising=False)
+    media = tmp_path / "media"
+    began = time.monotonic()
+    render(planned, [(tmp_path / "normal.mp4", PRESETS["mp4"])], video=False, workdir=media)
+    normal = time.monotonic() - began
+    monkeypatch.setenv("LD_PRELOAD", str(slowstart))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    caplog.clear()
+    began = time.monotonic()
+    with pytest.raises(RenderError) as caught:
+        render(planned, [(folder / "meeting.mp4", PRESETS["mp4"])], video=False,
+               workdir=media)
+    took = time.monotonic() - began
+    print(f"\naudio: a render {normal:.1f} s, failing after 3 hung melts {took:.1f} s")
+    assert str(caught.value) == RACE
+    assert restarts(caplog) == [restart(1), restart(2)]
+    assert took < 20, took
+    assert sorted(folder.iterdir()) == []
+    assert melts_below(os.getpid()) == []
+
+
+def test_the_command_line_reports_the_start_race(slowstart: Path, tmp_path: Path) -> None:
+    """Each restart is a line on stderr, then the failure's one line."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != MELT_ENV}
+    env.update(LD_PRELOAD=str(slowstart))
+    began = time.monotonic()
+    done = run_cli("render", str(FIXTURE), "-o", str(folder / "meeting.mp4"), env=env)
+    print(f"\ncommand line failing after 3 hung melts: {time.monotonic() - began:.1f} s")
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [f"warning: {restart(1)}", f"warning: {restart(2)}",
+                     f"melter: error: {RACE}"], done.stderr
+    assert sorted(folder.iterdir()) == []
+
+
+def test_a_melt_busy_before_its_first_frame_is_not_restarted(
+        stand_in: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A melt loading a large document also has one thread, no frame and an output nobody
+    has opened yet (``atomic_output`` creates it empty); it is working, though, and is left
+    to finish. The stand-in spends 5 s of CPU, then becomes the real melt."""
+    melt = shutil.which("melt")
+    assert melt is not None
+    doc = tmp_path / "audio.mlt"
+    frames = 90
+    doc.write_text(f'<mlt><producer id="tone" out="{frames - 1}"><property name="mlt_service">'
+                   f'tone</property></producer></mlt>')
+    out = tmp_path / "out.mp4"
+    out.touch()
+    monkeypatch.setenv(MELT_ENV, str(stand_in))
+    monkeypatch.setenv("STAND_IN_MELT", melt)
+    monkeypatch.setenv("STAND_IN_LOAD", "5")
+    began = time.monotonic()
+    run_melt(doc, ["-consumer", f"avformat:{out}", "real_time=-1", "f=mp4", "acodec=aac",
+                   "vn=1"], frames)
+    took = time.monotonic() - began
+    print(f"\na melt busy 5 s before its first frame: {took:.1f} s")
+    assert restarts(caplog) == []
+    assert took >= 5
+    with av.open(str(out)) as container:
+        assert container.streams.audio and container.duration
