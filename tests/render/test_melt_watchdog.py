@@ -28,7 +28,7 @@ from melter.engine.mlt import EXIT_ENV, MELT_ENV, STALL_ENV, RenderError, melt_w
 from melter.layout.model import load_layout
 from melter.meeting import discover
 from melter.render import PRESETS, RenderPlan, plan_render, render
-from tests.helpers.farm import FarmHarness, test_redis_url
+from tests.helpers.farm import FarmHarness, alive, test_redis_url
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "dev-three-party-vp8"
 SLOWSTART = Path(__file__).parent.parent / "helpers" / "melt_slowstart.c"
@@ -87,14 +87,6 @@ def stand_in(tmp_path: Path) -> Path:
     path.write_text(STAND_IN.format(python=sys.executable))
     path.chmod(0o755)
     return path
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def gone(pids: list[int], timeout: float = 5.0) -> bool:
