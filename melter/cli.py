@@ -472,6 +472,11 @@ def replay(
         "--room", help="replay as this room (file names and events); default: the original")
     ] = None,
     speed: Annotated[float, typer.Option("--speed", help="1 = the meeting's own pace")] = 1.0,
+    split_writes: Annotated[bool, typer.Option(
+        "--split-writes", help="write each frame in two pieces, cut at a pseudo-random byte, "
+                               "as a buffered writer flushes")] = False,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="seed for --split-writes' "
+                                                                "cuts")] = 0,
     user: Annotated[str | None, typer.Option(envvar="MELTER_JANUS_USER")] = None,
     password: Annotated[str | None, typer.Option(envvar="MELTER_JANUS_PASSWORD")] = None,
     token: Annotated[str | None, typer.Option(envvar="MELTER_JANUS_TOKEN")] = None,
@@ -491,7 +496,8 @@ def replay(
     def progress(report: ReplayReport, elapsed: float) -> None:
         err.print(f"{elapsed:7.1f} s: {report.frames} frames, {report.events} events posted")
 
-    report = run_replay(plan, into, post, speed=speed, progress=progress)
+    report = run_replay(plan, into, post, speed=speed, progress=progress,
+                        split_writes=split_writes, split_seed=split_seed)
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted(report.statuses.items())) or "none"
     err.print(f"replayed {report.files} files ({report.frames} frames, {report.bytes} bytes) "
               f"and {report.events} events in {report.posts} posts (status {statuses}) in "

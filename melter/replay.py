@@ -19,6 +19,7 @@ import base64
 import heapq
 import json
 import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -197,10 +198,15 @@ def event_poster(url: str, user: str | None = None, password: str | None = None,
 def replay(plan: ReplayPlan, into: Path, post: Callable[[list[dict[str, Any]]], str] | None,
            speed: float = 1.0, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep,
-           progress: Callable[[ReplayReport, float], None] | None = None) -> ReplayReport:
+           progress: Callable[[ReplayReport, float], None] | None = None,
+           split_writes: bool = False, split_seed: int = 0) -> ReplayReport:
     """Write the plan's files into ``into`` and post its events, each at its own time.
 
     ``speed`` above 1 plays faster than the meeting happened (the bytes written are the same).
+    ``split_writes`` writes as a buffered writer that flushes at arbitrary byte boundaries: each
+    frame reaches the file in two pieces, cut at a (``split_seed``) pseudo-random byte inside
+    it; the first piece is flushed at the frame's time, the rest with the file's next frame (or
+    when the replay ends), so a reader meanwhile finds a partly written last frame.
     Existing files are never overwritten: a replay into a folder that already holds one of its
     names stops before writing anything.
     """
@@ -213,6 +219,8 @@ def replay(plan: ReplayPlan, into: Path, post: Callable[[list[dict[str, Any]]], 
                              "folder or room")
     report = ReplayReport()
     handles: dict[int, IO[bytes]] = {}
+    pending: dict[int, bytes] = {}
+    cuts = random.Random(split_seed)
     frames = heapq.merge(*(_frames(f, k) for k, f in enumerate(plan.files)))
     opens = sorted((f.created_us, k) for k, f in enumerate(plan.files))
     groups: list[tuple[int, list[dict[str, Any]]]] = []
@@ -276,14 +284,21 @@ def replay(plan: ReplayPlan, into: Path, post: Callable[[list[dict[str, Any]]], 
                 assert next_frame is not None
                 _, k, _, data = next_frame
                 if k in handles:
-                    handles[k].write(data)
+                    if split_writes:
+                        cut = cuts.randrange(1, len(data))
+                        handles[k].write(pending.pop(k, b"") + data[:cut])
+                        pending[k] = data[cut:]
+                    else:
+                        handles[k].write(data)
                     report.frames += 1
                     report.bytes += len(data)
                 next_frame = next(frames, None)
                 if next_frame is None or next_frame[0] != when:
                     flush()
     finally:
-        for handle in handles.values():
+        for k, handle in handles.items():
+            if k in pending:
+                handle.write(pending.pop(k))
             handle.close()
     report.elapsed_s = clock() - started
     return report
