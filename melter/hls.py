@@ -35,6 +35,7 @@ import av
 
 from melter.convert import file_mode
 from melter.errors import MelterError
+from melter.rooted import NotRegularFile, link_new, read_at
 
 SEGMENT_SUFFIX = ".ts"
 #: A 12-hour meeting in 6 s segments has a playlist of about 300 kB.
@@ -136,18 +137,13 @@ def segment(source: Path, playlist: Path, seconds: int) -> Playlist:
 
 
 def _read(folder: int, name: str) -> bytes:
-    handle = os.open(name, _NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
     try:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            raise MelterError(f"{name} is not a regular file")
-        data = b""
-        while chunk := os.read(handle, 1 << 20):
-            data += chunk
-            if len(data) > PLAYLIST_LIMIT:
-                raise MelterError(f"{name}: more than {PLAYLIST_LIMIT} bytes")
-        return data
-    finally:
-        os.close(handle)
+        data = read_at(folder, name, PLAYLIST_LIMIT + 1)
+    except NotRegularFile as exc:
+        raise MelterError(str(exc)) from None
+    if len(data) > PLAYLIST_LIMIT:
+        raise MelterError(f"{name}: more than {PLAYLIST_LIMIT} bytes")
+    return data
 
 
 def read_playlist(folder: int, name: str) -> Playlist:
@@ -172,20 +168,6 @@ def _settle(folder: int, name: str, mode: int) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
-
-
-def _link(source: int, name: str, target: int, final: str) -> None:
-    """``name`` in ``source`` also as ``final`` in ``target``, never over an existing file
-    (FileExistsError), neither name looked up through a link."""
-    try:
-        os.link(name, final, src_dir_fd=source, dst_dir_fd=target, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(final, dir_fd=target, follow_symlinks=False)
-            raise FileExistsError(errno.EEXIST, "exists", final) from None
-        os.replace(name, final, src_dir_fd=source, dst_dir_fd=target)
 
 
 def named_after(playlist: str, segment: str) -> bool:
@@ -226,7 +208,7 @@ def place(source: int, staged: str, target: int, name: str, *, replace: bool, mo
     try:
         for (staged_segment, _), final in zip(playlist.segments, names, strict=True):
             _settle(source, staged_segment, mode)
-            _link(source, staged_segment, target, final)
+            link_new(source, staged_segment, target, final)
             placed.append(final)
         os.fsync(target)
         handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -243,7 +225,7 @@ def place(source: int, staged: str, target: int, name: str, *, replace: bool, mo
         if replace:
             os.replace(temp, name, src_dir_fd=target, dst_dir_fd=target)
         else:
-            _link(target, temp, target, name)
+            link_new(target, temp, target, name)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=target)
         os.fsync(target)

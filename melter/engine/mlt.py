@@ -40,6 +40,7 @@ from pathlib import Path
 from melter.compose import PreparedSegment
 from melter.errors import MelterError
 from melter.plan import VIDEO_OFF_US, Plan, Rect
+from melter.proctree import descendants
 
 log = logging.getLogger(__name__)
 
@@ -1067,41 +1068,12 @@ def _signature(path: Path | None) -> tuple[int, int] | None:
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
     """Kill melt and every process under it, and reap melt."""
-    family = _descendants(process.pid) if process.poll() is None else []
+    family = descendants(process.pid) if process.poll() is None else []
     process.kill()
     for pid in family:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     process.wait()
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes under ``pid`` (from ``/proc``; none where there is no ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and fields[1].isdigit():
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            if child not in found:
-                found.append(child)
-                pending.append(child)
-    return found
 
 
 def _write_failure(lines: list[str], consumer: list[str]) -> str | None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from melter import rooted
 from melter.farm.job import JobError
 from melter.rooted import file_problem, real_under
 
@@ -287,24 +288,9 @@ def folder_fd(root: Path, folder: Path, create: bool = False) -> Iterator[int]:
         os.close(fd)
 
 
-def exists_at(fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def read_at(fd: int, name: str, limit: int = LAYOUT_LIMIT) -> bytes:
     """A small regular file in the folder ``fd`` (a manifest), not following a link."""
-    handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=fd)
-    try:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            raise OSError(f"{name} is not a regular file")
-        return os.read(handle, limit)
-    finally:
-        os.close(handle)
+    return rooted.read_at(fd, name, limit)
 
 
 def write_at(fd: int, name: str, data: bytes, mode: int) -> None:

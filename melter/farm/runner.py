@@ -21,7 +21,6 @@ job instead of receiving its files.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import importlib
 import json
@@ -49,7 +48,6 @@ from melter.farm.manifest import (
     tool_versions,
 )
 from melter.farm.paths import (
-    exists_at,
     folder_fd,
     layouts_for,
     open_folder,
@@ -69,6 +67,7 @@ from melter.render import (
     plan_render,
     render,
 )
+from melter.rooted import exists_at, link_new
 
 #: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.
 AUDIO_WEIGHT = 0.25
@@ -568,16 +567,9 @@ def _link(source: int, temp: str, target: int, final: str) -> None:
         os.fchmod(handle, file_mode())  # the temporary file was private to the worker
     finally:
         os.close(handle)
-    try:
-        os.link(temp, final, src_dir_fd=source, dst_dir_fd=target, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
-            raise
-        if exists_at(target, final):
-            raise FileExistsError(errno.EEXIST, "output exists", final) from None
-        os.replace(temp, final, src_dir_fd=source, dst_dir_fd=target)
-        return
-    os.unlink(temp, dir_fd=source)
+    link_new(source, temp, target, final)
+    with contextlib.suppress(FileNotFoundError):  # renamed where there are no hard links
+        os.unlink(temp, dir_fd=source)
 
 
 def _manifest(attempt: Attempt, record: JobRecord, k: int, fields: dict[str, str],
