@@ -26,6 +26,8 @@ from tests.helpers.service import CLI, farm
 __all__ = ["farm"]  # the fixture, used by name
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
+#: How far a growing track's end may move back as its offset settles.
+SETTLE_US = 10_000
 CUT = "file ends inside"
 
 
@@ -70,7 +72,10 @@ def test_growing_files_always_read_as_a_prefix_of_the_final_file(tmp_path: Path)
                             capture_output=True, text=True, timeout=60)
                 if frames and reads % 5 == 0:
                     analysis = analyze(path)
-                    assert analysis.end_us >= ends.get(path.name, 0), path.name
+                    # A track is placed by its least-delayed packet so far, so a later packet
+                    # that arrived with less delay moves the whole track a few ms earlier.
+                    back = ends.get(path.name, 0) - analysis.end_us
+                    assert back <= SETTLE_US, (path.name, back)
                     ends[path.name] = analysis.end_us
                     analyses += 1
             time.sleep(0.005)
