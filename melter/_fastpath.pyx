@@ -41,6 +41,7 @@ cdef double MAX_DELAY_S = 10.0
 cdef int MIN_WINDOW_PACKETS = 5
 cdef double ENVELOPE_WINDOW_S = 2.0
 cdef double VIDEO_GAP_S = 0.5
+cdef double OFFSET_SPAN_S = 3.0
 
 CONSTANTS = {
     "JUMP_TOLERANCE_S": JUMP_TOLERANCE_S,
@@ -49,6 +50,7 @@ CONSTANTS = {
     "MIN_WINDOW_PACKETS": MIN_WINDOW_PACKETS,
     "ENVELOPE_WINDOW_S": ENVELOPE_WINDOW_S,
     "VIDEO_GAP_S": VIDEO_GAP_S,
+    "OFFSET_SPAN_S": OFFSET_SPAN_S,
     "MAX_RTP_FRAME": MAX_RTP_FRAME,
     "ARRIVAL_WRAP_WINDOW_MS": ARRIVAL_WRAP_WINDOW_MS,
     "RECENT_SIZE": RECENT_SIZE,
@@ -576,34 +578,60 @@ cdef class _OrderedSource:
 
 
 cdef class _Locator:
-    """:class:`melter.track.PieceLocator` with C arrays."""
+    """:class:`melter.track.PieceLocator` with C arrays: the piece, then the knot of its line."""
 
     cdef list starts
-    cdef list offsets
+    cdef list lines  # per piece: (knot times, offsets, factors)
     cdef Py_ssize_t count
     cdef Py_ssize_t position
     cdef bint has_next
     cdef int64_t next_start
     cdef int64_t current_start
+    cdef list times
+    cdef list offsets
+    cdef list factors
+    cdef Py_ssize_t knots
+    cdef Py_ssize_t knot
+    cdef double knot_from
+    cdef double next_from
+    cdef bint has_next_knot
     cdef double current_offset
     cdef double factor
 
     def __cinit__(self, analysis):
         self.starts = [piece.first_index for piece in analysis.pieces]
-        self.offsets = [piece.offset_us for piece in analysis.pieces]
+        self.lines = []
+        for piece in analysis.pieces:
+            line = piece.line()
+            self.lines.append((
+                [knot[0] for knot in line],
+                [knot[1] for knot in line],
+                [1.0 + knot[2] for knot in line],
+            ))
         self.count = len(self.starts)
-        self.factor = 1.0 + analysis.skew
         self._settle(0)
 
     cdef void _settle(self, Py_ssize_t position):
         self.position = position
         self.current_start = self.starts[position]
-        self.current_offset = self.offsets[position]
         self.has_next = position + 1 < self.count
         if self.has_next:
             self.next_start = self.starts[position + 1]
+        self.times, self.offsets, self.factors = self.lines[position]
+        self.knots = len(self.times)
+        self._knot(0)
+
+    cdef void _knot(self, Py_ssize_t knot):
+        self.knot = knot
+        self.knot_from = self.times[knot]
+        self.current_offset = self.offsets[knot]
+        self.factor = self.factors[knot]
+        self.has_next_knot = knot + 1 < self.knots
+        if self.has_next_knot:
+            self.next_from = self.times[knot + 1]
 
     cdef int64_t wall(self, int64_t index, double t) except? -1:
+        cdef Py_ssize_t lo, hi, mid
         if index < self.current_start:
             # bisect_right(starts, index) - 1
             lo, hi = 0, self.count
@@ -616,6 +644,19 @@ cdef class _Locator:
             self._settle(max(0, lo - 1))
         while self.has_next and self.next_start <= index:
             self._settle(self.position + 1)
+        if self.knots > 1:
+            if t < self.knot_from and self.knot > 0:
+                # bisect_right(times, t) - 1
+                lo, hi = 0, self.knots
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if t < <double>self.times[mid]:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                self._knot(max(0, lo - 1))
+            while self.has_next_knot and self.next_from <= t:
+                self._knot(self.knot + 1)
         return py_round(self.current_offset + t * self.factor * 1e6)
 
 
@@ -712,6 +753,7 @@ cdef class _FirstPass:
     cdef bint has_lowest
     cdef double lowest_t
     cdef double lowest_d
+    cdef double early_end
     cdef set outliers
     cdef bint first_checked
     cdef bint has_first_packet
@@ -788,8 +830,12 @@ cdef class _FirstPass:
         self.piece_indices.add(index)
 
     cdef void _envelope(self, double t, double d) except *:
-        if not self.has_lowest or d < self.lowest_d:
+        if not self.has_lowest:
             self.has_lowest = True
+            self.lowest_t = t
+            self.lowest_d = d
+            self.early_end = t + OFFSET_SPAN_S
+        elif t < self.early_end and d < self.lowest_d:
             self.lowest_t = t
             self.lowest_d = d
         if not self.has_window_min or t - self.window_start >= ENVELOPE_WINDOW_S:

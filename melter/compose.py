@@ -31,7 +31,15 @@ from melter.plan import (
     SpeakerChange,
     build_plan,
 )
-from melter.track import TrackAnalysis
+from melter.track import STABLE_AFTER_S, TrackAnalysis
+
+#: A plan made from recordings still being written equals the final plan up to this long
+#: before the time they were read: their frames are placed for good up to
+#: :data:`melter.track.STABLE_AFTER_S` before; the speaker decided at a moment hears one level
+#: window past it (at most 2 s, :attr:`melter.layout.model.Speaker.window`), and a boundary
+#: snaps to an output frame; a video gap is known to be one only when it has lasted
+#: :data:`melter.plan.VIDEO_OFF_US` (2 s, within the same allowance).
+PLAN_HORIZON_S = STABLE_AFTER_S + 3.0
 
 
 def _video_spans(segment: Segment, origin_us: int) -> tuple[Span, ...]:
@@ -56,6 +64,21 @@ def _video_spans(segment: Segment, origin_us: int) -> tuple[Span, ...]:
     return tuple(s for s in spans if s.end_us > s.start_us)
 
 
+def _picture_size(video: TrackAnalysis | None) -> tuple[int, int]:
+    """The size a segment's pictures are planned for: the first the sender sent.
+
+    Senders start small and grow as bandwidth allows, mostly keeping the shape; the largest
+    size is only known at the end, and a plan must not change what it placed early on when the
+    recording grows.
+    """
+    if video is None:
+        return 0, 0
+    if video.resolutions:
+        _, width, height = video.resolutions[0]
+        return width, height
+    return video.max_width, video.max_height
+
+
 def participants_for_plan(meeting: Meeting) -> list[ParticipantInfo]:
     origin = meeting.start_us
     infos = []
@@ -67,8 +90,8 @@ def participants_for_plan(meeting: Meeting) -> list[ParticipantInfo]:
                 end_us=segment.end_us - origin,
                 has_audio=segment.audio is not None,
                 video_spans=_video_spans(segment, origin),
-                width=segment.video.max_width if segment.video else 0,
-                height=segment.video.max_height if segment.video else 0,
+                width=_picture_size(segment.video)[0],
+                height=_picture_size(segment.video)[1],
             )
             for segment in participant.segments
         )

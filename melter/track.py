@@ -9,23 +9,34 @@ Two streaming passes over the file, so memory stays flat for any length:
 2. :func:`timed_frames` reads the packets again and yields codec frames with wall-clock times
    from that model.
 
-The model: inside a piece, ``wall = offset + t * (1 + skew)`` where ``t`` is RTP time since the
-track's start. ``offset`` sits on the lower envelope of ``arrival - t`` (the least delayed
-packets), so network jitter does not shift the track. A piece starts where that envelope moves
-by more than :data:`JUMP_TOLERANCE_S` for good: a timestamp reset, or a sender that stopped its
-clock during a pause. A pause whose RTP time kept running (Janus rewrites timestamps after a
-pause) needs no piece: it is a gap in RTP time and becomes silence on output.
+The model: inside a piece, the wall clock is a continuous piecewise-linear function of ``t``, the
+RTP time since the track's start, that sits on the lower envelope of ``arrival - t`` (the least
+delayed packets), so network jitter does not shift the track. A piece starts where that
+envelope moves by more than :data:`JUMP_TOLERANCE_S` for good: a timestamp reset, or a sender
+that stopped its clock during a pause. A pause whose RTP time kept running (Janus rewrites
+timestamps after a pause) needs no piece: it is a gap in RTP time and becomes silence on output.
+
+The model is causal, so that a recording read while Janus still writes it (a prefix of the final
+file) places every frame exactly where the whole file will, except the last
+:data:`STABLE_AFTER_S` seconds: a piece's offset comes from its least-delayed packet in its first
+:data:`OFFSET_SPAN_S` seconds, and every :data:`KNOT_INTERVAL_S` seconds a knot sets the slope
+for the next interval from the envelope seen before the knot only — the clock skew (Theil–Sen
+over the envelope so far) plus what brings the line back onto that envelope by the next knot.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from melter.depay import (
     CLOCK_RATES,
@@ -62,6 +73,32 @@ MIN_WINDOW_PACKETS = 5
 ENVELOPE_WINDOW_S = 2.0
 #: Skew is estimated only over a span at least this long; shorter tracks get 0.
 MIN_SKEW_SPAN_S = 20.0
+#: A slope (skew plus correction) this steep is something else (a stall pattern): time is
+#: never bent by more.
+MAX_SKEW = 5e-3
+#: A piece's offset is its least-delayed packet among those of its first seconds (RTP time
+#: from its first packet): a few hundred audio packets find the envelope within a millisecond
+#: on a quiet network, and the first knot corrects what they miss.
+OFFSET_SPAN_S = 3.0
+#: Knots of the wall-clock line, this far apart in RTP time. A knot's slope comes from the
+#: envelope before it; the first knot of a track comes after :data:`MIN_SKEW_SPAN_S` of
+#: envelope, so a skew of 100 ppm is off by at most 3 ms before it.
+KNOT_INTERVAL_S = 30.0
+#: A knot fits the skew to the latest this many envelope points, and steers to their lower
+#: envelope: about ten minutes of a continuous track, so a knot's work is bounded (pairs grow
+#: with the square) and a clock whose rate drifts is followed.
+MAX_FIT_POINTS = 300
+#: The timing of a recording's prefix equals the whole file's for every frame placed more than
+#: this before the prefix's last arrival: the offset needs :data:`OFFSET_SPAN_S` of packets, a
+#: knot the envelope window that straddles it (:data:`ENVELOPE_WINDOW_S`), and packets arrive
+#: late by up to the rest.
+STABLE_AFTER_S = 5.0
+#: A clock jump opens a gap longer than all the media before it only when the arrival clock
+#: is damaged or stepped, unless the gap is shorter than this (a sender's pause).
+CLOCK_FAULT_MIN_S = 60.0
+#: Changes whenever the same recording would be placed differently, so stored timing keys of
+#: older versions never match.
+TIMING_MODEL = "causal-knots-1"
 #: A video interval this long counts as a gap.
 VIDEO_GAP_S = 0.5
 MAX_LISTED = 10000
@@ -99,7 +136,17 @@ class Piece:
     reason: str
     offset_us: float = 0.0
     minima: list[tuple[float, float]] = field(default_factory=list)  # (t, arrival - t)
-    lowest: tuple[float, float] | None = None  # the piece's least-delayed packet
+    #: The least-delayed packet of the piece's first :data:`OFFSET_SPAN_S` seconds.
+    lowest: tuple[float, float] | None = None
+    #: The wall-clock line: from RTP time ``t_from`` on (to the next knot),
+    #: ``wall_us = offset_us + t * (1 + slope) * 1e6``; the first knot is the piece's start.
+    knots: list[tuple[float, float, float]] = field(default_factory=list)
+    #: RTP seconds where the piece's media ends.
+    t_end: float = 0.0
+
+    def line(self) -> list[tuple[float, float, float]]:
+        """The knots, or one line at the piece's offset for a piece never fitted."""
+        return self.knots or [(self.t_start, self.offset_us, 0.0)]
 
 
 @dataclass
@@ -110,6 +157,7 @@ class TrackAnalysis:
     clock_rate: int
     stats: OrderStats
     pieces: list[Piece]
+    #: The clock skew the envelope shows at the end (a summary: each knot has its own slope).
     skew: float = 0.0
     start_us: int = 0
     end_us: int = 0
@@ -152,6 +200,46 @@ class TrackAnalysis:
         expected = self.stats.packets + self.stats.lost
         return 100.0 * self.stats.lost / expected if expected else 0.0
 
+    def timing_key(self, start_us: int, end_us: int) -> str:
+        """A digest of all that places this track's frames of wall time ``[start_us, end_us)``:
+        the file, and each piece and line segment that reaches into that stretch.
+
+        A renderer reuses a window it rendered from a growing recording while the key stays
+        the same: it does for a prefix and the whole file when ``end_us`` lies
+        :data:`STABLE_AFTER_S` before the prefix's last arrival.
+        """
+        digest = hashlib.sha256(repr((
+            TIMING_MODEL, self.path.name, self.header.created_us, self.codec, self.clock_rate,
+            self.first_ts)).encode())
+        for number, piece in enumerate(self.pieces):
+            for segment in _segments_reaching(piece, start_us, end_us):
+                digest.update(repr((number, piece.first_index, piece.t_start, segment)).encode())
+        return digest.hexdigest()[:16]
+
+
+def _line_us(knots: Sequence[tuple[float, float, float]], times: Sequence[float],
+             t: float) -> float:
+    """Where RTP time ``t`` lies on a piece's line (``times``: the knots' ``t_from``)."""
+    _, offset_us, slope = knots[max(0, bisect.bisect_right(times, t) - 1)]
+    return offset_us + t * (1.0 + slope) * 1e6
+
+
+def _piece_wall(piece: Piece, t: float) -> float:
+    line = piece.line()
+    return _line_us(line, [knot[0] for knot in line], t)
+
+
+def _segments_reaching(piece: Piece, start_us: int, end_us: int
+                       ) -> Iterator[tuple[float, float, float]]:
+    """The knots whose stretch of the wall clock meets ``[start_us, end_us)``."""
+    line = piece.line()
+    for number, knot in enumerate(line):
+        t_from, offset_us, slope = knot
+        t_to = line[number + 1][0] if number + 1 < len(line) else max(piece.t_end, t_from)
+        if (offset_us + t_from * (1.0 + slope) * 1e6 < end_us
+                and offset_us + t_to * (1.0 + slope) * 1e6 >= start_us):
+            yield knot
+
 
 class PieceLocator:
     """Wall-clock time of a packet given its index; indices must come in rising order."""
@@ -160,6 +248,8 @@ class PieceLocator:
         self.analysis = analysis
         self.starts = [piece.first_index for piece in analysis.pieces]
         self.position = 0
+        self.lines = [piece.line() for piece in analysis.pieces]
+        self.times = [[knot[0] for knot in line] for line in self.lines]
 
     def piece(self, index: int) -> Piece:
         pieces = self.analysis.pieces
@@ -170,8 +260,8 @@ class PieceLocator:
         return pieces[self.position]
 
     def wall(self, index: int, t: float) -> int:
-        piece = self.piece(index)
-        return round(piece.offset_us + t * (1.0 + self.analysis.skew) * 1e6)
+        self.piece(index)
+        return round(_line_us(self.lines[self.position], self.times[self.position], t))
 
 
 @dataclass(slots=True)
@@ -294,11 +384,11 @@ def analyze(path: str | Path) -> TrackAnalysis:
             pass
         else:
             facts.depay = _make_depacketizer(analysis.codec)
-            _fit_timing(analysis, has_arrivals=True)
+            _fit_timing(analysis, facts, has_arrivals=True)
             return _finish_analysis(analysis, facts, reader)
     analysis = _new_analysis(path, header)
     facts = _first_pass_python(reader, analysis)
-    _fit_timing(analysis, has_arrivals=header.variant is Variant.V2)
+    _fit_timing(analysis, facts, has_arrivals=header.variant is Variant.V2)
     return _finish_analysis(analysis, facts, reader)
 
 
@@ -500,36 +590,31 @@ def _finish_analysis(
 
 
 def _bound_clock_jumps(analysis: TrackAnalysis, facts: _FirstPass) -> None:
-    """No clock jump may open a gap longer than the file's own RTP span.
+    """No clock jump may open a gap longer than the media before it, unless it is short.
 
     A clock-jump piece is placed by its arrival times alone. A gap (or overlap) between two
-    pieces longer than all the media the file holds, which the RTP clock does not show too, is
-    not a pause any sender makes inside one recording: it is a damaged or stepped arrival clock,
-    and believing it would stretch a minute of media over hours of silence. Such a piece
-    follows the one before it directly.
+    pieces longer than all the media before it and than :data:`CLOCK_FAULT_MIN_S`, which the
+    RTP clock does not show too, is not a pause any sender makes inside one recording: it is a
+    damaged or stepped arrival clock, and believing it would stretch a minute of media over
+    hours of silence. Such a piece follows the one before it directly. Only media before the
+    jump counts, so that the recording read while it grows places the piece the same way.
     """
     pieces = analysis.pieces
-    if len(pieces) < 2:
-        return
-    ends = [facts.piece_starts[nxt.first_index][1] if nxt.first_index in facts.piece_starts
-            else piece.t_start for piece, nxt in pairwise(pieces)]
-    ends.append(facts.last_end_t if facts.last_end_t is not None else pieces[-1].t_start)
-    span_us = 1e6 * sum(max(0.0, end - piece.t_start) for piece, end in zip(pieces, ends,
-                                                                              strict=True))
-    scale = (1.0 + analysis.skew) * 1e6
-    for k in range(1, len(pieces)):
-        piece, prev = pieces[k], pieces[k - 1]
+    span_us = 0.0
+    for prev, piece in pairwise(pieces):
+        span_us += 1e6 * max(0.0, prev.t_end - prev.t_start)
         if piece.reason != "clock-jump" or piece.first_index not in facts.piece_starts:
             continue
-        before = prev.offset_us + ends[k - 1] * scale
-        gap = piece.offset_us + piece.t_start * scale - before
-        if abs(gap) <= max(span_us, JUMP_TOLERANCE_S * 1e6) or _rtp_agrees(
-                gap / scale, piece.t_start - ends[k - 1], analysis.clock_rate):
+        gap = _piece_wall(piece, piece.t_start) - _piece_wall(prev, prev.t_end)
+        if abs(gap) <= max(span_us, CLOCK_FAULT_MIN_S * 1e6) or _rtp_agrees(
+                gap / 1e6, piece.t_start - prev.t_end, analysis.clock_rate):
             continue
-        piece.offset_us -= gap
+        piece.knots = [(t_from, offset_us - gap, slope) for t_from, offset_us, slope
+                       in piece.line()]
+        piece.offset_us = piece.knots[0][1]
         analysis.warnings.append(
             f"{analysis.path}: an arrival-time jump of {gap / 1e6:.1f} s at packet "
-            f"{piece.first_index} is longer than the file's own media ({span_us / 1e6:.1f} s) "
+            f"{piece.first_index} is longer than the media before it ({span_us / 1e6:.1f} s) "
             "and the RTP clock shows no such pause: taken as a clock fault, not a gap"
         )
 
@@ -636,6 +721,8 @@ class _TimelineBuilder:
         self.window_count = 0
         self.piece_indices: set[int] = set()
         self.first_checked = False
+        #: Packets before this RTP time may set the current piece's offset.
+        self.early_end = 0.0
 
     def extended(self, ts: int) -> int:
         if self.last_ts32 is None:
@@ -764,7 +851,10 @@ class _TimelineBuilder:
 
     def _envelope(self, t: float, d: float) -> None:
         piece = self.analysis.pieces[-1]
-        if piece.lowest is None or d < piece.lowest[1]:
+        if piece.lowest is None:
+            piece.lowest = (t, d)
+            self.early_end = t + OFFSET_SPAN_S
+        elif t < self.early_end and d < piece.lowest[1]:
             piece.lowest = (t, d)
         if self.window_min is None or t - self.window_start >= ENVELOPE_WINDOW_S:
             self.close_window()
@@ -790,51 +880,135 @@ class _TimelineBuilder:
         self.pending = []
         return out
 
-def _fit_timing(analysis: TrackAnalysis, has_arrivals: bool) -> None:
-    """The skew and each piece's offset, once every packet has been seen (envelope windows
-    closed)."""
+def _fit_timing(analysis: TrackAnalysis, facts: _FirstPass, has_arrivals: bool) -> None:
+    """Each piece's wall-clock line, and the skew over the whole track (a summary: the line
+    of each stretch uses the envelope before it only)."""
+    pieces = analysis.pieces
+    for piece, end in zip(pieces, _piece_ends(pieces, facts), strict=True):
+        piece.t_end = end
     if not has_arrivals:
         analysis.skew = 0.0
+        for piece in pieces:
+            piece.knots = [(piece.t_start, piece.offset_us, 0.0)]
         return
-    analysis.skew = _fit_skew(analysis.pieces)
-    for piece in analysis.pieces:
-        if piece.minima:
-            piece.offset_us = 1e6 * min(d - analysis.skew * t for t, d in piece.minima)
-    # A piece too short for envelope windows uses its least-delayed packet.
-    for index, piece in enumerate(analysis.pieces):
-        if not piece.minima:
-            if piece.lowest is not None:
-                t, d = piece.lowest
-                piece.offset_us = 1e6 * (d - analysis.skew * t)
-            elif index:
-                piece.offset_us = analysis.pieces[index - 1].offset_us
+    earlier: list[np.ndarray] = []
+    for index, piece in enumerate(pieces):
+        envelope = _envelope_points(piece)
+        piece.knots = _fit_line(piece, pieces[index - 1] if index else None, earlier, envelope)
+        piece.offset_us = piece.knots[0][1]
+        earlier.append(envelope)
+    analysis.skew = _fit_skew(earlier)
 
 
-def _fit_skew(pieces: list[Piece]) -> float:
-    """Common slope of the envelope ``arrival - t`` over ``t`` across pieces.
+def _piece_ends(pieces: list[Piece], facts: _FirstPass) -> list[float]:
+    """RTP seconds where each piece's media ends: the packet before the next piece, and the
+    file's last packet."""
+    ends = [facts.piece_starts[nxt.first_index][1] if nxt.first_index in facts.piece_starts
+            else piece.t_start for piece, nxt in pairwise(pieces)]
+    if pieces:
+        ends.append(facts.last_end_t if facts.last_end_t is not None else pieces[-1].t_start)
+    return ends
+
+
+def _envelope_points(piece: Piece) -> np.ndarray:
+    """The piece's envelope minima as rows ``(t, arrival - t)``."""
+    return np.array(piece.minima, dtype=np.float64).reshape(-1, 2)
+
+
+def _fit_line(piece: Piece, before: Piece | None, earlier: list[np.ndarray],
+              envelope: np.ndarray) -> list[tuple[float, float, float]]:
+    """A piece's knots, each from what was known before it.
+
+    The first is set by the piece's least-delayed early packet and the skew the pieces before
+    it showed. At each later knot the skew is fitted again over the envelope seen so far, and
+    the slope until the next knot is that skew plus what closes the distance between the line
+    and the envelope (projected to the knot) within one interval: the line stays continuous
+    and follows the lower envelope without a step.
+    """
+    slope = _fit_skew(earlier)
+    if piece.lowest is not None:
+        t, d = piece.lowest
+        knots = [(piece.t_start, 1e6 * (d - slope * t), slope)]
+    elif before is not None:
+        _, offset_us, slope = before.line()[-1]
+        knots = [(piece.t_start, offset_us, slope)]
+    else:
+        return [(piece.t_start, piece.offset_us, 0.0)]
+    known = -1
+    skew = slope
+    number = 1
+    while (knot := piece.t_start + number * KNOT_INTERVAL_S) < piece.t_end:
+        seen = envelope[envelope[:, 0] < knot]
+        if len(seen) != known:
+            known = len(seen)
+            skew = _fit_skew([*earlier, seen])
+        _, offset_us, slope = knots[-1]
+        level = offset_us / 1e6 + slope * knot  # the line's arrival - t at the knot
+        early = piece.lowest if len(seen) < MAX_FIT_POINTS else None
+        target = _envelope_at(seen[-MAX_FIT_POINTS:], early, skew, knot)
+        if target is not None:
+            slope = min(MAX_SKEW, max(-MAX_SKEW, skew + (target - level) / KNOT_INTERVAL_S))
+        else:
+            slope = skew
+        knots.append((knot, 1e6 * (level - slope * knot), slope))
+        number += 1
+    return knots
+
+
+def _envelope_at(seen: np.ndarray, lowest: tuple[float, float] | None, skew: float,
+                 knot: float) -> float | None:
+    """The lower envelope of ``arrival - t`` at ``knot``, from the points before it carried
+    forward along ``skew``; None without any."""
+    levels = seen[:, 1] + skew * (knot - seen[:, 0])
+    best = float(levels.min()) if len(levels) else None
+    if lowest is not None and lowest[0] < knot:
+        early = lowest[1] + skew * (knot - lowest[0])
+        best = early if best is None else min(best, early)
+    return best
+
+
+@functools.lru_cache(maxsize=16)
+def _pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every index pair ``i < j`` of ``count`` points."""
+    first, second = np.triu_indices(count, 1)
+    return first, second
+
+
+def _latest(envelopes: Sequence[np.ndarray], count: int) -> list[np.ndarray]:
+    """The last ``count`` points of the envelopes taken together, still split by piece."""
+    out: list[np.ndarray] = []
+    for points in reversed(envelopes):
+        if count <= 0:
+            break
+        out.append(points[-count:])
+        count -= len(out[-1])
+    return out[::-1]
+
+
+def _fit_skew(envelopes: Sequence[np.ndarray]) -> float:
+    """Common slope of the envelope ``arrival - t`` over ``t`` across pieces, over their latest
+    :data:`MAX_FIT_POINTS` points.
 
     Theil–Sen (the median of pairwise slopes within each piece): a few windows whose lowest
     packet was still delayed cannot tilt it, as they would a least-squares line.
     """
-    slopes: list[float] = []
-    span = 0.0
-    for piece in pieces:
-        points = piece.minima
-        if len(points) < 3:
-            continue
-        span += points[-1][0] - points[0][0]
-        step = max(1, len(points) // 300)  # bounded work for very long pieces
-        sample = points[::step]
-        for i, (t1, d1) in enumerate(sample):
-            for t2, d2 in sample[i + 1 :]:
-                if t2 - t1 > 1e-6:
-                    slopes.append((d2 - d1) / (t2 - t1))
-    if span < MIN_SKEW_SPAN_S or not slopes:
+    usable = [points for points in _latest(envelopes, MAX_FIT_POINTS) if len(points) >= 3]
+    span = sum(float(points[-1, 0] - points[0, 0]) for points in usable)
+    if span < MIN_SKEW_SPAN_S:
         return 0.0
-    slopes.sort()
-    skew = slopes[len(slopes) // 2]
-    # Beyond 0.5 % the "skew" is something else (a stall pattern); do not bend time by it.
-    return skew if abs(skew) < 5e-3 else 0.0
+    slopes = []
+    for points in usable:
+        first, second = _pairs(len(points))
+        dt = points[second, 0] - points[first, 0]
+        kept = dt > 1e-6
+        slopes.append((points[second, 1] - points[first, 1])[kept] / dt[kept])
+    pooled = np.concatenate(slopes)
+    if not len(pooled):
+        return 0.0
+    middle = len(pooled) // 2
+    skew = float(np.partition(pooled, middle)[middle])
+    # Beyond MAX_SKEW the "skew" is something else (a stall pattern); do not bend time by it.
+    return skew if abs(skew) < MAX_SKEW else 0.0
 
 
 def _analyze_data(reader: MjrReader) -> TrackAnalysis:

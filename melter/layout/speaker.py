@@ -7,6 +7,11 @@ changes hands only when the current speaker has been quiet for ``hold`` seconds 
 else speaks, or when a challenger is ``hysteresis_db`` louder; never twice within
 ``min_switch`` seconds. A short interjection while someone speaks therefore never takes the
 floor.
+
+Every decision is made going forward: the one at a window's start hears that window and the
+ones before it, never later audio, and the meeting's length only says how many windows there
+are. So a meeting still being recorded gets, up to one window before its end, the changes the
+finished meeting will get (the rendering layer's plan horizon allows for that window).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def test_constants_match_the_python_passes() -> None:
     constants = _compiled_module().CONSTANTS
     for name in (
         "JUMP_TOLERANCE_S", "JUMP_CONFIRM_S", "MAX_DELAY_S", "MIN_WINDOW_PACKETS",
-        "ENVELOPE_WINDOW_S", "VIDEO_GAP_S",
+        "ENVELOPE_WINDOW_S", "VIDEO_GAP_S", "OFFSET_SPAN_S",
     ):
         assert constants[name] == getattr(track, name), name
     assert constants["MAX_RTP_FRAME"] == MAX_RTP_FRAME
