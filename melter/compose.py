@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import numpy as np
 
 from melter.convert import CONTAINERS, convert_tracks
 from melter.layout.model import Layout, load_layout
@@ -182,6 +185,10 @@ class PreparedSegment:
     #: Audio Matroska cannot carry as sent (G.711, G.722, L16) goes decoded into a WAV file of
     #: its own, whose time zero is that same key frame's.
     audio_path: Path | None = None
+    #: Samples by which a whole read of the audio file (counting decoded samples from its
+    #: start) runs ahead of a read that seeks (placing samples by their timestamps): what a
+    #: window's mix corrects by, to hold the samples a whole render holds.
+    audio_lag: int = 0
 
     @property
     def audio_file(self) -> Path:
@@ -189,7 +196,7 @@ class PreparedSegment:
 
 
 #: Changes whenever prepared files are written differently, so older ones are not reused.
-_PREPARED_LAYOUT = "3: first picture repeated at time zero, pictures at their own times"
+_PREPARED_LAYOUT = "4: audio apart (Ogg or WAV), first picture repeated at time zero"
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -234,6 +241,64 @@ def _probe(path: Path) -> tuple[int, int]:
         return channels, first_video_us
 
 
+#: The stretch a lag is measured over: a second read from its start, the next one after a seek.
+_LAG_PROBE_S = 1.0
+_LAG_RANGE = 4800
+
+
+def _decoded(path: Path, chain: str) -> np.ndarray:
+    """The first channel of ``path`` read through ``chain`` (FFmpeg's filters), as floats."""
+    graph = f"amovie={_filter_path(path)}{chain},aformat=sample_fmts=flt:channel_layouts=mono"
+    done = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", graph,
+                           "-f", "f32le", "-"], capture_output=True, timeout=60, check=False)
+    return np.frombuffer(done.stdout, np.float32)
+
+
+def _filter_path(path: Path) -> str:
+    """``path`` as a filter option's value inside a graph: escaped for the option, then for
+    the graph (FFmpeg's two levels of escaping)."""
+    value = "".join("\\" + c if c in "\\':" else c for c in str(path))
+    return "".join("\\" + c if c in "\\'[],;" else c for c in value)
+
+
+def _audio_lag(path: Path) -> int:
+    """How many samples a whole read of ``path`` runs ahead of one that seeks (see
+    :attr:`PreparedSegment.audio_lag`), found by matching the two reads sample for sample
+    (0 for a file too short or too quiet to tell, where no window seeks anyway).
+
+    A file whose first packet is shorter than the decoder's pre-skip loses that packet in a
+    read from the start, which counts samples, and not in a read that seeks, which places
+    them by their timestamps; past the start the two differ by that constant.
+    """
+    rate = 48000
+    probe = round(_LAG_PROBE_S * rate)
+    resample = f",aresample={rate}:first_pts=0"
+    whole = _decoded(path, f"{resample},atrim=end_sample={3 * probe + _LAG_RANGE}")
+    sought = _decoded(path, f":seek_point={_LAG_PROBE_S}{resample},"
+                      f"atrim=start_sample={2 * probe}:end_sample={3 * probe}")
+    if len(sought) < probe or len(whole) < 3 * probe + _LAG_RANGE or not np.any(sought):
+        return 0
+    # The decoder that sought has run in for a second: equal to far below one 16-bit step.
+    for lag in sorted(range(-_LAG_RANGE, _LAG_RANGE + 1), key=abs):
+        if np.max(np.abs(whole[2 * probe + lag:3 * probe + lag] - sought)) < 1e-5:
+            return lag
+    return 0
+
+
+def _cached_lag(path: Path) -> int:
+    """:func:`_audio_lag` of a prepared file, kept beside it (the file's name is its key)."""
+    note = path.with_name(path.name + ".lag")
+    try:
+        return int(note.read_text())
+    except (OSError, ValueError):
+        pass
+    lag = _audio_lag(path)
+    temp = note.with_name(f".{note.name}.{os.getpid()}")
+    temp.write_text(str(lag))
+    temp.replace(note)
+    return lag
+
+
 def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, PreparedSegment]:
     """Remux each segment once, starting exactly on an output frame (cached in ``workdir``)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +314,10 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
             key = _segment_key(segment, origin_us)
             path = workdir / f"{participant.id}-{segment.index}-{key}.mkv"
             audio = segment.audio
-            apart = audio is not None and audio.codec not in CONTAINERS[".mkv"][1]
+            # Audio goes into a file of its own: Ogg for Opus (its timestamps count samples,
+            # so a window's mix can start reading anywhere and land on the sample a whole
+            # render reaches), WAV for what Matroska cannot carry as sent.
+            apart = audio is not None
             remuxed = [t for t in segment.tracks if not (apart and t is audio)]
             channels, first_video_us = 0, 0
             if remuxed:
@@ -257,12 +325,15 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                     convert_tracks(remuxed, path, origin_us=origin_us, lead_in=True)
                 channels, first_video_us = _probe(path)
             audio_path = None
+            lag = 0
             rotation, flip = _orientation(video)
             if apart and audio is not None:
-                audio_path = path.with_suffix(".wav")
+                audio_path = path.with_suffix(
+                    ".opus" if audio.codec in CONTAINERS[".opus"][1] else ".wav")
                 if not audio_path.exists():
                     convert_tracks([audio], audio_path, origin_us=origin_us + first_video_us)
                 channels = _probe(audio_path)[0]
+                lag = _cached_lag(audio_path)
             prepared[segment.id] = PreparedSegment(
                 segment.id,
                 path if remuxed else audio_path or path,
@@ -279,5 +350,6 @@ def prepare_media(meeting: Meeting, workdir: Path, fps: int) -> dict[str, Prepar
                 channels,
                 first_video_us,
                 audio_path,
+                lag,
             )
     return prepared

@@ -12,6 +12,7 @@ Two steps, so that a render split over processes does the expensive part once:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,14 +25,18 @@ from typing import Any
 import av
 
 from melter import __version__
-from melter.compose import plan_meeting, prepare_media
+from melter.compose import PreparedSegment, plan_meeting, prepare_media
 from melter.convert import atomic_output
 from melter.engine.mlt import (
+    MIX_RATE,
+    Document,
     DocumentOptions,
     Output,
     RenderError,
     Style,
     build_document,
+    colorspace_of,
+    graph_path,
     run_melt,
     trim_spans,
 )
@@ -40,6 +45,7 @@ from melter.hls import atomic_playlist
 from melter.layout.model import Layout
 from melter.meeting import Meeting, discover
 from melter.plan import Plan, SpeakerChange
+from melter.splice import CONTEXT, FRAME, Stretch, encode_stretch, on_grid
 from melter.typedjson import dump, load, shape
 
 
@@ -70,7 +76,7 @@ class Preset:
 
     @property
     def parts(self) -> Preset:
-        """What the farm renders this preset's chunks, audio pass and join as: the preset
+        """What the farm renders this preset's chunks and join as: the preset
         itself, or for HLS the MP4 its segments are cut from (same key frames)."""
         return replace(self, suffix=".mp4", hls=False) if self.hls else self
 
@@ -104,6 +110,18 @@ PRESETS: dict[str, Preset] = {
                   description="HLS (VOD): H.264/AAC MPEG-TS segments of 6 s beside an .m3u8 "
                   "playlist", keyframe_seconds=6, hls=True),
 }
+
+
+#: A stretch of a meeting's audio as 16-bit PCM at the mix's rate (what the farm renders each
+#: chunk's audio as; the join encodes the pieces once).
+PCM = Preset("pcm", ".wav", None, None,
+             {"f": "wav", "vn": "1", "acodec": "pcm_s16le", "frequency": str(MIX_RATE),
+              "channels": "2"}, audio_only=True, description="audio only, 16-bit PCM WAV")
+
+
+def pcm_samples(frames: int, fps: int) -> int:
+    """Samples per channel in the first ``frames`` frames at ``fps`` (as the mix counts)."""
+    return round(frames * MIX_RATE / fps)
 
 
 #: One composed frame as a PNG (what ``melter preview`` writes).
@@ -206,7 +224,7 @@ class RenderPlan:
             width or self.plan.width, height or self.plan.height, self.style,
             audio_only=audio_only, prescale=prescale,
             # A trimmed render jumps over the stretches where nobody is present.
-            mix_audio=window is None and not self.trim,
+            mix_audio=not self.trim,
             window=window, trim=self.trim)
 
     @property
@@ -334,10 +352,7 @@ def render(
         media = prepare_media(render_plan.meeting, workdir or Path(scratch) / "media", fps)
         written: list[Path] = []
         for path, preset in outputs:
-            options = render_plan.document_options(
-                preset.width, preset.height, audio_only=preset.audio_only or not video,
-                window=frames)
-            built = build_document(render_plan.plan, media, options)
+            built = _document(render_plan, media, preset, frames, video)
             document = Path(scratch) / f"{path.stem}.mlt"
             document.write_text(built.xml)
             count = built.frames if frames is None else frames[1] - frames[0] + 1
@@ -370,6 +385,163 @@ def render(
     return RenderResult(written, plan, render_plan.duration_s, list(plan.warnings), count)
 
 
+def _document(render_plan: RenderPlan, media: dict[str, PreparedSegment], preset: Preset,
+              frames: tuple[int, int] | None, video: bool) -> Document:
+    """The MLT document of a render; of a chunk (``frames``), one that holds nothing after
+    the chunk's last frame (see :func:`chunk_key`)."""
+    audio_only = preset.audio_only or not video
+    if frames is None or render_plan.trim:
+        options = render_plan.document_options(preset.width, preset.height,
+                                               audio_only=audio_only, window=frames)
+        return build_document(render_plan.plan, media, options)
+    plan, kept = _up_to(render_plan.plan, media, frames[1])
+    heard = frozenset(seg for scene in render_plan.plan.scenes for seg in scene.audio
+                      if seg in kept)
+    options = replace(render_plan.document_options(preset.width, preset.height,
+                                                   audio_only=audio_only, window=frames),
+                      colorspace=colorspace_of(media), heard=heard)
+    return build_document(plan, kept, options)
+
+
+def _up_to(plan: Plan, media: dict[str, PreparedSegment], last: int,
+           ) -> tuple[Plan, dict[str, PreparedSegment]]:
+    """The plan and media of a meeting that ends after frame ``last``: what a chunk ending
+    there is rendered from, so that neither what happens after it nor how much was recorded
+    after it (a recording still growing) changes its document."""
+    end_us = round((last + 1) * 1_000_000 / plan.fps)
+    scenes = [replace(scene, end_us=min(scene.end_us, end_us)) for scene in plan.scenes
+              if scene.start_us < end_us]
+    kept = {key: replace(m, frames=max(1, min(m.frames, last + 1 - m.start_frame)))
+            for key, m in media.items() if m.start_frame <= last}
+    return replace(plan, scenes=scenes, duration_us=min(plan.duration_us, end_us)), kept
+
+
+#: Changes whenever a chunk is rendered differently in a way its document does not show.
+PART_FORMAT = "1"
+
+
+def chunk_key(render_plan: RenderPlan, preset: Preset, frames: tuple[int, int], *,
+              video: bool, workdir: Path) -> str:
+    """A digest of everything a chunk's render depends on: its document (with each prepared
+    file named by its segment, not by where it lies), the encoder's settings, and for each
+    segment in it, the files and how their frames are placed up to the chunk's end
+    (:meth:`melter.track.TrackAnalysis.timing_key`).
+
+    Recordings only grow: a chunk rendered while the meeting went on and the same chunk of
+    the finished meeting have the same key when nothing up to the chunk's end has changed, so
+    the first one can stand for the second (the farm keeps chunks by key). A trimmed render
+    has no chunk keys.
+    """
+    if render_plan.trim:
+        raise MelterError("chunks of a trimmed render are not kept")
+    fps = render_plan.fps
+    media = prepare_media(render_plan.meeting, workdir, fps)
+    document = _document(render_plan, media, preset, frames, video)
+    xml = document.xml
+    end_us = render_plan.meeting.start_us + round((frames[1] + 1) * 1_000_000 / fps)
+    segments = {segment.id: segment for participant in render_plan.meeting.participants
+                for segment in participant.segments}
+    files: dict[str, Any] = {}
+    for key, prepared in sorted(media.items()):
+        if prepared.start_frame > frames[1]:
+            continue
+        for n, path in enumerate((prepared.path, prepared.audio_path)):
+            if path is not None:
+                for form in (graph_path(path), str(path)):
+                    xml = xml.replace(form, f"@{key}:{n}")
+        segment = segments[key]
+        files[key] = {"tracks": [(t.path.name, t.timing_key(segment.start_us, end_us))
+                                 for t in segment.tracks],
+                      "lag": prepared.audio_lag, "first_video_us": prepared.first_video_us}
+    identity = {"format": PART_FORMAT, "melter": __version__, "frames": list(frames),
+                "video": video, "preset": preset.encoder_properties(fps) if video else {},
+                "document": xml, "files": files}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AudioPiece:
+    """How a chunk's audio is made for a preset: AAC pieces that join by copying packets
+    (:mod:`melter.splice`; rendered with context either side), or for other codecs PCM of
+    exactly the chunk, which the join encodes at once."""
+
+    #: The frames whose audio is rendered (the chunk, and its context).
+    frames: tuple[int, int]
+    #: The packets kept (AAC), or None (PCM).
+    stretch: Stretch | None
+    bit_rate: int
+    suffix: str
+
+    @property
+    def packets(self) -> int | None:
+        """Packets an AAC piece holds (None for the last piece, whose end is the meeting's,
+        and for PCM)."""
+        if self.stretch is None or self.stretch.end is None:
+            return None
+        return (self.stretch.end - self.stretch.start) // FRAME + (1 if self.stretch.first
+                                                                     else 0)
+
+
+def _bit_rate(text: str) -> int:
+    text = text.strip().lower()
+    return round(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
+
+
+def audio_piece(render_plan: RenderPlan, preset: Preset, chunk: tuple[int, int]) -> AudioPiece:
+    """How chunk ``chunk`` (frames) of ``preset``'s audio is rendered."""
+    first, last = chunk
+    if preset.properties.get("acodec") != "aac":
+        return AudioPiece(chunk, None, 0, PCM.suffix)
+    fps, total = render_plan.fps, render_plan.frames
+    context = math.ceil(CONTEXT * fps / MIX_RATE) + 1
+    stretch = Stretch(on_grid(pcm_samples(first, fps)),
+                      None if last >= total - 1 else on_grid(pcm_samples(last + 1, fps)))
+    frames = (max(0, first - context), min(total - 1, last + context))
+    return AudioPiece(frames, stretch, _bit_rate(preset.properties.get("ab", "128k")), ".mka")
+
+
+def audio_piece_key(render_plan: RenderPlan, preset: Preset, chunk: tuple[int, int], *,
+                    workdir: Path) -> str:
+    """:func:`chunk_key` of a chunk's audio piece."""
+    piece = audio_piece(render_plan, preset, chunk)
+    base = chunk_key(render_plan, PCM, piece.frames, video=False, workdir=workdir)
+    identity = [base, piece.stretch and [piece.stretch.start, piece.stretch.end],
+                piece.bit_rate, CONTEXT]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def render_audio_piece(render_plan: RenderPlan, preset: Preset, chunk: tuple[int, int],
+                       target: Path, *, workdir: Path,
+                       progress: Callable[[int, int], None] | None = None,
+                       stage: Callable[[str], None] | None = None) -> int:
+    """Render chunk ``chunk``'s audio piece into ``target``; the packets (AAC) or samples
+    (PCM) it holds, checked against what the chunk should hold."""
+    piece = audio_piece(render_plan, preset, chunk)
+    fps = render_plan.fps
+    if piece.stretch is None:
+        render(render_plan, [(target, PCM)], frames=chunk, video=False, workdir=workdir,
+               progress=progress, stage=stage)
+        expected = pcm_samples(chunk[1] + 1, fps) - pcm_samples(chunk[0], fps)
+        with av.open(str(target)) as container:
+            stream = container.streams.audio[0]
+            size = stream.codec_context.channels * 2
+            samples = sum(p.size for p in container.demux(stream)) // size
+        if samples != expected:
+            raise RenderError(f"audio of frames {chunk[0]}-{chunk[1]} has {samples} samples, "
+                              f"not {expected}")
+        return samples
+    with tempfile.TemporaryDirectory(prefix="melter-audio-") as scratch:
+        pcm = Path(scratch) / "context.wav"
+        render(render_plan, [(pcm, PCM)], frames=piece.frames, video=False, workdir=workdir,
+               progress=progress, stage=stage)
+        packets = encode_stretch(pcm, pcm_samples(piece.frames[0], fps), piece.stretch,
+                                 target, bit_rate=piece.bit_rate, rate=MIX_RATE)
+    if piece.packets is not None and packets != piece.packets:
+        raise RenderError(f"audio of frames {chunk[0]}-{chunk[1]} has {packets} packets, "
+                          f"not {piece.packets}")
+    return packets
+
+
 def check_output(path: Path, expected_s: float, audio_only: bool) -> None:
     """melt can exit 0 with a wrong file: make sure the streams and length are there."""
     try:
@@ -385,6 +557,7 @@ def check_output(path: Path, expected_s: float, audio_only: bool) -> None:
         raise RenderError(f"melt's output lasts {duration:.2f} s instead of {expected_s:.2f} s")
 
 
-__all__ = ["PRESETS", "STILL", "Output", "Preset", "RenderOptions", "RenderPlan", "RenderResult",
-           "StalePlan", "check_output", "plan_render", "preset_for", "render", "style_of",
-           "trim_spans"]
+__all__ = ["PART_FORMAT", "PCM", "PRESETS", "STILL", "AudioPiece", "Output", "Preset",
+           "RenderOptions", "RenderPlan", "RenderResult", "StalePlan", "audio_piece",
+           "audio_piece_key", "check_output", "chunk_key", "pcm_samples", "plan_render",
+           "preset_for", "render", "render_audio_piece", "style_of", "trim_spans"]

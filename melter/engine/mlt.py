@@ -139,10 +139,16 @@ class DocumentOptions:
     ``out``): each video source starts reading at ``first`` instead of decoding its file from
     the start (the sources cannot seek, see :func:`_source_graph`), so the document shows
     those frames only. With ``trim``, these are frames of the trimmed timeline.
-    ``mix_audio``: all audio comes mixed from one input (see :func:`_audio_mix`). Only for a
-    render read from its first frame to its last without a jump: it cannot seek at all.
+    ``mix_audio``: all audio comes mixed from one input (see :func:`_audio_mix`), read from
+    the window's first frame (or the timeline's) to its last without a jump.
     ``trim``: the document's timeline leaves out the stretches where nobody is present (see
     :func:`trim_spans`).
+    ``colorspace``: the profile's (601 or 709), when the caller decides it (a chunk's document
+    holds only the media up to the chunk, but must match the whole meeting's); else from the
+    media.
+    ``heard``: the segments whose audio is mixed, when the caller decides it (a chunk's
+    document mixes what the whole meeting's does: a voice heard in scenes after the chunk may
+    start inside it); else those in the plan's scenes.
     """
 
     width: int
@@ -153,6 +159,15 @@ class DocumentOptions:
     mix_audio: bool = False
     window: tuple[int, int] | None = None
     trim: bool = False
+    colorspace: int | None = None
+    heard: frozenset[str] | None = None
+
+
+def colorspace_of(media: dict[str, PreparedSegment]) -> int:
+    """MLT takes SD sources as BT.601; a 709 profile would convert every source picture's
+    matrix on every frame. Match the sources when they are all SD."""
+    heights = [m.height for m in media.values() if m.has_video]
+    return 601 if heights and max(heights) <= 576 else 709
 
 
 def trim_spans(plan: Plan) -> list[tuple[int, int]]:
@@ -197,10 +212,7 @@ def build_document(plan: Plan, media: dict[str, PreparedSegment],
     fps = plan.fps
     frames = max(1, round(plan.duration_us * fps / 1_000_000))
     sx, sy = width / plan.width, height / plan.height
-    # MLT takes SD sources as BT.601; a 709 profile would convert every source picture's
-    # matrix on every frame. Match the sources when they are all SD.
-    heights = [m.height for m in media.values() if m.has_video]
-    colorspace = 601 if heights and max(heights) <= 576 else 709
+    colorspace = options.colorspace or colorspace_of(media)
     root = ET.Element("mlt", LC_NUMERIC="C", producer="main")
     ET.SubElement(
         root, "profile", description="melter", width=str(width), height=str(height),
@@ -261,17 +273,20 @@ def build_document(plan: Plan, media: dict[str, PreparedSegment],
                             "b_track": str(len(tracks)), "sum": "1", "always_active": "1"})
         tracks.append(playlist.get("id") or "")
 
-    heard = {seg for s in plan.scenes for seg in s.audio}
+    heard = (set(options.heard) if options.heard is not None
+             else {seg for s in plan.scenes for seg in s.audio})
     audible = [media[seg] for seg in sorted(heard) if media[seg].has_audio]
-    mix = _audio_mix(audible, frames, fps) if options.mix_audio else None
+    span = (window[0], min(window[1], frames - 1)) if window else (0, frames - 1)
+    mix = _audio_mix(audible, span, fps) if options.mix_audio else None
     if mix is not None:
+        length = span[1] - span[0] + 1
         producer = ET.SubElement(root, "producer", id="mix",
-                                 attrib={"in": "0", "out": str(frames - 1)})
+                                 attrib={"in": "0", "out": str(length - 1)})
         _prop(producer, "mlt_service", "avformat-novalidate")
         _prop(producer, "resource", mix)
-        _prop(producer, "length", frames)
+        _prop(producer, "length", length)
         _prop(producer, "video_index", -1)
-        audio_track("mix", 0, frames - 1)
+        audio_track("mix", span[0], length - 1)
     for number, segment_id in enumerate(sorted(set(shown) | heard)):
         prepared = media[segment_id]
         end = min(prepared.frames, frames - prepared.start_frame) - 1
@@ -485,7 +500,7 @@ def _source_graph(prepared: PreparedSegment, picture: _Picture | None, fps: int,
     picture hold (see :data:`melter.plan.VIDEO_OFF_US`) before it without scaling it.
     """
     start = skip / fps
-    source = f"movie={_graph_path(prepared.path)}:dec_threads=1"
+    source = f"movie={graph_path(prepared.path)}:dec_threads=1"
     filters = [source]
     if skip:
         filters[0] += f":seek_point={start:.6f}"
@@ -528,7 +543,7 @@ def _fitted(picture: _Picture) -> str:
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
 
 
-def _graph_path(path: Path) -> str:
+def graph_path(path: Path) -> str:
     """``path`` as a file name option of a ``lavfi`` input: escaped for FFmpeg's graph
     parser where needed, and with ``?`` escaped for MLT, which would take the rest for a
     query string."""
@@ -599,11 +614,14 @@ def _drawn_label(text: str, size: int, cell: Rect, colour: str, background: str,
 
 
 #: The mix's sample rate: the output presets' rate, so MLT does not resample it.
-_MIX_RATE = 48000
+MIX_RATE = 48000
+#: How long before a window's first sample its audio files are decoded (see :func:`_audio_mix`).
+AUDIO_PREROLL_S = 1.0
 
 
-def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | None:
-    """One ``lavfi`` input mixing every heard segment, or None where that cannot be built.
+def _audio_mix(segments: list[PreparedSegment], span: tuple[int, int], fps: int) -> str | None:
+    """One ``lavfi`` input mixing every heard segment over frames ``span`` (first, last), or
+    None where that cannot be built.
 
     In MLT each segment's audio would be a track of its own, with a ``mix`` transition, and
     melt pays for every track and transition on every output frame (a four-person meeting:
@@ -613,35 +631,56 @@ def _audio_mix(segments: list[PreparedSegment], frames: int, fps: int) -> str | 
     :class:`PreparedSegment`), cut where the segment's entry would end, and delayed to its
     first output frame, all counted in samples. Mono is copied into both channels at full
     level, as MLT does (FFmpeg's own upmix would lower it by 3 dB); files of more channels
-    keep their tracks. A single producer cannot seek, so only renders read from the first
-    frame to the last without a jump use it.
+    keep their tracks.
+
+    A span that starts later (a window of a long meeting) reads each file from
+    :data:`AUDIO_PREROLL_S` before its first sample there, not from its start: the decoder
+    runs in for that second and is cut at the same sample a whole render reaches, so windows
+    put end to end hold the whole render's samples, without a gap or a repeat at a border.
+    The producer itself cannot seek: it is read from its first frame to its last.
     """
     if not segments:
         return None
     if any(m.audio_channels not in (1, 2) for m in segments):
         return None
-    chains, labels = [], []
-    for number, prepared in enumerate(segments):
-        last = min(prepared.frames, frames - prepared.start_frame)
+    window_start, window_end = _samples(span[0], fps), _samples(span[1] + 1, fps)
+    chains: list[str] = []
+    labels: list[str] = []
+    for prepared in segments:
+        last = min(prepared.frames, round(window_end * fps / MIX_RATE) - prepared.start_frame)
+        delay = _samples(prepared.start_frame, fps)
+        begin = max(window_start, delay) - delay
+        end = min(window_end, delay + _samples(last, fps)) - delay
+        if end <= begin:
+            continue
         # A WAV of its own already starts at the key frame (see PreparedSegment.audio_path).
-        skip = 0 if prepared.audio_path else round(prepared.first_video_us * _MIX_RATE / 1e6)
+        skip = 0 if prepared.audio_path else round(prepared.first_video_us * MIX_RATE / 1e6)
+        seek = max(0.0, (skip + begin) / MIX_RATE - AUDIO_PREROLL_S)
+        source = graph_path(prepared.audio_file)
+        lag = 0
+        if seek > 0:
+            source += f":seek_point={seek:.6f}"
+            lag = prepared.audio_lag
         upmix = ",pan=stereo|c0=c0|c1=c0" if prepared.audio_channels == 1 else ""
+        number = len(chains)
         chains.append(
-            f"amovie={_graph_path(prepared.audio_file)},aresample={_MIX_RATE}:first_pts=0{upmix},"
+            f"amovie={source},aresample={MIX_RATE}:first_pts=0{upmix},"
             f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
-            f"atrim=start_sample={skip}:end_sample={skip + _samples(last, fps)},"
+            f"atrim=start_sample={skip + begin - lag}:end_sample={skip + end - lag},"
             f"asetpts=PTS-STARTPTS,"
-            f"adelay=delays={_samples(prepared.start_frame, fps)}S:all=1[a{number}]")
+            f"adelay=delays={delay + begin - window_start}S:all=1[a{number}]")
         labels.append(f"[a{number}]")
-    total = _samples(frames, fps)
-    mixed = (f"amix=inputs={len(segments)}:normalize=0:duration=longest"
-             if len(segments) > 1 else "anull")
+    if not chains:
+        return None
+    total = window_end - window_start
+    mixed = (f"amix=inputs={len(chains)}:normalize=0:duration=longest"
+             if len(chains) > 1 else "anull")
     return (f"lavfi:{';'.join(chains)};{''.join(labels)}{mixed},"
             f"apad=whole_len={total},atrim=end_sample={total}")
 
 
 def _samples(frames: int, fps: int) -> int:
-    return round(frames * _MIX_RATE / fps)
+    return round(frames * MIX_RATE / fps)
 
 
 def _audio_producer(root: ET.Element, producer_id: str, prepared: PreparedSegment) -> None:

@@ -71,8 +71,8 @@ class FarmConfig(BaseModel):
     max_memory_per_child: int = Field(
         2_000_000, gt=0, description="KiB; a pool process above it is replaced after its task")
     chunk_seconds: float = Field(
-        600.0, ge=0, description="long meetings render in video chunks of about this length "
-        "(0: never); a meeting is chunked from twice this length on")
+        30.0, ge=0, description="long meetings render in chunks (video and audio units) of "
+        "about this length (0: never); a meeting is chunked from twice this length on")
     cache_dir: Path | None = Field(
         None, description="per-worker cache of prepared media (default: a temporary folder)")
     job_ttl_days: float = Field(

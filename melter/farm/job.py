@@ -56,8 +56,8 @@ class UnitState(StrEnum):
 
 class UnitKind(StrEnum):
     """What a unit does, read from its name: ``main`` plans the job (and renders a short one
-    whole); the others are ``<kind><output>`` (``r0``, ``a0``, ``j0``) or, for video chunks,
-    ``v<output>.<chunk>``."""
+    whole); the others are ``<kind><output>`` (``r0``, ``j0``) or, for a chunk's video and
+    audio, ``<kind><output>.<chunk>`` (``v0.3``, ``a0.3``)."""
 
     MAIN = "main"
     RENDER = "r"
@@ -71,7 +71,8 @@ class UnitKind(StrEnum):
         return cls.MAIN if unit == cls.MAIN else cls(unit[:1])
 
     def unit(self, output: int = 0, chunk: int | None = None) -> str:
-        """The name of this kind's unit for ``output`` (and ``chunk``, for video)."""
+        """The name of this kind's unit for ``output`` (and ``chunk``, for a chunk's video or
+        audio)."""
         if self is UnitKind.MAIN:
             return self.value
         return f"{self.value}{output}" if chunk is None else f"{self.value}{output}.{chunk}"
@@ -88,7 +89,7 @@ def unit_output(unit: str) -> int:
 
 
 def chunk_place(unit: str) -> tuple[int, int]:
-    """The output and chunk indices of a video chunk (``v2.5``: 2 and 5)."""
+    """The output and chunk indices of a chunk's unit (``v2.5``, ``a2.5``: 2 and 5)."""
     output, _, chunk = unit[1:].partition(".")
     return int(output), int(chunk)
 
@@ -158,6 +159,10 @@ class JobSpec(BaseModel):
         None, ge=0, description="video chunk length for long meetings (0: one piece; "
         "default: the farm's setting)")
     max_attempts: int | None = Field(None, ge=1, le=20)
+    prerender: bool = Field(
+        False, description="render only the chunks the recordings (still being written) "
+        "already hold for good, and keep them for the render of the finished meeting; "
+        "writes no output")
 
     @field_validator("callback_url")
     @classmethod

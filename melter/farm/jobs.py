@@ -180,7 +180,8 @@ class Farm:
         config = self.config
         outputs = []
         for path, preset_name, requested in targets:
-            final = self._reserve(path, job_id)
+            # A prerender writes no output: the render of the finished meeting takes the name.
+            final = path if job.prerender else self._reserve(path, job_id)
             outputs.append({"path": str(final), "preset": preset_name, "requested": requested})
         now = time.time()
         fields = {

@@ -1,11 +1,16 @@
 """What a unit does: plan (and maybe split) a job, render, render a chunk, join, commit.
 
-Long meetings are split into video chunks at scene boundaries, each rendered by melt with an
-``in``/``out`` frame range and no audio (``an=1``) as a fresh encode (so each starts on a key
-frame); the audio is rendered in one piece (``vn=1``) from the audio-only document; the join
-concatenates the chunks without re-encoding (FFmpeg's concat demuxer, ``-c copy``) and muxes
-the audio in. Video frames are counted at every step, so the joined file has exactly the
-frames of a single-pass render, and its audio is the single pass's audio, sample for sample.
+Long meetings are split into chunks at scene boundaries. Each chunk's video is rendered by melt
+with an ``in``/``out`` frame range and no audio (``an=1``) as a fresh encode (so each starts on
+a key frame), and its audio as AAC packets on the meeting's packet grid (or PCM for other
+codecs: :func:`melter.render.audio_piece`); the join concatenates the video chunks without
+re-encoding (FFmpeg's concat demuxer, ``-c copy``) and copies the audio packets beside them
+(:mod:`melter.splice`). Frames, samples and packets are counted at every step, so the joined
+file has exactly the frames of a single-pass render, and its sound at the same samples.
+
+Chunks are kept under a key (:func:`melter.render.chunk_key`) beside the output, so a chunk
+rendered while the meeting went on (a *prerender* job) stands for the same chunk of the
+finished meeting.
 
 Outputs are rendered under a temporary name in ``.melter-tmp/<job>/`` beside the output, then
 committed only while the attempt holds its lease: the manifest is written, and the media file
@@ -30,11 +35,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from melter.compose import PLAN_HORIZON_S
 from melter.engine.mlt import RenderError
 from melter.errors import MelterError
 from melter.farm.attempt import Attempt
@@ -58,17 +64,26 @@ from melter.farm.paths import (
 from melter.farm.procs import REGISTRY
 from melter.hls import atomic_playlist, free_stem, named_after, place, read_playlist, segment_name
 from melter.render import (
+    PCM,
     PRESETS,
     Preset,
     RenderOptions,
     RenderPlan,
     StalePlan,
+    audio_piece,
+    audio_piece_key,
     check_output,
+    chunk_key,
     plan_render,
     render,
+    render_audio_piece,
 )
 from melter.rooted import exists_at, link_new
+from melter.splice import join_pieces
 
+#: How far behind the clock recordings on shared storage may be (buffered writes, NFS
+#: attribute caching): a prerender leaves that much more of a meeting still going on for later.
+PROGRESSIVE_MARGIN_S = 3.0
 #: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.
 AUDIO_WEIGHT = 0.25
 JOIN_WEIGHT = 0.05
@@ -220,6 +235,9 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
     shared = {"inputs_info": json.dumps(inputs), "meeting": json.dumps(meeting),
               "frames": str(planned.frames), "fps": str(planned.fps)}
     attempt.store.set_fields(record.id, shared)
+    if record.spec.prerender:
+        _prerender(attempt, record, planned, seconds)
+        return
     if not (seconds > 0 and duration >= 2 * seconds and video):
         _render_outputs(attempt, record, list(range(len(record.outputs))), planned)
         return
@@ -231,22 +249,16 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
             units.append({"name": UnitKind.RENDER.unit(k), "weight": planned.frames * AUDIO_WEIGHT,
                           "output": k})
             continue
-        step, scene_cuts = seconds, not record.spec.trim
-        if preset.keyframe_seconds:
-            # A chunk starts on a key frame of its own: cut only where the fixed GOP has one,
-            # so that every key frame of the joined file stays on the GOP's grid.
-            step = math.ceil(seconds / preset.keyframe_seconds) * preset.keyframe_seconds
-            scene_cuts = False
-        ranges = plan_chunks(planned.plan, planned.frames, planned.fps, step,
-                             scene_cuts=scene_cuts)
+        ranges = _chunk_ranges(planned, preset, seconds, record.spec.trim)
         chunks = max(chunks, len(ranges))
-        # The audio pass first: in one piece, it is often the longest unit of a long meeting.
-        names = [UnitKind.AUDIO.unit(k)]
-        units.append({"name": names[-1], "weight": planned.frames * AUDIO_WEIGHT, "output": k})
+        # Each chunk's audio is a unit of its own, rendered as PCM: the join puts the pieces
+        # end to end and encodes them once, so the file holds a single pass's samples.
+        names = []
         for i, (first, last) in enumerate(ranges):
-            names.append(UnitKind.VIDEO.unit(k, i))
-            units.append({"name": names[-1], "weight": last - first + 1, "first": first,
-                          "last": last, "output": k})
+            for kind, weight in ((UnitKind.VIDEO, 1.0), (UnitKind.AUDIO, AUDIO_WEIGHT)):
+                names.append(kind.unit(k, i))
+                units.append({"name": names[-1], "weight": (last - first + 1) * weight,
+                              "first": first, "last": last, "output": k})
         units.append({"name": UnitKind.JOIN.unit(k), "weight": planned.frames * JOIN_WEIGHT,
                       "deps": ",".join(names), "output": k})
     attempt.begin_commit()
@@ -254,6 +266,117 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
     dispatches = attempt.store.expand(record.id, attempt.token, units,
                                       config.dispatch_grace_seconds, {"chunks": str(chunks)})
     attempt.farm.send(dispatches)
+
+
+def _chunk_ranges(planned: RenderPlan, preset: Preset, seconds: float,
+                  trim: bool) -> list[tuple[int, int]]:
+    step, scene_cuts = seconds, not trim
+    if preset.keyframe_seconds:
+        # A chunk starts on a key frame of its own: cut only where the fixed GOP has one,
+        # so that every key frame of the joined file stays on the GOP's grid.
+        step = math.ceil(seconds / preset.keyframe_seconds) * preset.keyframe_seconds
+        scene_cuts = False
+    return plan_chunks(planned.plan, planned.frames, planned.fps, step, scene_cuts=scene_cuts)
+
+
+def settled_frames(planned: RenderPlan, seconds: float, now: float | None = None) -> int:
+    """How many of a meeting's first frames no later writing can change: up to the latest
+    packet on disk (and not past the clock, less the farm's margin for buffered writes and
+    shared storage), less the horizon of a plan made from recordings still growing, less a
+    quarter chunk and a second (where the next chunk's cut may still move to)."""
+    tracks = [t for p in planned.meeting.participants for s in p.segments for t in s.tracks]
+    latest = max((t.end_us for t in tracks), default=planned.meeting.start_us)
+    now_us = round((time.time() if now is None else now) * 1e6)
+    written_us = min(latest, now_us - round(PROGRESSIVE_MARGIN_S * 1e6))
+    settled_s = ((written_us - planned.meeting.start_us) / 1e6 - PLAN_HORIZON_S
+                 - seconds / 4 - 1.0)
+    return max(0, math.floor(settled_s * planned.fps))
+
+
+def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
+               seconds: float) -> None:
+    """A meeting still going on: render the chunks its recordings already hold for good, and
+    only those not kept already (see :func:`keep_part`); no join, no output."""
+    if planned.trim or not seconds > 0:
+        raise MelterError("a prerender needs chunks (chunk_seconds > 0) and no trim")
+    settled = settled_frames(planned, seconds)
+    workdir = cache_dir(attempt)
+    units: list[dict[str, Any]] = []
+    for k, output in enumerate(record.outputs):
+        preset, suffix = _part(output)
+        if preset.audio_only:
+            continue
+        for i, (first, last) in enumerate(_chunk_ranges(planned, preset, seconds, False)):
+            if last >= settled:
+                break
+            piece = audio_piece(planned, preset, (first, last))
+            if piece.frames[1] >= settled:  # the audio's context after the chunk, too
+                break
+            for kind, weight in ((UnitKind.VIDEO, 1.0), (UnitKind.AUDIO, AUDIO_WEIGHT)):
+                if kind is UnitKind.VIDEO:
+                    key = chunk_key(planned, preset, (first, last), video=True,
+                                    workdir=workdir)
+                    part_suffix = suffix
+                else:
+                    key = audio_piece_key(planned, preset, (first, last), workdir=workdir)
+                    part_suffix = piece.suffix
+                if _kept(attempt, record, k, key, part_suffix):
+                    continue
+                units.append({"name": kind.unit(k, i), "weight": (last - first + 1) * weight,
+                              "first": first, "last": last, "output": k})
+    attempt.begin_commit()
+    attempt.finishing()
+    if not units:
+        _, ready = attempt.store.complete(record.id, attempt.unit, attempt.token, "",
+                                          attempt.config.dispatch_grace_seconds,
+                                          attempt.farm.ttl)
+        attempt.farm.send(ready)
+        return
+    dispatches = attempt.store.expand(record.id, attempt.token, units,
+                                      attempt.config.dispatch_grace_seconds,
+                                      {"chunks": str(len(units))})
+    attempt.farm.send(dispatches)
+
+
+# -- kept chunks -------------------------------------------------------------------------------
+#: Chunks rendered while a meeting went on (or by an earlier render of it), named by their
+#: key (:func:`melter.render.chunk_key`), beside each output.
+PARTS_DIR = ".melter-parts"
+
+
+def _parts_folder(record: JobRecord, k: int) -> Path:
+    return record.outputs[k].path.parent / PARTS_DIR
+
+
+def _kept(attempt: Attempt, record: JobRecord, k: int, key: str, suffix: str) -> bool:
+    try:
+        with folder_fd(attempt.config.outputs_root, _parts_folder(record, k)) as folder:
+            return exists_at(folder, key + suffix)
+    except (OSError, MelterError):
+        return False
+
+
+def reuse_part(attempt: Attempt, record: JobRecord, k: int, key: str, temp: Path) -> bool:
+    """Link the kept chunk of ``key`` onto ``temp`` (in this attempt's folder), if there is
+    one."""
+    root = attempt.config.outputs_root
+    try:
+        with folder_fd(root, _parts_folder(record, k)) as parts, \
+                _source(root, temp.parent) as target:
+            link_new(parts, key + temp.suffix, target, temp.name)
+    except (OSError, MelterError):
+        return False
+    return True
+
+
+def keep_part(attempt: Attempt, record: JobRecord, k: int, key: str, final: Path) -> None:
+    """Keep a finished chunk under its key, for a later render of the same meeting (an
+    existing one is the same chunk: it stays)."""
+    root = attempt.config.outputs_root
+    with contextlib.suppress(OSError, MelterError), \
+            folder_fd(root, _parts_folder(record, k), create=True) as parts, \
+            folder_fd(root, final.parent) as source:
+        link_new(source, final.name, parts, key + final.suffix)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -342,7 +465,7 @@ def _staged(attempt: Attempt, rendering: str) -> Callable[[str], None]:
 
 
 def _part(output: OutputTarget) -> tuple[Preset, str]:
-    """The preset and file suffix of an output's chunks, audio pass and join (an HLS
+    """The preset and file suffix of an output's chunks and join (an HLS
     playlist's are MP4: the playlist is cut from the joined file)."""
     preset = PRESETS[output.preset]
     return preset.parts, preset.parts.suffix if preset.hls else output.path.suffix
@@ -358,19 +481,59 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     preset, suffix = _part(output)
     folder = record.tmp_dir(k)
     temp = attempt_dir(attempt, record, k) / f"v{i}{suffix}"
-    # Video only, from the chunk's first frame: each video source starts reading there.
-    render(planned, [(temp, preset)], frames=(first, last), audio=False,
-           workdir=cache_dir(attempt), progress=attempt.progress,
-           stage=_staged(attempt, f"rendering chunk {i + 1}"))
+    key = _part_key(attempt, planned, preset, (first, last), True)
+    reused = bool(key and reuse_part(attempt, record, k, key, temp))
+    if not reused:
+        # Video only, from the chunk's first frame: each video source starts reading there.
+        render(planned, [(temp, preset)], frames=(first, last), audio=False,
+               workdir=cache_dir(attempt), progress=attempt.progress,
+               stage=_staged(attempt, f"rendering chunk {i + 1}"))
     attempt.check()
     frames = count_video_frames(temp)
     if frames != count:
         raise RenderError(f"chunk {i} (frames {first}-{last}) has {frames} frames, not {count}")
-    _commit_part(attempt, record, temp, folder / f"v{i}.{attempt.token}{suffix}")
+    final = folder / f"v{i}.{attempt.token}{suffix}"
+    _note_part(attempt, record, key, reused)
+    _commit_part(attempt, record, temp, final)
+    if key:
+        keep_part(attempt, record, k, key, final)
+
+
+#: The job's field naming a chunk unit's key, and whether it was kept from earlier.
+PART_FIELD = "part:"
+
+
+def _note_part(attempt: Attempt, record: JobRecord, key: str | None, reused: bool) -> None:
+    if key:
+        attempt.store.set_fields(record.id, {
+            PART_FIELD + attempt.unit: ("reused:" if reused else "rendered:") + key})
+
+
+def _drop_parts(attempt: Attempt, record: JobRecord, k: int, units: Iterable[str],
+                suffixes: dict[str, str]) -> None:
+    """Once the joined file is committed, the kept chunks it was made of are of no more use
+    (a render of the meeting by another layout has other keys)."""
+    fields = attempt.store.job(record.id)
+    root = attempt.config.outputs_root
+    with contextlib.suppress(OSError, MelterError), \
+            folder_fd(root, _parts_folder(record, k)) as parts:
+        for unit in units:
+            _, _, key = (fields.get(PART_FIELD + unit) or "").partition(":")
+            if key:
+                with contextlib.suppress(OSError):
+                    os.unlink(key + suffixes[unit[:1]], dir_fd=parts)
+
+
+def _part_key(attempt: Attempt, planned: RenderPlan, preset: Preset, frames: tuple[int, int],
+              video: bool) -> str | None:
+    """The chunk's key (None for a trimmed render, whose chunks are not kept)."""
+    if planned.trim:
+        return None
+    return chunk_key(planned, preset, frames, video=video, workdir=cache_dir(attempt))
 
 
 def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -> None:
-    """Name a finished chunk or audio pass by its attempt's token and mark the unit done (only
+    """Name a finished chunk's video or audio by its attempt's token and mark the unit done (only
     while the attempt holds its lease); the units waiting on it are sent on."""
     root = attempt.config.outputs_root
     with _source(root, temp.parent) as source, folder_fd(root, final.parent) as target:
@@ -383,22 +546,28 @@ def _commit_part(attempt: Attempt, record: JobRecord, temp: Path, final: Path) -
 
 
 def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
+    """A chunk's audio, frames ``first`` to ``last``: an AAC piece that joins by copying
+    packets, or PCM (see :func:`melter.render.audio_piece`)."""
+    _, i = chunk_place(attempt.unit)
+    unit = attempt.store.unit(record.id, attempt.unit)
+    chunk = int(unit["first"]), int(unit["last"])
     planned = _planned(attempt, record)
-    output = record.outputs[k]
-    preset, suffix = _part(output)
-    temp = attempt_dir(attempt, record, k) / f"audio{suffix}"
-    # The whole meeting's audio from its first frame on, as a single render reads it (and so
-    # the same samples).
-    result = render(planned, [(temp, preset)], video=False, workdir=cache_dir(attempt),
-                    progress=attempt.progress, stage=_staged(attempt, "rendering audio"))
+    preset, _ = _part(record.outputs[k])
+    piece = audio_piece(planned, preset, chunk)
+    temp = attempt_dir(attempt, record, k) / f"a{i}{piece.suffix}"
+    key = (None if planned.trim
+           else audio_piece_key(planned, preset, chunk, workdir=cache_dir(attempt)))
+    reused = bool(key and reuse_part(attempt, record, k, key, temp))
+    if not reused:
+        render_audio_piece(planned, preset, chunk, temp, workdir=cache_dir(attempt),
+                           progress=attempt.progress,
+                           stage=_staged(attempt, f"rendering audio {i + 1}"))
     attempt.check()
-    info = measure(temp)
-    audio = info.get("audio") or {}
-    expected = result.frames / planned.fps
-    if not audio or not math.isclose(audio.get("duration_s") or info["duration_s"], expected,
-                                     abs_tol=max(0.2, expected * 0.01)):
-        raise RenderError(f"audio pass lasts {info['duration_s']:.2f} s, not {expected:.2f} s")
-    _commit_part(attempt, record, temp, record.tmp_dir(k) / f"a.{attempt.token}{suffix}")
+    final = record.tmp_dir(k) / f"a{i}.{attempt.token}{piece.suffix}"
+    _note_part(attempt, record, key, reused)
+    _commit_part(attempt, record, temp, final)
+    if key:
+        keep_part(attempt, record, k, key, final)
 
 
 def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
@@ -409,24 +578,36 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
         ((chunk_place(name)[1], u) for name, u in units.items()
          if UnitKind.of(name) is UnitKind.VIDEO and chunk_place(name)[0] == k),
         key=lambda item: item[0])
-    audio = units[UnitKind.AUDIO.unit(k)]["file"]
+    audio = [units[UnitKind.AUDIO.unit(k, i)] for i, _ in chunks]
     frames = sum(int(u["last"]) - int(u["first"]) + 1 for _, u in chunks)
     fps = int(record.fields.get("fps") or attempt.store.job(record.id).get("fps") or 30)
     folder = attempt_dir(attempt, record, k)
-    listing = folder / "chunks.txt"
-    listing.write_text("".join(
-        "file '" + u["file"].replace("'", "'\\''") + "'\n" for _, u in chunks))
+    listing, sounds = folder / "chunks.txt", folder / "audio.txt"
+    listing.write_text(_concat_list(u["file"] for _, u in chunks))
     temp = folder / f"joined{suffix}"
     fmt = preset.properties.get("f", "mp4")
-    command = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-               "-f", "concat", "-safe", "0", "-i", str(listing), "-i", audio,
-               "-map", "0:v:0", "-map", "1:a:0", "-c", "copy"]
-    if fmt in ("mp4", "mov", "ipod"):
-        command += ["-movflags", "+faststart"]
-    command += ["-f", fmt, str(temp)]
+    faststart = ["-movflags", "+faststart"] if fmt in ("mp4", "mov", "ipod") else []
+    sound_files = [Path(u["file"]) for u in audio]
     attempt.stage("joining")
     started = time.time()
-    _run_tracked(command)
+    if all(piece.suffix == PCM.suffix for piece in sound_files):
+        # PCM pieces (codecs other than AAC): encoded here, at once.
+        sounds.write_text(_concat_list(str(piece) for piece in sound_files))
+        _run_tracked(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+                      "-f", "concat", "-safe", "0", "-i", str(listing),
+                      "-f", "concat", "-safe", "0", "-i", str(sounds),
+                      "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy",
+                      *_audio_encoder(preset), *faststart, "-f", fmt, str(temp)])
+    else:
+        # AAC pieces: the video chunks end to end, then both streams' packets copied.
+        video = folder / f"video{suffix}"
+        _run_tracked(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+                      "-f", "concat", "-safe", "0", "-i", str(listing), "-map", "0:v:0",
+                      "-c", "copy", "-f", fmt, str(video)])
+        attempt.check()
+        join_pieces(video, sound_files, temp, fmt,
+                    options=dict(zip(faststart[::2], faststart[1::2], strict=True)))
+        video.unlink()
     attempt.check()
     check_output(temp, frames / fps, False)
     joined = count_video_frames(temp)
@@ -440,15 +621,38 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
             os.replace(temp, staged)
         attempt.check()
         temp = playlist
+    fields = attempt.store.job(record.id)
+
+    def kept(unit: str) -> bool:
+        return (fields.get(PART_FIELD + unit) or "").startswith("reused:")
+
     pieces = [{"unit": UnitKind.VIDEO.unit(k, i), "frames": [int(u["first"]), int(u["last"])],
                "worker": u.get("worker"), "attempts": int(u.get("attempts") or 0),
-               "seconds": _span(u)} for i, u in chunks]
-    audio_unit = units[UnitKind.AUDIO.unit(k)]
+               "seconds": _span(u), "kept": kept(UnitKind.VIDEO.unit(k, i))}
+              for i, u in chunks]
     commit_outputs(attempt, record, [(k, temp)], {
         "join_s": round(time.time() - started, 3),
         "chunks": pieces,
-        "audio": {"worker": audio_unit.get("worker"), "seconds": _span(audio_unit)},
+        "audio": [{"unit": UnitKind.AUDIO.unit(k, i), "worker": u.get("worker"),
+                   "attempts": int(u.get("attempts") or 0), "seconds": _span(u),
+                   "kept": kept(UnitKind.AUDIO.unit(k, i))}
+                  for i, u in enumerate(audio)],
     }, layout=_planned(attempt, record).layout)
+    _drop_parts(attempt, record, k, [UnitKind.VIDEO.unit(k, i) for i, _ in chunks]
+                + [UnitKind.AUDIO.unit(k, i) for i, _ in chunks],
+                {UnitKind.VIDEO.value: suffix, UnitKind.AUDIO.value: sound_files[0].suffix})
+
+
+def _concat_list(files: Iterable[str]) -> str:
+    """A listing for FFmpeg's concat demuxer."""
+    return "".join("file '" + name.replace("'", "'\\''") + "'\n" for name in files)
+
+
+def _audio_encoder(preset: Preset) -> list[str]:
+    """FFmpeg's options encoding the joined PCM as ``preset``'s melt consumer would."""
+    names = {"acodec": "-c:a", "ab": "-b:a", "frequency": "-ar", "channels": "-ac"}
+    return [option for key, flag in names.items() if key in preset.properties
+            for option in (flag, preset.properties[key])]
 
 
 def _span(unit: dict[str, str]) -> float | None:

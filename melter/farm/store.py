@@ -2,7 +2,7 @@
 
 A job is a set of *units* of work. Every job starts with one unit, ``main``: the worker that
 takes it plans the meeting and either renders everything itself or, for a long meeting, adds
-the chunk units (``v<k>.<i>`` video chunks, ``a<k>`` the audio in one piece, ``j<k>`` the join,
+the chunk units (``v<k>.<i>`` video chunks, ``a<k>.<i>`` their audio, ``j<k>`` the join,
 ``r<k>`` an output rendered in one piece) and returns. A unit is ``waiting`` (a join before its
 parts are done), ``queued``, ``running``, ``committing``, ``done``, ``failed`` or
 ``cancelled``.

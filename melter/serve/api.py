@@ -78,6 +78,7 @@ class Background(threading.Thread):
             try:
                 self.tracker.tick()
                 self.tracker.submit_pending()
+                self.tracker.prerender_live()
                 self.tracker.expire_rooms()
             except redis.RedisError as exc:
                 log.warning("rooms: Redis unavailable (%s)", exc)
@@ -401,13 +402,19 @@ def create_app(settings: Settings | None = None, background: bool = True) -> Fas
     @app.get("/jobs", tags=["jobs"], dependencies=[Auth])
     def jobs(room: Annotated[str | None, Query(description="Janus room")] = None,
              state: Annotated[str | None, Query()] = None,
-             limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
+             limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+             prerender: Annotated[bool, Query(description="also the prerenders of meetings "
+                                                        "going on")] = False,
+             ) -> list[dict[str, Any]]:
         """The newest jobs first; ``room`` keeps the renders of one Janus room."""
-        found = farm.jobs(limit=limit * 20 if room else limit, state=state)
+        wide = room is not None or not prerender
+        found = farm.jobs(limit=limit * 20 if wide else limit, state=state)
+        if not prerender:
+            found = [j for j in found if not j["spec"].get("prerender")]
         if room is not None:
             found = [j for j in found if str(j["spec"].get("room")) == room
-                     or str(j["metadata"].get("room")) == room][:limit]
-        return found
+                     or str(j["metadata"].get("room")) == room]
+        return found[:limit]
 
     @app.get("/jobs/{job_id}", tags=["jobs"], dependencies=[Auth])
     def job(job_id: str) -> dict[str, Any]:

@@ -103,6 +103,10 @@ class ServiceConfig(BaseModel):
     settle_seconds: float = Field(
         2.0, ge=0, description="a meeting's render is submitted this long after it ended, so "
         "Janus has closed its recordings")
+    prerender_seconds: float = Field(
+        20.0, ge=0, description="while a meeting goes on, the chunks its recordings hold for "
+        "good are rendered this often (a prerender job), so that only the rest is left when it "
+        "ends (0: never)")
     default: RoomRule = Field(default_factory=RoomRule)
     rooms: dict[str, RoomRule] = Field(default_factory=dict)
 
@@ -177,6 +181,7 @@ _ENV = {
     "MELTER_GRACE_SECONDS": "grace_seconds",
     "MELTER_TICK_SECONDS": "tick_seconds",
     "MELTER_SETTLE_SECONDS": "settle_seconds",
+    "MELTER_PRERENDER_SECONDS": "prerender_seconds",
 }
 
 

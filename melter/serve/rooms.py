@@ -131,6 +131,8 @@ class MeetingSpan:
     ended_by: str | None = None  # "destroyed" or "empty"
     deadline: float | None = None  # wall clock, while every publisher is gone
     render: dict[str, Any] | None = None  # {"state": pending|submitted|skipped, ...}
+    #: The latest prerender while the meeting goes on: {"job": id, "at": wall clock, "n": count}
+    prerender: dict[str, Any] | None = None
 
     @property
     def open(self) -> bool:
@@ -194,6 +196,10 @@ class Room:
             (m.open and m.publishers)
             or (m.render or {}).get("state") in ("pending", "submitted")
             for m in self.meetings)
+
+    def live(self) -> list[MeetingSpan]:
+        """Open meetings someone has published or joined in: their recordings grow."""
+        return [m for m in self.meetings if m.open and m.publishers]
 
     def pending(self) -> list[MeetingSpan]:
         return [m for m in self.meetings if m.render and m.render.get("state") == "pending"]

@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import redis
 
 from melter.errors import MelterError
+from melter.farm.job import TERMINAL
 from melter.farm.jobs import Farm
 from melter.serve.config import Settings
 from melter.serve.renders import auto_spec, recordings
@@ -103,6 +104,10 @@ class Tracker:
                 pipe.sadd(f"{self.p}:pending", room)
             else:
                 pipe.srem(f"{self.p}:pending", room)
+            if state.live():
+                pipe.sadd(f"{self.p}:live", room)
+            else:
+                pipe.srem(f"{self.p}:live", room)
 
         self.r.transaction(transaction, key)
         return result[0]
@@ -154,6 +159,7 @@ class Tracker:
         pipe.zrem(f"{self.p}:idle", *rooms)
         pipe.zrem(f"{self.p}:due", *rooms)
         pipe.srem(f"{self.p}:pending", *rooms)
+        pipe.srem(f"{self.p}:live", *rooms)
         pipe.hdel(f"{self.p}:failed", *rooms)
         answers = pipe.execute()
         gone = [c for k, c in enumerate(clients) if not answers[2 * k + 1]]
@@ -301,6 +307,73 @@ class Tracker:
                 self._failed(room, "render submission", exc)
                 self._give_up(room, exc)
         return jobs
+
+    def prerender_live(self, now: float | None = None) -> list[str]:
+        """While meetings go on, render the chunks their recordings already hold for good
+        (a prerender job each, every ``prerender_seconds`` once the last one ended): when a
+        meeting ends, its render finds them kept and renders only the rest. The job ids."""
+        now = time.time() if now is None else now
+        every = self.settings.service.prerender_seconds
+        if every <= 0:
+            return []
+        jobs = []
+        for room in sorted(self.r.smembers(f"{self.p}:live")):
+            try:
+                state = self.room(room)
+                if state is None:  # expired
+                    self.r.srem(f"{self.p}:live", room)
+                    continue
+                for meeting in state.live():
+                    done = meeting.prerender or {}
+                    since = float(done.get("at") or meeting.first / 1e6)
+                    if now - since < every or not self._ended(done):
+                        continue
+                    job = self._prerender(room, meeting.id, now)
+                    if job:
+                        jobs.append(job)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one room's state must not stop the others' renders
+                self._failed(room, "prerender", exc)
+        return jobs
+
+    def _ended(self, prerender: dict[str, Any]) -> bool:
+        """Whether a meeting's latest prerender job (if any) has ended."""
+        job = prerender.get("job")
+        if not job:
+            return True
+        try:
+            return self.farm.status(job)["state"] in TERMINAL
+        except MelterError:  # its record expired
+            return True
+
+    def _prerender(self, room: str, meeting_id: str, now: float) -> str | None:
+        state = self.room(room)
+        meeting = state.meeting(meeting_id) if state else None
+        if state is None or meeting is None or not meeting.open:
+            return None
+        count = int((meeting.prerender or {}).get("n") or 0) + 1
+        try:
+            spec = self._spec(state, meeting)
+        except (MelterError, ValueError):
+            spec = None  # no recordings yet
+        job = None
+        if spec is not None:
+            spec.update(prerender=True, idempotency_key=f"{spec['idempotency_key']}:pre:{count}")
+            try:
+                job = self.farm.submit(spec)
+            except MelterError as exc:
+                log.warning("meeting %s: prerender refused: %s", meeting_id, exc)
+
+        def mark(state: Room) -> None:
+            current = state.meeting(meeting_id)
+            if current is not None and current.open:
+                current.prerender = {"job": job, "at": now, "n": count}
+
+        self._update(room, mark)
+        if job:
+            self.count("prerenders_submitted")
+        return job
 
     def _give_up(self, room: str, exc: Exception) -> None:
         """Mark the room's pending renders failed, so the next pass does not fail the same

@@ -9,6 +9,10 @@ leaves at 8 s; Z (yellow, 750 Hz) joins at 4 s and leaves at 10 s while publishi
 * ``test_meeting_video_appears_on_storage``: the sample event handler posts (gzip-compressed)
   to a real ``melter serve``, with a real farm worker: the meeting's video must appear on
   storage with no further action.
+* ``test_a_long_meeting_is_on_storage_within_15_s_of_its_destroy``: a meeting of 3 min 5 s
+  through ``melter serve`` and two workers, which render it while it goes on (prerenders):
+  the video must be on storage within 15 s of the room's destroy, made mostly of chunks
+  rendered during the meeting.
 
 Both measure the video against what the publishers sent, by wall clock: its length, each
 participant's colour in its tile while publishing, and each tone's level and frequency.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -26,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +43,7 @@ from tests.helpers.janus_e2e import (
     Measured,
     MeetingLog,
     NamespaceError,
+    Person,
     event_counts,
     measure,
     melter_env,
@@ -56,7 +63,7 @@ STORAGE_TIMEOUT = 180.0
 
 pytestmark = [
     pytest.mark.skipif(REASON is not None, reason=REASON or ""),
-    pytest.mark.timeout(420),
+    pytest.mark.timeout(600),
 ]
 
 
@@ -106,10 +113,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def meet(janus: Janus, rec_dir: Path) -> MeetingLog:
-    """Run the meeting; a failure shows the end of Janus's log."""
+def meet(janus: Janus, rec_dir: Path, **schedule: Any) -> MeetingLog:
+    """Run the meeting (the default one, or ``people`` and ``destroy_at``); a failure shows
+    the end of Janus's log."""
     try:
-        return asyncio.run(run_meeting(janus.url, rec_dir))
+        return asyncio.run(run_meeting(janus.url, rec_dir, **schedule))
     except Exception as exc:
         raise AssertionError(f"the meeting failed: {exc!r}\n--- janus.log:\n"
                              f"{janus.log_tail()}") from exc
@@ -215,5 +223,63 @@ def test_meeting_video_appears_on_storage(
     # The farm commits a manifest beside each output.
     assert videos[0].with_name(videos[0].name + ".manifest.json").exists()
     measured = measure(videos[0], service.recordings, log)
+    print(summary(measured, log))
+    check_rendering(measured, log)
+
+
+#: A 3 min 5 s meeting: X throughout, Y for a minute and a bit, Z for the middle 90 s.
+LONG_PEOPLE = (
+    Person("X", 101, (20, 160, 160), 350.0, 0.0),
+    Person("Y", 102, (180, 40, 160), 500.0, 20.0, unpublish_at=95.0, leave_at=96.0),
+    Person("Z", 103, (220, 200, 40), 750.0, 50.0, leave_at=140.0),
+)
+LONG_DESTROY_AT = 185.0
+#: What users wait for: the video on storage this soon after the room's destroy.
+READY_WITHIN_S = 15.0
+#: A 640x360 grid: what two shared cores render in time (the 720p figures are in
+#: bench/README.md, "Time to video").
+LONG_LAYOUT = """name: grid-360p
+canvas: {width: 640, height: 360, fps: 30, background: "#000000"}
+regions:
+  - {name: grid, max_rows: 4, max_columns: 4, fit: crop, padding: 4}
+"""
+
+
+def test_a_long_meeting_is_on_storage_within_15_s_of_its_destroy(
+    link: Link, janus_for: Callable[..., Janus], tmp_path: Path
+) -> None:
+    if not serve_available():
+        pytest.skip("this tree's melter has no `serve` command")
+    if not redis_available(REDIS_URL):
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    layout = tmp_path / "farm" / "storage" / "layouts" / "grid-360p.yaml"  # under the root
+    layout.parent.mkdir(parents=True)
+    layout.write_text(LONG_LAYOUT)
+    settings = {"MELTER_DEFAULT_LAYOUT": str(layout), "MELTER_PRERENDER_SECONDS": "10",
+                "MELTER_SETTLE_SECONDS": "1"}
+    with melter_service(tmp_path / "farm", link.host_ip, REDIS_URL, EVENTS_USER,
+                        EVENTS_PASSWORD, workers=2, settings=settings) as service:
+        janus = janus_for(service.events_url, compress=True)
+        log = meet(janus, service.recordings, people=LONG_PEOPLE, destroy_at=LONG_DESTROY_AT)
+        check_local(log, link)
+        try:
+            wait_for(lambda: bool(service.rendered()), STORAGE_TIMEOUT,
+                     "the meeting's video on storage")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- serve:\n{service.log('serve')}\n--- worker:\n"
+                                 f"{service.log('worker')}") from None
+        appeared = time.time()
+        videos = service.rendered()
+    latency = appeared - log.destroyed
+    assert len(videos) == 1, videos
+    manifest = json.loads(videos[0].with_name(videos[0].name + ".manifest.json").read_text())
+    chunks = manifest["timings"]["chunks"]
+    kept = [c["kept"] for c in chunks]
+    print(f"{log.length:.1f} s meeting on storage {latency:.1f} s after the room's destroy; "
+          f"{sum(kept)} of {len(chunks)} chunks rendered during the meeting: {videos[0]}")
+    assert log.length >= 180
+    assert latency <= READY_WITHIN_S, latency
+    assert sum(kept) >= len(chunks) - 3, kept
+    measured = measure(videos[0], service.recordings, log, layout=str(layout))
     print(summary(measured, log))
     check_rendering(measured, log)

@@ -274,6 +274,26 @@ def audio_samples(path: Path) -> np.ndarray:
     return np.concatenate(chunks, axis=1) if chunks else np.zeros((2, 0), np.float32)
 
 
+def same_audio(got: np.ndarray, ref: np.ndarray, edge: int = 2048) -> dict[str, float]:
+    """How far decoded audio ``got`` (a chunked render: AAC pieces joined) is from ``ref``
+    (the single pass, encoded once), away from the first and last ``edge`` samples, and
+    checks that it is the same sound at the same samples: its difference is at the level of
+    two encodings of one signal (under -50 dB RMS of full scale), and moving it by one sample
+    either way makes that difference at least twice as large (no sample lost or repeated).
+    """
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    a, b = got[:, edge:-edge], ref[:, edge:-edge]
+
+    def rms(x: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(x ** 2)))
+
+    found = {"rms": rms(a - b), "max": float(np.abs(a - b).max()),
+             "rms_shifted": min(rms(a[:, 1:] - b[:, :-1]), rms(a[:, :-1] - b[:, 1:]))}
+    assert found["rms"] < 0.003, found
+    assert found["rms_shifted"] > 2 * found["rms"], found
+    return found
+
+
 @dataclass
 class FrameStats:
     times: np.ndarray  # seconds

@@ -961,13 +961,15 @@ class Service:
         if not self.renders.exists():
             return []
         return sorted(p for p in self.renders.rglob("*.mp4")
-                      if ".melter-tmp" not in p.parts)
+                      if ".melter-tmp" not in p.parts and ".melter-parts" not in p.parts)
 
 
 @contextlib.contextmanager
 def melter_service(base: Path, host: str, redis_url: str, janus_user: str,
-                   janus_password: str, grace_seconds: float = 2.0) -> Iterator[Service]:
-    """``melter serve`` and a worker on a private Redis namespace; all removed afterwards."""
+                   janus_password: str, grace_seconds: float = 2.0, workers: int = 1,
+                   settings: dict[str, str] | None = None) -> Iterator[Service]:
+    """``melter serve`` and ``workers`` farm workers on a private Redis namespace; all removed
+    afterwards. ``settings``: more environment (``MELTER_*``) for all of them."""
     import redis
 
     tag = secrets.token_hex(4)
@@ -990,10 +992,13 @@ def melter_service(base: Path, host: str, redis_url: str, janus_user: str,
         "MELTER_JANUS_USER": janus_user,
         "MELTER_JANUS_PASSWORD": janus_password,
         "MELTER_DEFAULT_LAYOUT": "grid",
+        **(settings or {}),
     })
     service = Service(base, host, _free_port(host), env)
     try:
-        service.start("worker", ["melter.farm", "worker", "-c", "1"])
+        for number in range(workers):
+            service.start("worker" if number == 0 else f"worker{number + 1}",
+                          ["melter.farm", "worker", "-c", "1", "-n", f"w{number + 1}@%h"])
         service.start("serve", ["melter.cli", "serve", "--host", host,
                                 "--port", str(service.port)])
         service.wait_listening()

@@ -84,6 +84,8 @@ def service_harness(base: Path, **settings: str) -> FarmHarness:
         "MELTER_GRACE_SECONDS": "2",
         "MELTER_TICK_SECONDS": "0.2",
         "MELTER_SETTLE_SECONDS": str(SETTLE),
+        # Prerenders while meetings go on: off, but in the tests about them.
+        "MELTER_PRERENDER_SECONDS": "0",
         "MELTER_DEFAULT_LAYOUT": str(storage / "layouts" / "small.yaml"),
         **settings,
     }

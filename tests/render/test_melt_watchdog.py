@@ -222,8 +222,8 @@ def test_the_audio_pass_renders_with_the_watch(tmp_path: Path,
 
 
 def test_the_farm_retries_a_unit_whose_melt_hung(stand_in: Path, tmp_path: Path) -> None:
-    """The audio pass's melt hangs once (not in the start race, which is restarted in the
-    unit); the unit fails with the reason and its retry renders the job."""
+    """The first audio unit's melt hangs once (not in the start race, which is restarted in
+    the unit); the unit fails with the reason and its retry renders the job."""
     melt = shutil.which("melt")
     assert melt is not None
     marker = tmp_path / "stalled-once"
@@ -237,7 +237,8 @@ def test_the_farm_retries_a_unit_whose_melt_hung(stand_in: Path, tmp_path: Path)
         info = farm.wait(job, timeout=240)
         assert info["state"] == "done", info
         audio = [u for name, u in info["units"].items() if name.startswith("a")]
-        assert [u["attempts"] for u in audio] == [2], info["units"]
+        assert [u["attempts"] for u in audio] == [2] + [1] * (len(audio) - 1), info["units"]
+        assert len(audio) >= 2
         assert marker.exists()
         assert "melt stopped responding for 2 s at frame 0 of" in worker.text()
         assert gone(recorded(record))
