@@ -240,6 +240,8 @@ class Result:
     state: str = "no job"
     duration: float | None = None
     problem: str | None = None
+    prerenders: int = 0  # prerender jobs while the meeting went on
+    kept: str = ""  # video chunks kept from them, of all
 
     @property
     def ok(self) -> bool:
@@ -345,8 +347,11 @@ class Bench:
                 jobs = self.api(f"/jobs?room={room}")
             except (OSError, ValueError):
                 jobs = []
+            prerenders = [j for j in jobs if (j.get("spec") or {}).get("prerender")]
+            jobs = [j for j in jobs if not (j.get("spec") or {}).get("prerender")]
             if jobs and jobs[0]["state"] in TERMINAL:
                 job = jobs[0]
+                result.prerenders = len(prerenders)
                 break
             time.sleep(0.2)
         if job is None:
@@ -372,6 +377,13 @@ class Bench:
             result.problem = f"no output at {output}"
             return result
         result.to_file = seen - destroyed
+        try:
+            manifest = json.loads(Path(f"{output}.manifest.json").read_text())
+            chunks = manifest["timings"].get("chunks") or []
+            result.kept = (f"{sum(1 for c in chunks if c.get('kept'))}/{len(chunks)}"
+                           if chunks else "one piece")
+        except (OSError, ValueError, KeyError):
+            result.kept = "?"
         result.duration = soak.media_duration(output)
         if abs(result.duration - span) > soak.DURATION_TOLERANCE:
             result.problem = f"output {result.duration:.3f} s, meeting {span:.3f} s"
@@ -383,7 +395,8 @@ class Bench:
                 f"answered {seconds(r.destroyed_late_ms, 0)} ms after Janus sent it")
         after = (f"destroyed -> submitted {seconds(r.to_submitted)} s, started "
                  f"{seconds(r.to_started)} s, file {seconds(r.to_file)} s, {r.state} "
-                 f"{seconds(r.to_done)} s; render {seconds(r.render_s)} s")
+                 f"{seconds(r.to_done)} s; render {seconds(r.render_s)} s; "
+                 f"{r.prerenders} prerenders, chunks kept {r.kept}")
         output = ("output " + (f"{r.duration:.3f} s ({(r.duration - r.span) * 1000:+.0f} ms)"
                                if r.duration is not None else "none"))
         problem = f"; PROBLEM: {r.problem}" if r.problem else ""
@@ -392,15 +405,16 @@ class Bench:
 
     def table(self) -> list[str]:
         rows = ["| meeting | span s | replay late ms (latest step / destroyed POST) | "
-                "-> submitted s | -> started s | render s | -> file s | -> done s | "
-                "output s (vs span) |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "prerenders | chunks kept | -> submitted s | -> started s | render s | "
+                "-> file s | -> done s | output s (vs span) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.results:
             output = (f"{r.duration:.3f} ({(r.duration - r.span) * 1000:+.0f} ms)"
                       if r.duration is not None else "none")
             rows.append(
                 f"| {r.meeting} | {r.span:.1f} | {seconds(r.replay_late_ms, 0)} / "
-                f"{seconds(r.destroyed_late_ms, 0)} | {seconds(r.to_submitted)} | "
+                f"{seconds(r.destroyed_late_ms, 0)} | {r.prerenders} | {r.kept} | "
+                f"{seconds(r.to_submitted)} | "
                 f"{seconds(r.to_started)} | {seconds(r.render_s)} | {seconds(r.to_file)} | "
                 f"{seconds(r.to_done)} | {output} |")
         files = [r.to_file for r in self.results if r.to_file is not None]
