@@ -1,4 +1,5 @@
-"""While a meeting goes on, ``melter serve`` submits prerender jobs for it.
+"""While a meeting goes on, ``melter serve`` submits prerender jobs for it, and a restart of
+the service in the middle loses none of the chunks they rendered.
 
 Real Redis and the real tracker with the fixture meeting's own Janus events: a prerender job
 every ``MELTER_PRERENDER_SECONDS`` of the meeting, only once the previous one ended, each the
@@ -9,17 +10,24 @@ room is destroyed, and the meeting's render after it is the usual one.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from melter.farm.jobs import Farm
+from melter.farm.runner import PARTS_DIR
 from melter.serve.config import load_settings
 from melter.serve.rooms import parse_events
 from melter.serve.tracker import Tracker
 from tests.helpers.farm import FarmHarness
-from tests.helpers.service import copy_recordings, event_lines, farm
+from tests.helpers.service import CLI, Service, copy_recordings, event_lines, farm
 
 __all__ = ["farm"]  # the fixture, used by name
 
 EVERY = 20.0
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
 def test_prerenders_while_the_meeting_goes_on_and_none_after(farm: FarmHarness) -> None:
@@ -65,3 +73,67 @@ def test_prerenders_while_the_meeting_goes_on_and_none_after(farm: FarmHarness) 
     spec = client.status(final)["spec"]
     assert not spec.get("prerender") and not spec["idempotency_key"].endswith(":pre:2")
     assert tracker.stats()["prerenders_submitted"] == 2
+
+
+def test_a_service_killed_mid_meeting_keeps_the_chunks_rendered_before(
+        farm: FarmHarness) -> None:
+    """A meeting replayed live (``melter replay``) to ``melter serve`` and two workers, in
+    5 s chunks prerendered every 2 s; the service is killed (SIGKILL) once chunks are kept and
+    started again. The meeting's render after its destroy uses the chunks kept before the
+    kill, and the prerenders go on after the restart (their count carries on in Redis)."""
+    farm.env.update({"MELTER_PRERENDER_SECONDS": "2", "MELTER_CHUNK_SECONDS": "5"})
+    farm.start_workers(["w1", "w2"])
+    service = Service(farm)
+    service.start()
+    room = "7301"
+    renders = farm.storage / "renders"
+    parts = renders / PARTS_DIR
+    replaying = subprocess.Popen(
+        [sys.executable, "-c", CLI, "replay", str(FIXTURES / "dev-turn-taking-vp8"), "--into",
+         str(farm.storage / "recordings"), "--events", f"{service.url}/janus/events",
+         "--room", room], env=farm.env, cwd=farm.base, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (parts.exists() and list(parts.glob("*.mp4"))):
+            assert time.monotonic() < deadline and replaying.poll() is None, "no chunk kept"
+            time.sleep(0.1)
+        before = {p.name for p in parts.glob("*.mp4")}
+        service.kill()
+        assert replaying.poll() is None, "the meeting ended before the kill"
+        time.sleep(1.0)
+        service.start()
+        output, _ = replaying.communicate(timeout=120)
+        # The posts made while the service was down failed (Janus's handler drops them too);
+        # the room's destroy, at the end, reached the service started again.
+        lost = re.search(r"URLError: (\d+)", output)
+        assert replaying.returncode == (1 if lost else 0), output
+        assert lost is None or int(lost[1]) <= 5, output
+        client = Farm(farm.config)
+
+        def final() -> list[dict]:
+            return [j for j in client.jobs(limit=200)
+                    if j["spec"].get("room") == room and not j["spec"].get("prerender")]
+
+        deadline = time.monotonic() + 120
+        while not (final() and final()[0]["state"] in ("done", "failed")):
+            assert time.monotonic() < deadline, "no render of the meeting"
+            time.sleep(0.2)
+        [job] = final()
+        assert job["state"] == "done", job
+        prerenders = [j for j in client.jobs(limit=200)
+                      if j["spec"].get("room") == room and j["spec"].get("prerender")]
+    finally:
+        if replaying.poll() is None:
+            replaying.kill()
+        service.stop()
+    counts = sorted(int(j["spec"]["idempotency_key"].rsplit(":", 1)[1]) for j in prerenders)
+    assert counts == list(range(1, len(counts) + 1)) and len(counts) >= 3, counts
+    manifest = json.loads(Path(job["outputs"][0] + ".manifest.json").read_text())
+    chunks = manifest["timings"]["chunks"]
+    kept = [c for c in chunks if c["kept"]]
+    print(f"{len(counts)} prerenders; {len(before)} chunk(s) kept before the kill; "
+          f"{len(kept)} of {len(chunks)} chunks kept in the render")
+    assert len(kept) >= len(before) >= 1
+    assert [c["kept"] for c in chunks[:len(before)]] == [True] * len(before)
+    assert not list(parts.iterdir())  # used up by the join
