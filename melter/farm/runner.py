@@ -522,6 +522,10 @@ def _drop_parts(attempt: Attempt, record: JobRecord, k: int, units: Iterable[str
             if key:
                 with contextlib.suppress(OSError):
                     os.unlink(key + suffixes[unit[:1]], dir_fd=parts)
+    # The folder goes once it is empty (a meeting going on beside keeps it).
+    with contextlib.suppress(OSError, MelterError), \
+            folder_fd(root, record.outputs[k].path.parent) as folder:
+        os.rmdir(PARTS_DIR, dir_fd=folder)
 
 
 def _part_key(attempt: Attempt, planned: RenderPlan, preset: Preset, frames: tuple[int, int],

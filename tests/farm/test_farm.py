@@ -234,6 +234,7 @@ def test_a_killed_worker_s_job_completes_once_elsewhere(harness: FarmHarness) ->
         assert not output.exists()
         info = harness.wait(job, timeout=90)
         recovered = time.monotonic() - killed_at
+        time.sleep(0.3)  # the output is linked a moment before the job reads done
     finally:
         stop.set()
         watcher.join()
