@@ -271,6 +271,7 @@ class Bench:
             farm.env.pop(name, None)
         if args.settle is not None:
             farm.env["MELTER_SETTLE_SECONDS"] = str(args.settle)
+        farm.env["MELTER_PRERENDER_SECONDS"] = str(args.prerender)
         if args.layout == "small":
             farm.env["MELTER_DEFAULT_LAYOUT"] = str(farm.storage / "layouts" / "small.yaml")
         elif args.layout:
@@ -443,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="replay each fixture's recordings end to end for this long")
     parser.add_argument("--settle", type=float, default=None,
                         help="MELTER_SETTLE_SECONDS (default: the service's, 2)")
+    parser.add_argument("--prerender", type=float, default=20.0,
+                        help="MELTER_PRERENDER_SECONDS: prerenders while a meeting goes on "
+                        "(default 20, the service's; 0: none, the render starts at the end)")
     parser.add_argument("--layout", default=None,
                         help="MELTER_DEFAULT_LAYOUT: a layout name or file, or 'small' for "
                         "soak's 320x180 grid (default: the service's, grid at 1280x720)")
@@ -477,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"time_to_video: melter serve on 127.0.0.1:{bench.farm.port}, {args.workers} "
               f"worker(s), Redis {args.redis} prefix {bench.farm.prefix}, folder "
               f"{bench.farm.base}; layout {env.get('MELTER_DEFAULT_LAYOUT', 'grid (default)')}, "
-              f"settle {env.get('MELTER_SETTLE_SECONDS', '2 (default)')} s, speed "
+              f"settle {env.get('MELTER_SETTLE_SECONDS', '2 (default)')} s, prerender every "
+              f"{env.get('MELTER_PRERENDER_SECONDS')} s, speed "
               f"{args.speed:g}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
               flush=True)
         for index, fixture in enumerate(meetings):
