@@ -14,8 +14,10 @@ own, with its task and signals, is :data:`melter.farm.worker.app`, which
 * soft and hard time limits: the soft limit raises in the task, which kills melt; the hard
   limit kills the pool process;
 * ``worker_max_memory_per_child``: a pool process that grew is replaced after its task;
-* two queues, ``manual`` then ``auto``, read in that order (``queue_order_strategy:
-  priority``): a re-render someone waits for is taken before any automatic one;
+* three queues, ``manual``, ``auto`` then ``live``, read in that order
+  (``queue_order_strategy: priority``): a re-render someone waits for is taken before any
+  automatic one, and a meeting's render after its end before the prerenders of meetings still
+  going on;
 * task events on, and ``task-progress`` events from the running task, for Flower.
 
 A worker also runs the sweeper (see :mod:`melter.farm.sweeper`): Celery's own redelivery of a

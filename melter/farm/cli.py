@@ -258,7 +258,7 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="renders at once "
                                              "(pool processes)")] = 1,
     queues: Annotated[str, typer.Option("--queues", "-Q", help="queues, in the order they are "
-                                        "read")] = "manual,auto",
+                                        "read")] = "manual,auto,live",
     hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="worker name")]
     = None,
     loglevel: Annotated[str, typer.Option("--loglevel", help="debug, info, warning, "

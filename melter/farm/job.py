@@ -20,10 +20,12 @@ from melter.errors import MelterError, validation_problems
 
 class Priority(StrEnum):
     """A job's priority, in the order workers read their queues: a manual job (a re-render
-    someone waits for) is taken before any automatic one."""
+    someone waits for) is taken before any automatic one, and the render of a meeting that has
+    ended before any prerender of a meeting still going on (whose chunks can wait)."""
 
     MANUAL = "manual"
     AUTO = "auto"
+    LIVE = "live"
 
 
 class JobState(StrEnum):

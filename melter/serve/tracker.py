@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import redis
 
 from melter.errors import MelterError
-from melter.farm.job import TERMINAL
+from melter.farm.job import TERMINAL, Priority
 from melter.farm.jobs import Farm
 from melter.serve.config import Settings
 from melter.serve.renders import auto_spec, recordings
@@ -359,7 +359,8 @@ class Tracker:
             spec = None  # no recordings yet
         job = None
         if spec is not None:
-            spec.update(prerender=True, idempotency_key=f"{spec['idempotency_key']}:pre:{count}")
+            spec.update(prerender=True, priority=Priority.LIVE,
+                        idempotency_key=f"{spec['idempotency_key']}:pre:{count}")
             try:
                 job = self.farm.submit(spec)
             except MelterError as exc:

@@ -65,7 +65,7 @@ def test_configuration_from_environment_and_file(tmp_path: Path) -> None:
         "task_time_limit"] > settings["task_soft_time_limit"]
     assert settings["result_backend_transport_options"]["visibility_timeout"] == settings[
         "broker_transport_options"]["visibility_timeout"]
-    assert [q.name for q in settings["task_queues"]] == ["manual", "auto"]
+    assert [q.name for q in settings["task_queues"]] == ["manual", "auto", "live"]
 
 
 def test_chunks_are_cut_at_scene_boundaries() -> None:

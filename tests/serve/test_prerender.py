@@ -45,7 +45,7 @@ def test_prerenders_while_the_meeting_goes_on_and_none_after(farm: FarmHarness) 
     assert tracker.prerender_live(now=first + EVERY - 0.5) == []  # not yet
     [one] = tracker.prerender_live(now=first + EVERY)
     job = client.status(one)
-    assert job["spec"]["prerender"] is True and job["priority"] == "auto"
+    assert job["spec"]["prerender"] is True and job["priority"] == "live"
     assert job["spec"]["idempotency_key"].endswith(":pre:1")
     state = tracker.room("2001")
     assert state is not None
