@@ -63,13 +63,16 @@ class Playlist:
             for line in self.lines)
 
 
-def parse_playlist(text: str) -> Playlist:
+def parse_playlist(text: str, *, live: bool = False) -> Playlist:
     """A complete VOD playlist whose segments are plain file names beside it; MelterError
-    for anything else (a playlist still being written lacks ``#EXT-X-ENDLIST``)."""
+    for anything else (a playlist still being written lacks ``#EXT-X-ENDLIST``).
+    ``live``: an EVENT playlist that still grows (:func:`event_playlist`) is read too."""
     lines = text.splitlines()
     if not lines or lines[0].strip() != "#EXTM3U":
         raise MelterError("not an HLS playlist")
-    if "#EXT-X-PLAYLIST-TYPE:VOD" not in lines or "#EXT-X-ENDLIST" not in lines:
+    growing = live and "#EXT-X-PLAYLIST-TYPE:EVENT" in lines
+    if not growing and ("#EXT-X-PLAYLIST-TYPE:VOD" not in lines
+                        or "#EXT-X-ENDLIST" not in lines):
         raise MelterError("not a complete VOD playlist")
     segments: list[tuple[str, float]] = []
     seconds: float | None = None
@@ -85,7 +88,7 @@ def parse_playlist(text: str) -> Playlist:
                 raise MelterError(f"segment {name!r} is not a file beside the playlist")
             segments.append((name, seconds))
             seconds = None
-    if not segments:
+    if not segments and not growing:
         raise MelterError("a playlist without segments")
     return Playlist(lines, segments)
 
@@ -146,14 +149,15 @@ def _read(folder: int, name: str) -> bytes:
     return data
 
 
-def read_playlist(folder: int, name: str) -> Playlist:
-    """The playlist ``name`` in the folder ``folder`` (not through a link)."""
+def read_playlist(folder: int, name: str, *, live: bool = False) -> Playlist:
+    """The playlist ``name`` in the folder ``folder`` (not through a link); ``live``: an
+    EVENT playlist too."""
     try:
         text = _read(folder, name).decode("utf-8")
     except UnicodeDecodeError:
         raise MelterError(f"{name}: not UTF-8 text") from None
     try:
-        return parse_playlist(text)
+        return parse_playlist(text, live=live)
     except MelterError as exc:
         raise MelterError(f"{name}: {exc}") from None
 
@@ -181,7 +185,7 @@ def named_after(playlist: str, segment: str) -> bool:
 def _old_segments(target: int, name: str) -> list[str]:
     """The segments of the playlist ``name`` in ``target`` that replacing it removes."""
     try:
-        old = read_playlist(target, name)
+        old = read_playlist(target, name, live=True)
     except (OSError, MelterError):
         return []
     return [segment for segment, _ in old.segments if named_after(name, segment)]

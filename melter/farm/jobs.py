@@ -42,6 +42,7 @@ from melter.farm.job import (
     parse_job,
     under_root,
 )
+from melter.farm.manifest import is_live_output
 from melter.farm.paths import check_inputs, resolve_layout, same_place
 from melter.farm.store import Dispatch, Store
 
@@ -220,8 +221,9 @@ class Farm:
     def _reserve(self, path: Path, job_id: str) -> Path:
         for version in range(1, 10_000):
             candidate = versioned(path, version)
-            if candidate.exists() or manifest_path(candidate).exists():
-                continue
+            if (candidate.exists() or manifest_path(candidate).exists()) \
+                    and not is_live_output(candidate):
+                continue  # a live playlist is the meeting's own: its render takes its place
             if self.store.reserve_output(str(candidate), job_id, self.ttl):
                 return candidate
         raise JobError(f"output {path}: no free version name")

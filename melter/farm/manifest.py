@@ -132,3 +132,30 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+#: A manifest's field marking the output as a meeting's live playlist (an HLS EVENT playlist
+#: that grows while the meeting goes on): the meeting's render takes its name and replaces it.
+LIVE = "live"
+#: More than any manifest holds.
+MANIFEST_LIMIT = 64 << 20
+
+
+def is_live(manifest: bytes) -> bool:
+    """Whether a manifest's text marks its output as a live playlist."""
+    try:
+        data = json.loads(manifest)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get(LIVE) is True
+
+
+def is_live_output(path: Path) -> bool:
+    """Whether ``path`` is a live playlist (by its manifest, read without following a link)."""
+    side = path.with_name(path.name + ".manifest.json")
+    try:
+        handle = os.open(side, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(handle, "rb") as reader:
+        return is_live(reader.read(MANIFEST_LIMIT))

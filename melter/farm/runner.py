@@ -47,9 +47,12 @@ from melter.farm.attempt import Attempt
 from melter.farm.job import UnitKind, chunk_place, iso, under_root, unit_output
 from melter.farm.jobs import JobRecord, OutputTarget, manifest_path, remove_tmp
 from melter.farm.manifest import (
+    LIVE,
+    MANIFEST_LIMIT,
     count_video_frames,
     describe_inputs,
     file_mode,
+    is_live,
     measure,
     tool_versions,
 )
@@ -63,6 +66,7 @@ from melter.farm.paths import (
 )
 from melter.farm.procs import REGISTRY
 from melter.hls import atomic_playlist, free_stem, named_after, place, read_playlist, segment_name
+from melter.livehls import LiveChunk, closed_segments, event_playlist, write_segments
 from melter.render import (
     PCM,
     PRESETS,
@@ -125,6 +129,9 @@ def run(attempt: Attempt) -> None:
         _main(attempt, record)
     elif kind is UnitKind.RENDER:
         _render_outputs(attempt, record, [unit_output(unit)], _planned(attempt, record))
+    elif kind in (UnitKind.VIDEO, UnitKind.AUDIO) and _superseded(attempt, record):
+        attempt.stage("superseded by the meeting's render")
+        _skip(attempt, record)
     elif kind is UnitKind.VIDEO:
         _video_chunk(attempt, record)
     elif kind is UnitKind.AUDIO:
@@ -306,6 +313,10 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
         preset, suffix = _part(output)
         if preset.audio_only:
             continue
+        if PRESETS[output.preset].hls:
+            attempt.stage("publishing the live playlist")
+            _publish_live(attempt, record, k, planned, seconds)
+        chunk_units: list[str] = []
         for i, (first, last) in enumerate(_chunk_ranges(planned, preset, seconds, False)):
             if last >= settled:
                 break
@@ -322,8 +333,13 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
                     part_suffix = piece.suffix
                 if _kept(attempt, record, k, key, part_suffix):
                     continue
+                chunk_units.append(kind.unit(k, i))
                 units.append({"name": kind.unit(k, i), "weight": (last - first + 1) * weight,
                               "first": first, "last": last, "output": k})
+        if chunk_units and PRESETS[output.preset].hls:
+            # The live playlist gains the new chunks' segments once they are all rendered.
+            units.append({"name": UnitKind.JOIN.unit(k), "weight": planned.frames * JOIN_WEIGHT,
+                          "deps": ",".join(chunk_units), "output": k})
     attempt.begin_commit()
     attempt.finishing()
     if not units:
@@ -336,6 +352,113 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
                                       attempt.config.dispatch_grace_seconds,
                                       {"chunks": str(len(units))})
     attempt.farm.send(dispatches)
+
+
+def _superseded(attempt: Attempt, record: JobRecord) -> bool:
+    """Whether this is a prerender's chunk of a meeting whose render has already put its
+    output in place (the render took the chunk over: its part would never be used)."""
+    if not record.spec.prerender:
+        return False
+    output = record.outputs[unit_output(attempt.unit)].path
+    try:
+        with folder_fd(attempt.config.outputs_root, output.parent) as folder:
+            return exists_at(folder, output.name) and not _live_output(folder, output.name)
+    except (OSError, MelterError):
+        return False
+
+
+def _skip(attempt: Attempt, record: JobRecord) -> None:
+    """End the unit with nothing to hand on."""
+    attempt.begin_commit()
+    attempt.finishing()
+    _, ready = attempt.store.complete(record.id, attempt.unit, attempt.token, "",
+                                      attempt.config.dispatch_grace_seconds, attempt.farm.ttl)
+    attempt.farm.send(ready)
+
+
+# -- the live playlist -------------------------------------------------------------------------
+def _live_output(folder: int, name: str) -> bool:
+    """Whether ``name`` in ``folder`` is a live playlist (by its manifest)."""
+    try:
+        return is_live(read_at(folder, name + ".manifest.json", MANIFEST_LIMIT))
+    except (OSError, MelterError):
+        return False
+
+
+def _finished_chunks(attempt: Attempt, record: JobRecord, k: int, planned: RenderPlan,
+                     seconds: float, parts: int) -> list[LiveChunk]:
+    """The run of chunks from the meeting's start kept in the parts folder ``parts``."""
+    output = record.outputs[k]
+    preset, suffix = _part(output)
+    workdir = cache_dir(attempt)
+    found: list[LiveChunk] = []
+    for first, last in _chunk_ranges(planned, preset, seconds, False):
+        piece = audio_piece(planned, preset, (first, last))
+        if piece.suffix == PCM.suffix:
+            return []  # not AAC: nothing to copy into segments
+        video = chunk_key(planned, preset, (first, last), video=True, workdir=workdir) + suffix
+        audio = audio_piece_key(planned, preset, (first, last), workdir=workdir) + piece.suffix
+        if not (exists_at(parts, video) and exists_at(parts, audio)):
+            break
+        folder = Path(f"/proc/{os.getpid()}/fd/{parts}")
+        found.append(LiveChunk(folder / video, folder / audio, first, last))
+    return found
+
+
+def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPlan,
+                  seconds: float) -> None:
+    """Add the segments of the chunks finished since to output ``k``'s live playlist (an HLS
+    EVENT playlist under the output's name, its manifest marked ``live``): segments are
+    linked first, then the manifest, then the playlist that names them, which only ever
+    grows. An output already in place that is not a live playlist is the meeting's render:
+    nothing is touched."""
+    output = record.outputs[k]
+    root = attempt.config.outputs_root
+    segment_s = PRESETS[output.preset].keyframe_seconds or 6
+    name, side = output.path.name, manifest_path(output.path).name
+    try:
+        parts = open_folder(root, _parts_folder(record, k))
+    except (OSError, MelterError):
+        return
+    try:
+        chunks = _finished_chunks(attempt, record, k, planned, seconds, parts)
+        closed = closed_segments(chunks, planned.fps, segment_s)
+        with folder_fd(root, output.path.parent) as target:
+            if exists_at(target, name) and not _live_output(target, name):
+                return
+            try:
+                earlier = json.loads(read_at(target, side, MANIFEST_LIMIT))
+            except (OSError, MelterError, ValueError):
+                earlier = {}
+            live = earlier.get(LIVE) is True
+            stem = earlier.get("stem") if live else None
+            published: list[tuple[str, float]] = []
+            if live and exists_at(target, name):
+                published = read_playlist(target, name, live=True).segments
+            if closed <= len(published):
+                return
+            if not isinstance(stem, str) or not all(named_after(name, s) for s, _ in published):
+                stem, published = free_stem(target, output.path.stem), []
+            staging = attempt_dir(attempt, record, k)
+            added = write_segments(chunks, planned.fps, segment_s, len(published), closed,
+                                   staging, stem)
+            with _source(root, staging) as source:
+                for segment, _ in added:
+                    os.chmod(segment, file_mode(), dir_fd=source)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(segment, dir_fd=target)  # left by an attempt that died
+                    link_new(source, segment, target, segment)
+            os.fsync(target)
+            segments = published + added
+            manifest = {"manifest": 1, LIVE: True, "job": record.id, "stem": stem,
+                        "segments": len(segments),
+                        "duration_s": round(sum(s for _, s in segments), 6),
+                        "updated": iso(time.time())}
+            write_at(target, side, (json.dumps(manifest, indent=2) + "\n").encode(),
+                     file_mode())
+            write_at(target, name, event_playlist(segments, segment_s).encode(), file_mode())
+    finally:
+        os.close(parts)
 
 
 # -- kept chunks -------------------------------------------------------------------------------
@@ -575,6 +698,12 @@ def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
 
 
 def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
+    if record.spec.prerender:
+        attempt.stage("publishing the live playlist")
+        _publish_live(attempt, record, k, _planned(attempt, record),
+                      record.spec.chunk_seconds or attempt.config.chunk_seconds)
+        _skip(attempt, record)
+        return
     output = record.outputs[k]
     preset, suffix = _part(output)
     units = attempt.store.all_units(record.id)
@@ -703,7 +832,9 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
         manifest = _manifest(attempt, record, k, fields, history, measured[k], details, layout)
         side = manifest_path(final)
         with folder_fd(root, final.parent) as target, _source(root, temp.parent) as source:
-            if exists_at(target, final.name):
+            hls = PRESETS[record.outputs[k].preset].hls
+            replace = hls and _live_output(target, final.name)  # the meeting's live playlist
+            if exists_at(target, final.name) and not replace:
                 try:
                     owner = json.loads(read_at(target, side.name)).get("job")
                 except (OSError, ValueError):
@@ -714,7 +845,7 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
                 os.unlink(temp.name, dir_fd=source)
                 continue  # an earlier attempt of this job committed it before dying
             stem = None
-            if PRESETS[record.outputs[k].preset].hls:
+            if hls:
                 stem = _segment_stem(source, temp.name, target, final.name, side.name,
                                      record.id, manifest)
             text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
@@ -722,8 +853,8 @@ def commit_outputs(attempt: Attempt, record: JobRecord, rendered: list[tuple[int
             if stem is None:
                 _link(source, temp.name, target, final.name)
             else:
-                place(source, temp.name, target, final.name, replace=False, mode=file_mode(),
-                      stem=stem)
+                place(source, temp.name, target, final.name, replace=replace,
+                      mode=file_mode(), stem=stem)
     attempt.finishing()
     status, _ = attempt.store.complete(
         record.id, attempt.unit, attempt.token, ",".join(str(record.outputs[k].path)
