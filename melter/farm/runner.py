@@ -40,6 +40,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from melter.compose import PLAN_HORIZON_S
 from melter.engine.mlt import RenderError
 from melter.errors import MelterError
@@ -492,6 +494,66 @@ def reuse_part(attempt: Attempt, record: JobRecord, k: int, key: str, temp: Path
     return True
 
 
+#: How often a unit waiting for a chunk another unit renders looks again (seconds).
+PART_POLL_S = 0.5
+
+
+def _claim_key(attempt: Attempt, key: str) -> str:
+    return f"{attempt.store.p}:part:{key}"
+
+
+def part_ready(attempt: Attempt, record: JobRecord, k: int, key: str, temp: Path) -> bool:
+    """Link the kept chunk of ``key`` onto ``temp``, waiting for it while another unit renders
+    it (a prerender's unit when the meeting ended, or the meeting's render when a late
+    prerender comes): the same chunk is never rendered twice at once. False when this unit is
+    to render it; it then holds the chunk's claim, which lasts while its lease does."""
+    claim = _claim_key(attempt, key)
+    mine = f"{attempt.job}|{attempt.unit}|{attempt.token}"
+    r = attempt.store.r
+    waited = False
+    while True:
+        if reuse_part(attempt, record, k, key, temp):
+            return True
+        if r.set(claim, mine, nx=True, px=int(attempt.config.hard_time_limit * 1000)):
+            return False
+        holder = r.get(claim)
+        job, _, rest = (holder or "").partition("|")
+        unit, _, token = rest.partition("|")
+        if holder is not None and (not job or r.get(
+                f"{attempt.store.p}:lease:{job}|{unit}") != token):
+            # The unit that claimed it has lost its lease (its worker died): the claim goes.
+            with r.pipeline() as pipe:
+                try:
+                    pipe.watch(claim)
+                    if pipe.get(claim) == holder:
+                        pipe.multi()
+                        pipe.delete(claim)
+                        pipe.execute()
+                except redis.WatchError:
+                    pass
+            continue
+        if not waited:
+            attempt.stage(f"waiting for {unit} of job {job}, which renders the same chunk")
+            waited = True
+        attempt.check()
+        time.sleep(PART_POLL_S)
+
+
+def release_part(attempt: Attempt, key: str) -> None:
+    """Give up this unit's claim on a chunk it has kept (if it still holds it)."""
+    claim = _claim_key(attempt, key)
+    r = attempt.store.r
+    with contextlib.suppress(redis.RedisError), r.pipeline() as pipe:
+        try:
+            pipe.watch(claim)
+            if pipe.get(claim) == f"{attempt.job}|{attempt.unit}|{attempt.token}":
+                pipe.multi()
+                pipe.delete(claim)
+                pipe.execute()
+        except redis.WatchError:
+            pass
+
+
 def keep_part(attempt: Attempt, record: JobRecord, k: int, key: str, final: Path) -> None:
     """Keep a finished chunk under its key, for a later render of the same meeting (an
     existing one is the same chunk: it stays)."""
@@ -605,7 +667,7 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     folder = record.tmp_dir(k)
     temp = attempt_dir(attempt, record, k) / f"v{i}{suffix}"
     key = _part_key(attempt, planned, preset, (first, last), True)
-    reused = bool(key and reuse_part(attempt, record, k, key, temp))
+    reused = bool(key and part_ready(attempt, record, k, key, temp))
     if not reused:
         # Video only, from the chunk's first frame: each video source starts reading there.
         render(planned, [(temp, preset)], frames=(first, last), audio=False,
@@ -620,6 +682,7 @@ def _video_chunk(attempt: Attempt, record: JobRecord) -> None:
     _commit_part(attempt, record, temp, final)
     if key:
         keep_part(attempt, record, k, key, final)
+        release_part(attempt, key)
 
 
 #: The job's field naming a chunk unit's key, and whether it was kept from earlier.
@@ -684,7 +747,7 @@ def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
     temp = attempt_dir(attempt, record, k) / f"a{i}{piece.suffix}"
     key = (None if planned.trim
            else audio_piece_key(planned, preset, chunk, workdir=cache_dir(attempt)))
-    reused = bool(key and reuse_part(attempt, record, k, key, temp))
+    reused = bool(key and part_ready(attempt, record, k, key, temp))
     if not reused:
         render_audio_piece(planned, preset, chunk, temp, workdir=cache_dir(attempt),
                            progress=attempt.progress,
@@ -695,6 +758,7 @@ def _audio(attempt: Attempt, record: JobRecord, k: int) -> None:
     _commit_part(attempt, record, temp, final)
     if key:
         keep_part(attempt, record, k, key, final)
+        release_part(attempt, key)
 
 
 def _join(attempt: Attempt, record: JobRecord, k: int) -> None:

@@ -127,3 +127,39 @@ def test_chunks_rendered_during_the_meeting_are_reused_and_equal_a_post_hoc_rend
     assert float(np.abs(got.means - ref.means).max()) < 3.0
     assert _sync(result) == _sync(reference)
     print(same_audio(audio_samples(result), audio_samples(reference)))
+
+
+def test_a_chunk_two_jobs_need_at_once_is_rendered_once(harness: FarmHarness) -> None:
+    """The meeting ends while a prerender renders its first chunk: the meeting's render waits
+    for that chunk instead of rendering it a second time."""
+    finished = harness.storage / "meetings" / "finished"
+    write_long_meeting(finished, SECONDS)
+    live = harness.storage / "meetings" / "live"
+    live.mkdir(parents=True)
+    shutil.copy(finished / "meeting.yaml", live / "meeting.yaml")
+    for recording in sorted(finished.glob("*.mjr")):
+        assert cut_at(recording, T0_US + round(CUT_S * 1e6), live / recording.name,
+                      partial=7) is not None
+    # Two workers render the prerender's chunks, the third takes the render. 1280x720: a
+    # chunk takes long enough for the render to come while it renders.
+    harness.start_workers(["w1", "w2", "w3"])
+    pre = harness.submit(live, "meeting.mp4", chunk_seconds=CHUNK, prerender=True,
+                         layout="grid")
+    harness.wait_until(
+        lambda: harness.status(pre).get("units", {}).get("v0.0", {}).get("state") == "running",
+        120, "the prerender's first chunk")
+    final = harness.submit(live, "meeting.mp4", chunk_seconds=CHUNK, layout="grid")
+    done = harness.wait(final, timeout=300)
+    assert done["state"] == "done", done
+    assert harness.wait(pre, timeout=240)["state"] == "done"
+    fields = {job: harness.farm.store.job(job) for job in (pre, final)}
+    rendered = fields[pre]["part:v0.0"]
+    reused = fields[final]["part:v0.0"]
+    print(f"prerender v0.0 {rendered[:20]}..., render v0.0 {reused[:20]}...")
+    assert rendered.startswith("rendered:") and reused == "reused:" + rendered[9:]
+    manifest = json.loads((harness.outputs / "meeting.mp4.manifest.json").read_text())
+    assert manifest["timings"]["chunks"][0]["kept"] is True
+    # The render's unit waited while the prerender's rendered: it began before that ended.
+    units = {job: harness.farm.store.unit(job, "v0.0") for job in (pre, final)}
+    assert float(units[final]["started"]) < float(units[pre]["finished"]) \
+        <= float(units[final]["finished"]), units
