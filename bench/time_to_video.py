@@ -61,6 +61,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
 from bench import soak
@@ -222,6 +223,136 @@ class Watcher:
         self.thread.join(timeout=2)
 
 
+class LiveWatch:
+    """Polls the renders folder's playlists every ``every`` seconds while a meeting goes on:
+    how much of the meeting each one held when (an EVENT playlist grows as chunks finish),
+    when it first became a VOD playlist, and what FFmpeg made of it halfway through."""
+
+    def __init__(self, folder: Path, every: float = 0.1) -> None:
+        self.folder = folder
+        self.every = every
+        self.started = time.time()
+        self.steps: list[tuple[float, float]] = []  # (wall clock, seconds of meeting listed)
+        self.vod_at: float | None = None
+        self.during: str | None = None  # FFmpeg's verdict on the live playlist
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        checker: threading.Thread | None = None
+        while not self.stopping.is_set():
+            for playlist in self.folder.glob("*.m3u8"):
+                try:
+                    text = playlist.read_text()
+                except OSError:
+                    continue
+                now = time.time()
+                if "#EXT-X-ENDLIST" in text:
+                    self.vod_at = self.vod_at or now
+                    continue
+                listed = sum(float(line[8:].split(",")[0]) for line in text.splitlines()
+                             if line.startswith("#EXTINF:"))
+                if not self.steps or listed != self.steps[-1][1]:
+                    self.steps.append((now, listed))
+                if checker is None and listed >= 30:
+                    checker = threading.Thread(target=self.check, args=(playlist,), daemon=True)
+                    checker.start()
+            self.stopping.wait(self.every)
+
+    def check(self, playlist: Path) -> None:
+        self.during = ffmpeg_reads(playlist, live=True)
+
+    def lag(self, until: float) -> float:
+        """The most the playlist was behind the meeting until ``until`` (wall clock): just
+        before each step, and at the end."""
+        worst, listed = 0.0, 0.0
+        for at, seconds_listed in [*self.steps, (until, -1.0)]:
+            worst = max(worst, (min(at, until) - self.started) - listed)
+            listed = seconds_listed
+        return worst
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=2)
+
+
+def ffmpeg_reads(playlist: Path, live: bool = False) -> str:
+    """What FFmpeg says reading a playlist (a live one from its first segment, until it has
+    found nothing new twice): "ok, N frames" or its messages."""
+    options = ["-live_start_index", "0", "-m3u8_hold_counters", "2"] if live else []
+    try:
+        done = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", *options, "-i",
+                               str(playlist), "-f", "framecrc", "-"], capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    frames = sum(1 for line in done.stdout.splitlines() if line.startswith("0,"))
+    if done.returncode != 0 or done.stderr:
+        return f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+    return f"ok, {frames} frames"
+
+
+# -- against a render after the meeting ------------------------------------------------------
+def _pictures(path: Path) -> np.ndarray:
+    """Mean of the luma and of the chroma of every frame."""
+    import av
+
+    means = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            plane = frame.to_ndarray(format="yuv420p")
+            means.append((plane[:frame.height].mean(), plane[frame.height:].mean()))
+    return np.array(means)
+
+
+def _sound(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        chunks = [f.to_ndarray() for f in container.decode(audio=0)]
+    return np.concatenate(chunks, axis=1)
+
+
+def compare(result_path: Path, reference: Path) -> tuple[dict[str, Any], bool]:
+    """A render against a single pass of the same recordings: frames, pictures (per-frame
+    means within 3 of 255), sound: as many samples, aligned (the difference at least twice
+    as large moved by one sample either way: none lost or repeated), and no click or gap
+    anywhere (no one-second window differs more than 4 times the median window; a seam
+    where chunks join shows as such a window)."""
+    got, ref = _pictures(result_path), _pictures(reference)
+    facts: dict[str, Any] = {"frames": len(got), "frames_posthoc": len(ref)}
+    ok = len(got) == len(ref)
+    if ok:
+        facts["picture_max_diff"] = round(float(np.abs(got - ref).max()), 3)
+        ok = facts["picture_max_diff"] < 3.0
+    heard, whole = _sound(result_path), _sound(reference)
+    if result_path.suffix == ".m3u8":
+        heard = heard[:, 1024:]  # MPEG-TS has no edit list to hide the encoder's priming
+    facts["samples"], facts["samples_posthoc"] = heard.shape[1], whole.shape[1]
+    ok = ok and heard.shape == whole.shape
+    if heard.shape == whole.shape:
+        a, b = heard[:, 2048:-2048], whole[:, 2048:-2048]
+        rms = float(np.sqrt(np.mean((a - b) ** 2)))
+        moved = min(float(np.sqrt(np.mean((a[:, 1:] - b[:, :-1]) ** 2))),
+                    float(np.sqrt(np.mean((a[:, :-1] - b[:, 1:]) ** 2))))
+        signal = float(np.sqrt(np.mean(b ** 2)))
+        second = 48_000
+        count = a.shape[1] // second
+        windows = np.sqrt(np.mean(((a - b)[:, :count * second]
+                                   .reshape(a.shape[0], count, second)) ** 2, axis=(0, 2)))
+        median = float(np.median(windows)) or 1e-12
+        worst = int(np.argmax(windows))
+        facts.update(audio_snr_db=round(20 * math.log10(signal / rms), 1) if rms else None,
+                     audio_rms=round(rms, 6), audio_rms_moved_1=round(moved, 6),
+                     worst_second=f"{(worst * second + 2048) / second:.0f} s: "
+                                  f"{float(windows[worst]) / median:.2f} x the median")
+        ok = ok and moved >= 2 * rms and float(windows[worst]) <= 4 * median
+    return facts, ok
+
+
 # -- one meeting --------------------------------------------------------------------------------
 @dataclass
 class Result:
@@ -242,6 +373,8 @@ class Result:
     problem: str | None = None
     prerenders: int = 0  # prerender jobs while the meeting went on
     kept: str = ""  # video chunks kept from them, of all
+    live: str = ""  # --hls: how the live playlist went
+    compared: str = ""  # --compare: against a render after the meeting
 
     @property
     def ok(self) -> bool:
@@ -272,6 +405,11 @@ class Bench:
         if args.settle is not None:
             farm.env["MELTER_SETTLE_SECONDS"] = str(args.settle)
         farm.env["MELTER_PRERENDER_SECONDS"] = str(args.prerender)
+        if args.hls:
+            config = farm.base / "melter.toml"
+            config.write_text('[service.default]\n'
+                              'outputs = [{ name = "room-{room}-{start}.m3u8" }]\n')
+            farm.env["MELTER_CONFIG"] = str(config)
         if args.layout == "small":
             farm.env["MELTER_DEFAULT_LAYOUT"] = str(farm.storage / "layouts" / "small.yaml")
         elif args.layout:
@@ -312,6 +450,7 @@ class Bench:
             name = f"{fixture} x{reps}"
         result = Result(name, room, span)
         log = self.farm.base / f"replay-{room}.log"
+        live = LiveWatch(self.farm.renders) if args.hls else None
         command = [sys.executable, "-c", soak.CLI, "replay", str(folder), "--into",
                    str(self.farm.recordings), "--events", self.relay.url, "--room", room,
                    "--speed", str(args.speed)]
@@ -324,6 +463,16 @@ class Bench:
                 child.kill()
                 child.wait()
                 code = -1
+        try:
+            return self._after_replay(result, code, log, live)
+        finally:
+            if live is not None:
+                live.close()
+
+    def _after_replay(self, result: Result, code: int, log: Path,
+                      live: LiveWatch | None) -> Result:
+        args, room, span = self.args, result.room, result.span
+        assert self.relay is not None and self.watcher is not None
         text = " ".join(log.read_text(errors="replace").split())
         if (m := re.search(r"events over ([\d.]+) s", text)):
             result.replay_length = float(m[1]) / args.speed
@@ -345,7 +494,7 @@ class Bench:
         job: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             try:
-                jobs = self.api(f"/jobs?room={room}")
+                jobs = self.api(f"/jobs?room={room}&prerender=true")
             except (OSError, ValueError):
                 jobs = []
             prerenders = [j for j in jobs if (j.get("spec") or {}).get("prerender")]
@@ -374,10 +523,16 @@ class Bench:
         while str(output) not in self.watcher.seen and time.monotonic() < until:
             time.sleep(0.05)
         seen = self.watcher.seen.get(str(output))
+        if live is not None:
+            while live.vod_at is None and time.monotonic() < until:
+                time.sleep(0.05)
+            seen = live.vod_at  # the live playlist was there long before
         if seen is None or not output.is_file():
             result.problem = f"no output at {output}"
             return result
         result.to_file = seen - destroyed
+        if live is not None:
+            self._live_summary(result, live, output, destroyed)
         try:
             manifest = json.loads(Path(f"{output}.manifest.json").read_text())
             chunks = manifest["timings"].get("chunks") or []
@@ -388,7 +543,46 @@ class Bench:
         result.duration = soak.media_duration(output)
         if abs(result.duration - span) > soak.DURATION_TOLERANCE:
             result.problem = f"output {result.duration:.3f} s, meeting {span:.3f} s"
+        if args.compare:
+            self._compare(result, job, output)
         return result
+
+    def _live_summary(self, result: Result, live: LiveWatch, output: Path,
+                      destroyed: float) -> None:
+        first = next((at - live.started for at, listed in live.steps if listed > 0), None)
+        listed = [line for line in output.read_text().splitlines()
+                  if line.startswith("#EXTINF:")]
+        total = sum(float(line[8:].split(",")[0]) for line in listed)
+        after = ffmpeg_reads(output)
+        result.live = (f"first segment {seconds(first, 1)} s into the meeting, "
+                       f"{len(live.steps)} updates, at most {live.lag(destroyed):.1f} s behind "
+                       f"the meeting; FFmpeg during: {live.during or 'not run'}; VOD "
+                       f"{len(listed)} segments, {total:.3f} s, FFmpeg after: {after}")
+        if not (live.during or "").startswith("ok") or not after.startswith("ok") \
+                or abs(total - result.span) > soak.DURATION_TOLERANCE:
+            result.problem = f"live playlist: {result.live}"
+
+    def _compare(self, result: Result, job: dict[str, Any], output: Path) -> None:
+        spec = job.get("spec") or {}
+        layout = self.farm.env.get("MELTER_DEFAULT_LAYOUT", "grid")
+        reference = self.farm.base / f"posthoc-{result.room}.mp4"
+        command = [sys.executable, "-c", soak.CLI, "render", *spec["inputs"], "-o",
+                   str(reference), "--layout", layout]
+        if spec.get("room"):
+            command += ["--room", str(spec["room"])]
+        began = time.monotonic()
+        done = subprocess.run(command, env={**self.farm.env, "COLUMNS": "200"},
+                              capture_output=True, text=True)
+        took = time.monotonic() - began
+        if done.returncode != 0:
+            result.problem = f"post-hoc render failed: {done.stderr.strip()[-300:]}"
+            return
+        facts, ok = compare(output, reference)
+        result.compared = f"post-hoc single pass {took:.1f} s; " + ", ".join(
+            f"{k} {v}" for k, v in facts.items())
+        if not ok:
+            result.problem = f"differs from the post-hoc render: {result.compared}"
+        reference.unlink()
 
     def line(self, r: Result) -> str:
         late = (f"replay {seconds(r.replay_wall, 1)} s for {seconds(r.replay_length, 1)} s of "
@@ -401,8 +595,9 @@ class Bench:
         output = ("output " + (f"{r.duration:.3f} s ({(r.duration - r.span) * 1000:+.0f} ms)"
                                if r.duration is not None else "none"))
         problem = f"; PROBLEM: {r.problem}" if r.problem else ""
+        extra = "".join(f"; {text}" for text in (r.live, r.compared) if text)
         return (f"{r.meeting} (room {r.room}), span {r.span:.3f} s: {late}; {after}; "
-                f"{output}{problem}")
+                f"{output}{extra}{problem}")
 
     def table(self) -> list[str]:
         rows = ["| meeting | span s | replay late ms (latest step / destroyed POST) | "
@@ -458,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshot", choices=["none", "tree", "head"], default="none",
                         help="run the service, workers and replays from a copy of the "
                         "package taken at the start (see bench/soak.py)")
+    parser.add_argument("--hls", action="store_true",
+                        help="the service renders an HLS playlist: follow the live playlist "
+                        "during the meeting (how far behind, FFmpeg reading it), then the VOD")
+    parser.add_argument("--compare", action="store_true",
+                        help="render each meeting again after it ended, in one pass "
+                        "(melter render), and compare: frames, pictures, sound")
     parser.add_argument("--keep", action="store_true", help="keep the folder and its logs")
     args = parser.parse_args(argv)
     if args.speed <= 0:

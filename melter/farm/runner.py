@@ -439,7 +439,8 @@ def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPl
                 published = read_playlist(target, name, live=True).segments
             if closed <= len(published):
                 return
-            if not isinstance(stem, str) or not all(named_after(name, s) for s, _ in published):
+            if not isinstance(stem, str) or not named_after(name, segment_name(stem, 0)) \
+                    or not all(named_after(name, s) for s, _ in published):
                 stem, published = free_stem(target, output.path.stem), []
             staging = attempt_dir(attempt, record, k)
             added = write_segments(chunks, planned.fps, segment_s, len(published), closed,

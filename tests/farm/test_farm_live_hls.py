@@ -13,7 +13,6 @@ and the live segments go.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tests.helpers.farm import (
     write_long_meeting,
 )
 from tests.helpers.mjrwriter import T0_US
-from tests.helpers.prefixes import cut_at
+from tests.helpers.prefixes import cut_meeting, finish_meeting
 
 __all__ = ["harness"]
 
@@ -40,12 +39,6 @@ CHUNK = 10.0  # the hls preset rounds it up to whole segments: 12 s
 FPS = 30
 SEGMENT = 6
 RATE = 48_000
-
-
-def _cut(finished: Path, live: Path, at_s: float) -> None:
-    for recording in sorted(finished.glob("*.mjr")):
-        assert cut_at(recording, T0_US + round(at_s * 1e6), live / recording.name,
-                      partial=7) is not None
 
 
 def _ffmpeg_plays(playlist: Path, live: bool) -> tuple[int, int]:
@@ -75,15 +68,13 @@ def test_a_live_playlist_grows_during_the_meeting_and_becomes_its_vod(
     finished = harness.storage / "meetings" / "finished"
     write_long_meeting(finished, SECONDS)
     live = harness.storage / "meetings" / "live"
-    live.mkdir(parents=True)
-    shutil.copy(finished / "meeting.yaml", live / "meeting.yaml")
     harness.start_workers(["w1", "w2"])
     playlist = harness.outputs / "meeting.m3u8"
     manifest = harness.outputs / "meeting.m3u8.manifest.json"
 
     seen: list[tuple[str, list[tuple[str, float]], dict[str, bytes]]] = []
     for cut_s, chunks in ((40.0, 2), (52.0, 3)):
-        _cut(finished, live, cut_s)
+        cut_meeting(finished, live, T0_US + round(cut_s * 1e6))
         pre = harness.submit(live, "meeting.m3u8", chunk_seconds=CHUNK, prerender=True)
         assert harness.wait(pre, timeout=240)["state"] == "done"
         text = playlist.read_text()
@@ -130,9 +121,7 @@ def test_a_live_playlist_grows_during_the_meeting_and_becomes_its_vod(
     print(same_audio(heard, whole[:, :heard.shape[1]]))
 
     # The meeting ends: its render takes the playlist's name and replaces it with a VOD one.
-    for recording in sorted(finished.glob("*.mjr")):
-        with (live / recording.name).open("r+b") as grown:
-            grown.write(recording.read_bytes())
+    finish_meeting(finished, live)
     final = harness.submit(live, "meeting.m3u8", chunk_seconds=CHUNK)
     done = harness.wait(final, timeout=240)
     assert done["state"] == "done", done

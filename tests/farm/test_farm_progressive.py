@@ -14,7 +14,6 @@ by copying packets, within the difference of two encodings).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from tests.helpers.farm import (
     write_long_meeting,
 )
 from tests.helpers.mjrwriter import T0_US
-from tests.helpers.prefixes import cut_at
+from tests.helpers.prefixes import cut_meeting, finish_meeting
 
 __all__ = ["harness"]
 
@@ -62,6 +61,15 @@ def _kill_while_rendering(harness: FarmHarness, job: str, victim_name: str) -> s
     raise AssertionError(f"{victim_name} rendered no unit of {job}")
 
 
+def _meeting_at(harness: FarmHarness, cut_s: float) -> tuple[Path, Path]:
+    """The finished meeting's folder, and the folder of the same meeting ``cut_s`` in."""
+    finished = harness.storage / "meetings" / "finished"
+    write_long_meeting(finished, SECONDS)
+    live = harness.storage / "meetings" / "live"
+    cut_meeting(finished, live, T0_US + round(cut_s * 1e6))
+    return finished, live
+
+
 def _sync(path: Path) -> list[float]:
     flashes = frame_stats(path).white_onsets()
     tones = tone_onsets(path, 800.0)
@@ -71,14 +79,7 @@ def _sync(path: Path) -> list[float]:
 
 def test_chunks_rendered_during_the_meeting_are_reused_and_equal_a_post_hoc_render(
         harness: FarmHarness) -> None:
-    finished = harness.storage / "meetings" / "finished"
-    write_long_meeting(finished, SECONDS)
-    live = harness.storage / "meetings" / "live"
-    live.mkdir(parents=True)
-    shutil.copy(finished / "meeting.yaml", live / "meeting.yaml")
-    for recording in sorted(finished.glob("*.mjr")):
-        assert cut_at(recording, T0_US + round(CUT_S * 1e6), live / recording.name,
-                      partial=7) is not None
+    finished, live = _meeting_at(harness, CUT_S)
     harness.start_workers(["w1", "w2"])
 
     # While the meeting goes on: the settled chunks, one worker killed in the middle.
@@ -101,9 +102,7 @@ def test_chunks_rendered_during_the_meeting_are_reused_and_equal_a_post_hoc_rend
     assert len(list(parts.glob("*.mp4"))) == 2 and len(list(parts.glob("*.mka"))) == 2
 
     # The meeting ends: the recordings grow to their whole length.
-    for recording in sorted(finished.glob("*.mjr")):
-        with (live / recording.name).open("r+b") as grown:
-            grown.write(recording.read_bytes())
+    finish_meeting(finished, live)
     final = harness.submit(live, "meeting.mp4", chunk_seconds=CHUNK)
     done = harness.wait(final, timeout=240)
     assert done["state"] == "done", done
@@ -132,14 +131,7 @@ def test_chunks_rendered_during_the_meeting_are_reused_and_equal_a_post_hoc_rend
 def test_a_chunk_two_jobs_need_at_once_is_rendered_once(harness: FarmHarness) -> None:
     """The meeting ends while a prerender renders its first chunk: the meeting's render waits
     for that chunk instead of rendering it a second time."""
-    finished = harness.storage / "meetings" / "finished"
-    write_long_meeting(finished, SECONDS)
-    live = harness.storage / "meetings" / "live"
-    live.mkdir(parents=True)
-    shutil.copy(finished / "meeting.yaml", live / "meeting.yaml")
-    for recording in sorted(finished.glob("*.mjr")):
-        assert cut_at(recording, T0_US + round(CUT_S * 1e6), live / recording.name,
-                      partial=7) is not None
+    _, live = _meeting_at(harness, CUT_S)
     # Two workers render the prerender's chunks, the third takes the render. 1280x720: a
     # chunk takes long enough for the render to come while it renders.
     harness.start_workers(["w1", "w2", "w3"])

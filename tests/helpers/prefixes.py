@@ -74,3 +74,20 @@ def cut_at(source: Path, at_us: int, target: Path, partial: int = 0,
 def end_of(facts: Arrivals, index: int) -> int:
     """Where frame ``index`` ends (the next frame's start, or the file's end)."""
     return facts.offsets[index + 1] if index + 1 < len(facts.offsets) else facts.size
+
+
+def cut_meeting(finished: Path, live: Path, at_us: int) -> None:
+    """Make ``live`` the meeting folder ``finished`` as Janus had written it at ``at_us``
+    (its ``meeting.yaml`` and each recording's prefix, a partly written frame at the end);
+    an earlier cut is overwritten."""
+    live.mkdir(parents=True, exist_ok=True)
+    (live / "meeting.yaml").write_bytes((finished / "meeting.yaml").read_bytes())
+    for recording in sorted(finished.glob("*.mjr")):
+        assert cut_at(recording, at_us, live / recording.name, partial=7) is not None
+
+
+def finish_meeting(finished: Path, live: Path) -> None:
+    """Let ``live``'s recordings grow, in place, to their whole length (the meeting ends)."""
+    for recording in sorted(finished.glob("*.mjr")):
+        with (live / recording.name).open("r+b") as grown:
+            grown.write(recording.read_bytes())
