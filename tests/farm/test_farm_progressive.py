@@ -48,15 +48,24 @@ def _units(info: dict, kind: str) -> dict[str, dict]:
 def _kill_while_rendering(harness: FarmHarness, job: str, victim_name: str) -> str:
     """Kill ``victim_name``'s worker once it renders a unit of ``job``; that unit's name."""
     victim = next(w for w in harness.workers if w.name == f"{victim_name}@test")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        info = harness.status(job)
-        for name, unit in info.get("units", {}).items():
+
+    def running() -> str | None:
+        for name, unit in harness.status(job).get("units", {}).items():
             if (name != "main" and unit.get("state") == "running"
                     and unit.get("worker", "").startswith(victim_name)):
-                time.sleep(0.5)  # well inside melt
-                harness.kill_group(victim)
                 return name
+        return None
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if running() is not None:
+            time.sleep(0.3)  # well inside melt
+            harness.kill_group(victim)
+            # The unit it held at the kill (a short one may have ended in the meantime).
+            name = running()
+            if name is not None:
+                return name
+            raise AssertionError(f"{victim_name} was killed between two units of {job}")
         time.sleep(0.05)
     raise AssertionError(f"{victim_name} rendered no unit of {job}")
 
