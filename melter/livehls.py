@@ -27,7 +27,7 @@ import av
 
 from melter.errors import MelterError
 from melter.hls import segment_name
-from melter.splice import FRAME
+from melter.splice import FRAME, audio_packets
 
 #: MPEG-TS timestamps are counted at 90 kHz.
 TS_RATE = 90_000
@@ -77,21 +77,6 @@ def _ticks(seconds: Fraction) -> int:
     return math.floor((seconds + _SHIFT) * TS_RATE + Fraction(1, 2))
 
 
-def _audio(chunks: Sequence[LiveChunk], rate: int) -> Iterator[tuple[int, bytes]]:
-    """(sample of the meeting where it starts, data) of every audio packet, in order: the
-    first piece starts with the encoder's priming packet, one packet before the meeting."""
-    at = -FRAME
-    for chunk in chunks:
-        with av.open(str(chunk.audio)) as container:
-            stream = container.streams.audio[0]
-            if stream.rate != rate:
-                raise MelterError(f"{chunk.audio.name}: audio at {stream.rate} Hz, not {rate}")
-            for packet in container.demux(stream):
-                if packet.size:
-                    yield at, bytes(packet)
-                    at += FRAME
-
-
 def _video(chunk: LiveChunk, fps: int) -> Iterator[_Packet]:
     with av.open(str(chunk.video)) as container:
         stream = container.streams.video[0]
@@ -122,40 +107,41 @@ def write_segments(chunks: Sequence[LiveChunk], fps: int, seconds: int, start: i
         if chunk.first % size:
             raise MelterError(f"chunk at frame {chunk.first} is not on the {seconds} s grid")
     audio_by_segment: dict[int, list[_Packet]] = {}
-    for sample, data in _audio(chunks, rate):
+    for sample, data in audio_packets([chunk.audio for chunk in chunks], rate):
         index = max(0, sample * fps // (rate * size))
         if start <= index < stop:
             at = _ticks(Fraction(sample, rate))
             audio_by_segment.setdefault(index, []).append(_Packet(at, at, data, True, None))
     written: list[tuple[str, float]] = []
-    templates = (chunks[0].video, chunks[0].audio)
-    for chunk in chunks:
-        first, last = chunk.first // size, (chunk.last + 1) // size
-        if last <= start or first >= stop:
-            continue
-        video_by_segment: dict[int, list[_Packet]] = {}
-        for packet in _video(chunk, fps):
-            assert packet.frame is not None
-            video_by_segment.setdefault(packet.frame // size, []).append(packet)
-        for index in range(max(first, start), min(last, stop)):
-            video = video_by_segment.get(index, [])
-            if not video or not video[0].keyframe:
-                raise MelterError(f"{chunk.video.name}: segment {index} does not start on a "
-                                  f"key frame")
-            name = segment_name(stem, index)
-            _mux(folder / name, templates, video, audio_by_segment.get(index, []), rate)
-            written.append((name, len(video) / fps))
+    with av.open(str(chunks[0].video)) as vsource, av.open(str(chunks[0].audio)) as asource:
+        templates = (vsource.streams.video[0], asource.streams.audio[0])
+        for chunk in chunks:
+            first, last = chunk.first // size, (chunk.last + 1) // size
+            if last <= start or first >= stop:
+                continue
+            video_by_segment: dict[int, list[_Packet]] = {}
+            for packet in _video(chunk, fps):
+                assert packet.frame is not None
+                video_by_segment.setdefault(packet.frame // size, []).append(packet)
+            for index in range(max(first, start), min(last, stop)):
+                video = video_by_segment.get(index, [])
+                if not video or not video[0].keyframe:
+                    raise MelterError(f"{chunk.video.name}: segment {index} does not start "
+                                      f"on a key frame")
+                name = segment_name(stem, index)
+                _mux(folder / name, templates, video, audio_by_segment.get(index, []), rate)
+                written.append((name, len(video) / fps))
     return written
 
 
-def _mux(target: Path, templates: tuple[Path, Path], video: list[_Packet],
-         audio: list[_Packet], rate: int) -> None:
+def _mux(target: Path, templates: tuple[av.video.stream.VideoStream,
+                                       av.audio.stream.AudioStream],
+         video: list[_Packet], audio: list[_Packet], rate: int) -> None:
     packets = sorted(video + audio, key=lambda p: (p.dts, not p.video))
     tick = Fraction(1, TS_RATE)
-    with av.open(str(templates[0])) as vsource, av.open(str(templates[1])) as asource, \
-            av.open(str(target), "w", format="mpegts") as out:
-        vout = out.add_stream_from_template(vsource.streams.video[0])
-        aout = out.add_stream_from_template(asource.streams.audio[0])
+    with av.open(str(target), "w", format="mpegts") as out:
+        vout = out.add_stream_from_template(templates[0])
+        aout = out.add_stream_from_template(templates[1])
         for item in packets:
             packet = av.Packet(item.data)
             packet.stream = vout if item.video else aout

@@ -122,7 +122,7 @@ def join_pieces(video: Path, pieces: Sequence[Path], target: Path, fmt: str, *,
             av.open(str(target), "w", format=fmt, options=options or {}) as out:
         vin = source.streams.video[0]
         vout = out.add_stream_from_template(vin)
-        audio = list(_audio_packets(pieces, rate))
+        audio = list(audio_packets(pieces, rate))
         if not audio:
             raise MelterError("no audio packets to join")
         with av.open(str(pieces[0])) as first:
@@ -148,20 +148,20 @@ def join_pieces(video: Path, pieces: Sequence[Path], target: Path, fmt: str, *,
     return written
 
 
-def _audio_packets(pieces: Sequence[Path], rate: int) -> Iterator[tuple[int, bytes]]:
-    """(pts in samples, data) of every piece's packets, counted from the meeting's start."""
-    at: int | None = None
-    for index, piece in enumerate(pieces):
+def audio_packets(pieces: Sequence[Path], rate: int) -> Iterator[tuple[int, bytes]]:
+    """(pts in samples, data) of every piece's packets (from :func:`encode_stretch`, in
+    order from the meeting's start), counted from the meeting's start: the first piece starts
+    with the encoder's priming packet, one packet before it."""
+    at = -FRAME
+    for piece in pieces:
         with av.open(str(piece)) as container:
             stream = container.streams.audio[0]
+            if stream.rate != rate:
+                raise MelterError(f"{piece.name}: audio at {stream.rate} Hz, not {rate}")
             for packet in container.demux(stream):
-                if not packet.size:
-                    continue
-                if at is None:
-                    # The first piece starts with its priming packet, one packet early.
-                    at = -FRAME if index == 0 else 0
-                yield at, bytes(packet)
-                at += FRAME
+                if packet.size:
+                    yield at, bytes(packet)
+                    at += FRAME
 
 
 def _audio_packet(item: tuple[int, bytes], stream: av.audio.stream.AudioStream) -> av.Packet:
@@ -174,4 +174,5 @@ def _audio_packet(item: tuple[int, bytes], stream: av.audio.stream.AudioStream) 
     return packet
 
 
-__all__ = ["CONTEXT", "FRAME", "Stretch", "encode_stretch", "join_pieces", "on_grid"]
+__all__ = ["CONTEXT", "FRAME", "Stretch", "audio_packets", "encode_stretch", "join_pieces",
+           "on_grid"]
