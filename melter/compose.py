@@ -196,7 +196,7 @@ class PreparedSegment:
 
 
 #: Changes whenever prepared files are written differently, so older ones are not reused.
-_PREPARED_LAYOUT = "4: audio apart (Ogg or WAV), first picture repeated at time zero"
+_PREPARED_LAYOUT = "5: audio apart (Ogg or WAV), first picture at time zero, no short silence"
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:

@@ -22,9 +22,20 @@ _FRAME_SAMPLES = (
 #: so decoded audio lines up with the sender's media clock.
 PRE_SKIP = 312
 
-#: CELT fullband silence frames (config 28..31 = 2.5/5/10/20 ms, mono, one frame): the TOC
-#: byte then a range-coded "silence" flag. Decoders output exact zeros for them.
-_SILENCE_TOC = {960: 0xF8, 480: 0xF0, 240: 0xE8, 120: 0xE0}
+#: A CELT fullband silence frame's body (after its TOC byte): a range-coded "silence" flag.
+#: Decoders output exact zeros for it, at any of CELT's frame sizes.
+_SILENCE_FRAME = b"\xff\xfe"
+#: TOC bytes of one 20 ms silence frame (config 31, code 0) and of a packet of 2.5 ms frames
+#: (config 28, code 3: a frame count follows).
+_SILENCE_20MS = 0xF8
+_SILENCE_2_5MS_FRAMES = 0xE3
+_FRAME_20MS = 960
+_FRAME_2_5MS = 120
+#: The shortest silence packet written: the shortest 2.5 ms multiple over the pre-skip. A
+#: decoder that starts mid-stream (a reader that sought) drops its pre-skip's worth of samples
+#: from the first packets it decodes; only when the first packet alone covers them is the
+#: audio after a seek where a read from the start puts it (see melter.compose.PreparedSegment).
+SHORTEST_SILENCE = 3 * _FRAME_2_5MS
 
 
 def packet_samples(payload: bytes) -> int:
@@ -76,12 +87,24 @@ class OpusDepacketizer(AudioDepacketizer):
         return opus_head(self.channels)
 
     def silence(self, samples: int) -> Iterator[tuple[bytes, int]]:
-        remaining = samples
-        for size in (960, 480, 240, 120):
-            frame = bytes((_SILENCE_TOC[size], 0xFF, 0xFE))
-            while remaining >= size:
-                yield frame, size
-                remaining -= size
+        """Silence packets lasting ``samples`` to the nearest 2.5 ms (Opus's shortest frame),
+        none shorter than :data:`SHORTEST_SILENCE`: a gap under half of that is left
+        unfilled, one under it filled by it (at most 3.75 ms off either way)."""
+        total = _FRAME_2_5MS * round(samples / _FRAME_2_5MS)
+        if total < SHORTEST_SILENCE:
+            total = SHORTEST_SILENCE if 2 * samples >= SHORTEST_SILENCE else 0
+        whole, rest = divmod(total, _FRAME_20MS)
+        if rest and whole and rest < SHORTEST_SILENCE:
+            whole, rest = whole - 1, rest + _FRAME_20MS
+        for _ in range(whole):
+            yield self._silence_packet(_SILENCE_20MS, 1), _FRAME_20MS
+        if rest:
+            yield self._silence_packet(_SILENCE_2_5MS_FRAMES, rest // _FRAME_2_5MS), rest
+
+    def _silence_packet(self, toc: int, frames: int) -> bytes:
+        if toc & 0x03 == 3:  # a constant-bitrate code-3 packet: its frame count, then frames
+            return bytes((toc, frames)) + _SILENCE_FRAME * frames
+        return bytes((toc,)) + _SILENCE_FRAME
 
 
 class MultiopusDepacketizer(OpusDepacketizer):
@@ -103,8 +126,10 @@ class MultiopusDepacketizer(OpusDepacketizer):
     def extradata(self) -> bytes:
         return opus_head(6, 1, self.STREAMS, self.COUPLED, self.MAPPING)
 
-    def silence(self, samples: int) -> Iterator[tuple[bytes, int]]:
-        for frame, size in super().silence(samples):
-            # Self-delimited framing (RFC 6716 Appendix B): the frame length after the TOC.
-            delimited = bytes((frame[0], len(frame) - 1)) + frame[1:]
-            yield delimited * (self.STREAMS - 1) + frame, size
+    def _silence_packet(self, toc: int, frames: int) -> bytes:
+        last = super()._silence_packet(toc, frames)
+        # Self-delimited framing (RFC 6716 Appendix B): one frame length (all frames of a
+        # constant-bitrate packet are that long) after the TOC and any frame count byte.
+        head = 2 if toc & 0x03 == 3 else 1
+        delimited = last[:head] + bytes((len(_SILENCE_FRAME),)) + last[head:]
+        return delimited * (self.STREAMS - 1) + last

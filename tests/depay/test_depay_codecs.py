@@ -32,6 +32,13 @@ from melter.depay.av1 import (
 )
 from melter.depay.base import VideoDepacketizer, VideoFrame
 from melter.depay.h265 import H265Depacketizer, H265FuHeader, H265NalHeader, sps_dimensions
+from melter.depay.opus import (
+    PRE_SKIP,
+    SHORTEST_SILENCE,
+    MultiopusDepacketizer,
+    OpusDepacketizer,
+    packet_samples,
+)
 from melter.depay.vp9 import (
     Vp9Depacketizer,
     Vp9Descriptor,
@@ -687,3 +694,30 @@ def test_av1_cut_sequence_header_is_not_kept() -> None:
     picture = depacketizer.assemble([bytes(Av1AggregationHeader(element_count=1)) + cut])
     assert (picture.width, picture.height) == (None, None)
     assert depacketizer.extradata() is None
+
+
+# -- Opus silence ------------------------------------------------------------------------------
+@pytest.mark.parametrize("depay_class", ["opus", "multiopus"])
+@given(samples=st.integers(min_value=0, max_value=20_000))
+@settings(max_examples=60, deadline=None)
+def test_opus_silence_is_never_shorter_than_the_pre_skip_and_decodes_to_zeros(
+    depay_class: str, samples: int
+) -> None:
+    """A filled gap lasts its length to the nearest 2.5 ms, within 3.75 ms for gaps too short
+    for one packet of at least :data:`SHORTEST_SILENCE`, and each packet decodes to exactly the
+    samples it claims, all zero. No packet is shorter than the pre-skip: a reader that seeks to
+    one would drop part of the next packet too, and put the audio after it early."""
+    depay = OpusDepacketizer() if depay_class == "opus" else MultiopusDepacketizer()
+    packets = list(depay.silence(samples))
+    total = sum(size for _, size in packets)
+    assert all(size >= SHORTEST_SILENCE > PRE_SKIP for _, size in packets)
+    assert total % 120 == 0
+    assert abs(total - samples) <= (60 if samples >= SHORTEST_SILENCE else 180)
+    if depay_class == "opus":
+        decoder = av.CodecContext.create("opus", "r")
+        decoder.sample_rate, decoder.layout = 48000, "stereo"
+        for data, size in packets:
+            assert packet_samples(data) == size
+            frames = decoder.decode(av.Packet(data))
+            assert sum(f.samples for f in frames) == size
+            assert all(not np.any(f.to_ndarray()) for f in frames)

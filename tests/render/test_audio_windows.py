@@ -107,6 +107,41 @@ def test_a_continuous_tone_has_no_click_at_any_window_border(tmp_path: Path) -> 
         assert near <= calm, (border, near, calm)
 
 
+def _sweep(seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    """A tone gliding from 200 Hz to 2 kHz: no stretch of it repeats, so audio placed a
+    few samples off cannot match by chance."""
+    t = np.arange(round(seconds * 48000)) / 48000
+    return amplitude * np.sin(2 * np.pi * (200 * t + 900 * t * t / seconds))
+
+
+def test_windows_hold_the_whole_renders_samples_across_odd_pauses(tmp_path: Path) -> None:
+    """Audio whose RTP time jumps 5 ms after every second packet (a sender that pauses off the
+    20 ms grid): the gaps are filled with silence packets, and a window's read, which seeks to
+    whatever Ogg page holds its second of run-in, starts on such a packet in about a third of
+    the windows. Shorter than Opus's pre-skip, it would leave that window's audio 5 ms early."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    start = 1_700_000_000_000_000
+    seconds = 24.0
+    payloads = opus_signal_packets(_sweep(seconds))
+    ticks = [960 + (240 if n % 2 else 0) for n in range(len(payloads))]
+    Stream.audio(payloads, ticks, codec="opus", start_us=start, ssrc=0x1234).write(
+        folder / f"videoroom-5-user-9-{start}-audio-0.mjr")
+    span = sum(ticks) / 48000
+    pictures = vp8_pictures(round(span * 15), (160, 120), (40, 90, 200), fps=15, gop=30)
+    Stream.vp8(pictures, start_us=start, fps=15, ssrc=0x4321).write(
+        folder / f"videoroom-5-user-9-{start + 50}-video-1.mjr")
+    planned = plan_render(sorted(folder.glob("*.mjr")), load_layout("grid"))
+    whole, pieces, windows = _whole_and_windows(planned, tmp_path, 41)
+    assert len(windows) >= 15
+    fps = planned.fps
+    for piece, (first, _) in zip(pieces, windows, strict=True):
+        at = pcm_samples(first, fps)
+        difference = int(np.abs(piece - whole[at:at + len(piece)]).max())
+        assert difference <= 1, (first, difference)
+    assert np.abs(whole).max() > 8000
+
+
 def test_a_window_reads_its_files_from_a_second_before_it(tmp_path: Path) -> None:
     """No decoding from a file's start: each input of a later window's mix seeks."""
     planned = plan_render(sorted((FIXTURES / "dev-turn-taking-vp8").glob("*.mjr")),
