@@ -326,8 +326,11 @@ def compare(result_path: Path, reference: Path) -> tuple[dict[str, Any], bool]:
     facts: dict[str, Any] = {"frames": len(got), "frames_posthoc": len(ref)}
     ok = len(got) == len(ref)
     if ok:
-        facts["picture_max_diff"] = round(float(np.abs(got - ref).max()), 3)
+        per_frame = np.abs(got - ref).max(axis=1)
+        facts["picture_max_diff"] = round(float(per_frame.max()), 3)
         ok = facts["picture_max_diff"] < 3.0
+        if not ok:  # where: the frames that differ (a chunk's border, a repeated picture...)
+            facts["frames_differing"] = [int(n) for n in np.nonzero(per_frame >= 3.0)[0][:20]]
     heard, whole = _sound(result_path), _sound(reference)
     if result_path.suffix == ".m3u8":
         heard = heard[:, 1024:]  # MPEG-TS has no edit list to hide the encoder's priming

@@ -73,6 +73,10 @@ class FarmConfig(BaseModel):
     chunk_seconds: float = Field(
         30.0, ge=0, description="long meetings render in chunks (video and audio units) of "
         "about this length (0: never); a meeting is chunked from twice this length on")
+    parts_ttl_hours: float = Field(
+        72.0, gt=0, description="chunks kept for a meeting's render (rendered while it went "
+        "on) are removed once none was kept beside them for this long: the meeting's render "
+        "never came, or was made by another layout")
     cache_dir: Path | None = Field(
         None, description="per-worker cache of prepared media (default: a temporary folder)")
     job_ttl_days: float = Field(

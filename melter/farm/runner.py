@@ -302,6 +302,32 @@ def settled_frames(planned: RenderPlan, seconds: float, now: float | None = None
     return max(0, math.floor(settled_s * planned.fps))
 
 
+class _PartKeys:
+    """The keys of a planned meeting's chunks (:func:`chunk_key`, :func:`audio_piece_key`),
+    each computed once: a prerender names each chunk's parts when it publishes the live
+    playlist and again when it picks the chunks left to render."""
+
+    def __init__(self, planned: RenderPlan, workdir: Path) -> None:
+        self.planned = planned
+        self.workdir = workdir
+        self._known: dict[tuple[Any, ...], str] = {}
+
+    def video(self, preset: Preset, chunk: tuple[int, int]) -> str:
+        return self._key(preset, chunk, True)
+
+    def audio(self, preset: Preset, chunk: tuple[int, int]) -> str:
+        return self._key(preset, chunk, False)
+
+    def _key(self, preset: Preset, chunk: tuple[int, int], video: bool) -> str:
+        known = (preset.name, preset.width, preset.height, tuple(sorted(preset.properties.items())),
+                 chunk, video)
+        if known not in self._known:
+            self._known[known] = (
+                chunk_key(self.planned, preset, chunk, video=True, workdir=self.workdir)
+                if video else audio_piece_key(self.planned, preset, chunk, workdir=self.workdir))
+        return self._known[known]
+
+
 def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
                seconds: float) -> None:
     """A meeting still going on: render the chunks its recordings already hold for good, and
@@ -309,7 +335,7 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
     if planned.trim or not seconds > 0:
         raise MelterError("a prerender needs chunks (chunk_seconds > 0) and no trim")
     settled = settled_frames(planned, seconds)
-    workdir = cache_dir(attempt)
+    keys = _PartKeys(planned, cache_dir(attempt))
     units: list[dict[str, Any]] = []
     for k, output in enumerate(record.outputs):
         preset, suffix = _part(output)
@@ -317,7 +343,7 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
             continue
         if PRESETS[output.preset].hls:
             attempt.stage("publishing the live playlist")
-            _publish_live(attempt, record, k, planned, seconds)
+            _publish_live(attempt, record, k, planned, seconds, keys)
         chunk_units: list[str] = []
         for i, (first, last) in enumerate(_chunk_ranges(planned, preset, seconds, False)):
             if last >= settled:
@@ -327,12 +353,9 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
                 break
             for kind, weight in ((UnitKind.VIDEO, 1.0), (UnitKind.AUDIO, AUDIO_WEIGHT)):
                 if kind is UnitKind.VIDEO:
-                    key = chunk_key(planned, preset, (first, last), video=True,
-                                    workdir=workdir)
-                    part_suffix = suffix
+                    key, part_suffix = keys.video(preset, (first, last)), suffix
                 else:
-                    key = audio_piece_key(planned, preset, (first, last), workdir=workdir)
-                    part_suffix = piece.suffix
+                    key, part_suffix = keys.audio(preset, (first, last)), piece.suffix
                 if _kept(attempt, record, k, key, part_suffix):
                     continue
                 chunk_units.append(kind.unit(k, i))
@@ -387,19 +410,18 @@ def _live_output(folder: int, name: str) -> bool:
         return False
 
 
-def _finished_chunks(attempt: Attempt, record: JobRecord, k: int, planned: RenderPlan,
-                     seconds: float, parts: int) -> list[LiveChunk]:
+def _finished_chunks(record: JobRecord, k: int, planned: RenderPlan, seconds: float,
+                     parts: int, keys: _PartKeys) -> list[LiveChunk]:
     """The run of chunks from the meeting's start kept in the parts folder ``parts``."""
     output = record.outputs[k]
     preset, suffix = _part(output)
-    workdir = cache_dir(attempt)
     found: list[LiveChunk] = []
     for first, last in _chunk_ranges(planned, preset, seconds, False):
         piece = audio_piece(planned, preset, (first, last))
         if piece.suffix == PCM.suffix:
             return []  # not AAC: nothing to copy into segments
-        video = chunk_key(planned, preset, (first, last), video=True, workdir=workdir) + suffix
-        audio = audio_piece_key(planned, preset, (first, last), workdir=workdir) + piece.suffix
+        video = keys.video(preset, (first, last)) + suffix
+        audio = keys.audio(preset, (first, last)) + piece.suffix
         if not (exists_at(parts, video) and exists_at(parts, audio)):
             break
         folder = Path(f"/proc/{os.getpid()}/fd/{parts}")
@@ -408,12 +430,12 @@ def _finished_chunks(attempt: Attempt, record: JobRecord, k: int, planned: Rende
 
 
 def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPlan,
-                  seconds: float) -> None:
+                  seconds: float, keys: _PartKeys | None = None) -> None:
     """Add the segments of the chunks finished since to output ``k``'s live playlist (an HLS
     EVENT playlist under the output's name, its manifest marked ``live``): segments are
     linked first, then the manifest, then the playlist that names them, which only ever
-    grows. An output already in place that is not a live playlist is the meeting's render:
-    nothing is touched."""
+    grows. An output already in place that is not a live playlist is the meeting's render,
+    and a name reserved by a job is its render's to come: nothing is touched."""
     output = record.outputs[k]
     root = attempt.config.outputs_root
     segment_s = PRESETS[output.preset].keyframe_seconds or 6
@@ -423,7 +445,8 @@ def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPl
     except (OSError, MelterError):
         return
     try:
-        chunks = _finished_chunks(attempt, record, k, planned, seconds, parts)
+        chunks = _finished_chunks(record, k, planned, seconds, parts,
+                                  keys or _PartKeys(planned, cache_dir(attempt)))
         closed = closed_segments(chunks, planned.fps, segment_s)
         with folder_fd(root, output.path.parent) as target:
             if exists_at(target, name) and not _live_output(target, name):
@@ -445,6 +468,10 @@ def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPl
             staging = attempt_dir(attempt, record, k)
             added = write_segments(chunks, planned.fps, segment_s, len(published), closed,
                                    staging, stem)
+            if attempt.store.output_owner(str(output.path)) is not None:
+                # The meeting's render has reserved the name (at its submit, long before it
+                # commits): the playlist is its to replace, not to grow any more.
+                return
             with _source(root, staging) as source:
                 for segment, _ in added:
                     os.chmod(segment, file_mode(), dir_fd=source)
@@ -563,6 +590,8 @@ def keep_part(attempt: Attempt, record: JobRecord, k: int, key: str, final: Path
             folder_fd(root, _parts_folder(record, k), create=True) as parts, \
             folder_fd(root, final.parent) as source:
         link_new(source, final.name, parts, key + final.suffix)
+    with contextlib.suppress(redis.RedisError):
+        attempt.store.note_parts(str(_parts_folder(record, k)), time.time())
 
 
 # -- rendering ---------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ Keys (``P`` is the configured prefix)::
     P:counts, P:tally, P:expiring   the job counters (melter.farm.counts)
     P:worker:<name>     string: a live worker's presence (expires)
     P:workers           set: the presence keys, so live workers are counted without a scan
+    P:part:<key>        string: "<id>|<unit>|<token>" of the unit rendering a kept chunk
+    P:parts             sorted set: parts folders (kept chunks), by when one was last kept
+    P:sweeper, P:sweeper:parts   the sweeps' locks (expire)
 
 Every state change is one Lua script, so two workers, a sweeper and a ``melter cancel`` racing
 each other see one order of events. The scripts name states and unit kinds through the enums of
@@ -480,6 +483,11 @@ class Store:
     def reserve_output(self, path: str, job: str, ttl: int) -> bool:
         return bool(self.r.set(f"{self.p}:outpath:{path}", job, nx=True, ex=ttl))
 
+    def output_owner(self, path: str) -> str | None:
+        """The job that reserved output path ``path``, if any."""
+        owner: str | None = self.r.get(f"{self.p}:outpath:{path}")
+        return owner
+
     def create(self, job: str, fields: dict[str, str], now: float, grace: float) -> Dispatch:
         return self.create_many([(job, fields)], now, grace)[0]
 
@@ -592,8 +600,9 @@ class Store:
     def lease_alive(self, job: str, unit: str) -> bool:
         return bool(self.r.exists(f"{self.p}:lease:{job}|{unit}"))
 
-    def sweep_lock(self, owner: str, seconds: float) -> bool:
-        return bool(self.r.set(f"{self.p}:sweeper", owner, nx=True,
+    def sweep_lock(self, owner: str, seconds: float, what: str = "sweeper") -> bool:
+        """Whether ``owner`` is the one worker to make sweep ``what`` for ``seconds``."""
+        return bool(self.r.set(f"{self.p}:{what}", owner, nx=True,
                                px=max(100, int(seconds * 1000))))
 
     def expire_finished(self, job: str, ttl: int) -> None:
@@ -661,6 +670,30 @@ class Store:
         return int(self._workers(args=[self.p]))
 
     # -- reading -----------------------------------------------------------------------------
+    # -- kept chunks -------------------------------------------------------------------------
+    def note_parts(self, folder: str, now: float) -> None:
+        """Folder ``folder`` (under the outputs root) has had a chunk kept in it at ``now``."""
+        self.r.zadd(f"{self.p}:parts", {folder: now})
+
+    def stale_parts(self, before: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Parts folders no chunk was kept in since ``before``, oldest first."""
+        return [(folder, float(at)) for folder, at in self.r.zrangebyscore(
+            f"{self.p}:parts", "-inf", before, start=0, num=limit, withscores=True)]
+
+    def forget_parts(self, folder: str, seen: float) -> None:
+        """Stop tracking a swept folder, unless a chunk was kept in it since it was read."""
+        key = f"{self.p}:parts"
+        with self.r.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                at = pipe.zscore(key, folder)
+                if at is not None and float(at) <= seen:
+                    pipe.multi()
+                    pipe.zrem(key, folder)
+                    pipe.execute()
+            except redis.WatchError:
+                pass
+
     def job(self, job: str) -> dict[str, str]:
         return self.r.hgetall(self.job_key(job))
 

@@ -4,15 +4,19 @@ Every ``sweep_seconds`` (with jitter) one worker of the farm — whichever takes
 requeues the units whose lease expired (their worker died: killed, out of memory, its machine
 gone), sends the messages of units whose dispatch is due (retries after their back-off, and
 dispatches whose sender died before confirming), and fails a unit that used up its attempts.
-Each worker also removes its local cache of prepared media for jobs that have ended.
+Each worker also removes its local cache of prepared media for jobs that have ended, and one
+worker at a time removes kept chunks no render came for (see :func:`sweep_parts`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -21,10 +25,12 @@ from pathlib import Path
 import redis
 from celery import Celery
 
+from melter.errors import MelterError
 from melter.farm.callbacks import Deliverer
 from melter.farm.celery_app import config_of
 from melter.farm.job import TERMINAL
 from melter.farm.jobs import Farm
+from melter.farm.paths import folder_fd
 
 log = logging.getLogger("melter.farm.sweeper")
 
@@ -59,6 +65,37 @@ def sweep_once(farm: Farm, owner: str) -> dict[str, int]:
     return counts
 
 
+#: What a kept chunk is called: its key, then a media suffix (see melter.farm.runner).
+_PART_NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{2,5}")
+
+
+def sweep_parts(farm: Farm, now: float | None = None) -> int:
+    """Remove the kept chunks of folders no chunk was kept in for ``parts_ttl_hours`` (a
+    meeting whose render never came, or came by another layout, leaves its prerendered
+    chunks behind), then each folder once empty; the number of files removed.
+
+    Only files named as chunks are, and only those not written to within that time; the
+    folders are reached from the outputs root without following links."""
+    config = farm.config
+    now = time.time() if now is None else now
+    cutoff = now - config.parts_ttl_hours * 3600
+    removed = 0
+    for folder, seen in farm.store.stale_parts(cutoff):
+        place = Path(folder)
+        with contextlib.suppress(OSError, MelterError):
+            with folder_fd(config.outputs_root, place) as parts:
+                for name in os.listdir(parts):
+                    info = os.stat(name, dir_fd=parts, follow_symlinks=False)
+                    if _PART_NAME.fullmatch(name) and stat.S_ISREG(info.st_mode) \
+                            and info.st_mtime < cutoff:
+                        os.unlink(name, dir_fd=parts)
+                        removed += 1
+            with folder_fd(config.outputs_root, place.parent) as parent:
+                os.rmdir(place.name, dir_fd=parent)
+        farm.store.forget_parts(folder, seen)
+    return removed
+
+
 def clean_cache(farm: Farm) -> None:
     root = farm.config.cache_dir or Path(tempfile.gettempdir()) / "melter-farm-cache"
     if not root.is_dir():
@@ -86,6 +123,9 @@ class Sweeper(threading.Thread):
                 passes += 1
                 if passes % 30 == 1:
                     clean_cache(farm)
+                    if farm.store.sweep_lock(self.owner, farm.config.sweep_seconds * 25,
+                                             "sweeper:parts"):
+                        sweep_parts(farm)
             except redis.RedisError as exc:
                 log.warning("sweeper: Redis unavailable (%s)", exc)
             except Exception:

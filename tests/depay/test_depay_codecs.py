@@ -704,20 +704,25 @@ def test_opus_silence_is_never_shorter_than_the_pre_skip_and_decodes_to_zeros(
     depay_class: str, samples: int
 ) -> None:
     """A filled gap lasts its length to the nearest 2.5 ms, within 3.75 ms for gaps too short
-    for one packet of at least :data:`SHORTEST_SILENCE`, and each packet decodes to exactly the
-    samples it claims, all zero. No packet is shorter than the pre-skip: a reader that seeks to
-    one would drop part of the next packet too, and put the audio after it early."""
+    for one packet of at least :data:`SHORTEST_SILENCE`; each packet is as long as its TOC
+    says, and they decode (Opus and multiopus) to that many zeros, the pre-skip aside. No
+    packet is shorter than the pre-skip: a reader that seeks to one would drop part of the
+    next packet too, and put the audio after it early."""
     depay = OpusDepacketizer() if depay_class == "opus" else MultiopusDepacketizer()
     packets = list(depay.silence(samples))
     total = sum(size for _, size in packets)
     assert all(size >= SHORTEST_SILENCE > PRE_SKIP for _, size in packets)
     assert total % 120 == 0
     assert abs(total - samples) <= (60 if samples >= SHORTEST_SILENCE else 180)
-    if depay_class == "opus":
-        decoder = av.CodecContext.create("opus", "r")
-        decoder.sample_rate, decoder.layout = 48000, "stereo"
-        for data, size in packets:
-            assert packet_samples(data) == size
-            frames = decoder.decode(av.Packet(data))
-            assert sum(f.samples for f in frames) == size
-            assert all(not np.any(f.to_ndarray()) for f in frames)
+    decoder = av.CodecContext.create("opus", "r")
+    decoder.extradata = depay.extradata()  # multiopus: the streams and their mapping
+    decoder.sample_rate = 48000
+    decoded = 0
+    for data, size in packets:
+        assert packet_samples(data) == size
+        frames = decoder.decode(av.Packet(data))
+        decoded += sum(f.samples for f in frames)
+        assert all(f.layout.nb_channels == depay.channels for f in frames)
+        assert all(not np.any(f.to_ndarray()) for f in frames)
+    # The decoder drops the pre-skip from the start of the first packets.
+    assert decoded == max(0, total - PRE_SKIP)

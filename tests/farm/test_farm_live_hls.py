@@ -122,6 +122,15 @@ def test_a_live_playlist_grows_during_the_meeting_and_becomes_its_vod(
 
     # The meeting ends: its render takes the playlist's name and replaces it with a VOD one.
     finish_meeting(finished, live)
+    # Once that render has reserved the name, a prerender still going on (here: one started
+    # then, with chunks it could publish) leaves the playlist alone: the render is to
+    # replace it, and a playlist written after its commit would undo it.
+    store = harness.farm.store
+    assert store.reserve_output(str(playlist), "the-meetings-render", 60)
+    late = harness.submit(live, "meeting.m3u8", chunk_seconds=CHUNK, prerender=True)
+    assert harness.wait(late, timeout=240)["state"] == "done"
+    assert playlist.read_text() == second_text
+    store.r.delete(f"{store.p}:outpath:{playlist}")
     final = harness.submit(live, "meeting.m3u8", chunk_seconds=CHUNK)
     done = harness.wait(final, timeout=240)
     assert done["state"] == "done", done

@@ -181,3 +181,50 @@ def test_flower_needs_a_password(harness: FarmHarness) -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
+
+
+def test_kept_chunks_nobody_used_for_the_ttl_are_swept(harness: FarmHarness) -> None:
+    """Chunks kept while a meeting went on, beside an output whose render never came: the
+    sweep removes those older than ``parts_ttl_hours`` from folders no chunk was kept in for
+    that long, then each folder once empty; nothing else (other files, links, a folder swapped
+    for a link, a folder still in use)."""
+    from melter.farm.sweeper import sweep_parts
+
+    farm, store = harness.farm, harness.farm.store
+    ttl = farm.config.parts_ttl_hours * 3600
+    now = time.time()
+    old, fresh = now - ttl - 3600, now - ttl + 3600
+    chunk = "ab" * 32
+
+    def parts(name: str, files: dict[str, float], noted: float) -> Path:
+        folder = harness.outputs / name / ".melter-parts"
+        folder.mkdir(parents=True)
+        for file, mtime in files.items():
+            (folder / file).write_bytes(b"x" * 10)
+            os.utime(folder / file, (mtime, mtime))
+        store.note_parts(str(folder), noted)
+        return folder
+
+    abandoned = parts("abandoned", {chunk + ".mp4": old, chunk + ".mka": old}, old)
+    mixed = parts("mixed", {chunk + ".mp4": old, "cd" * 32 + ".mp4": fresh,
+                            "notes.txt": old}, old)
+    (mixed / ("ef" * 32 + ".mp4")).symlink_to(mixed / "notes.txt")
+    in_use = parts("in-use", {chunk + ".mp4": old}, fresh)
+    elsewhere = harness.base / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / (chunk + ".mp4")).write_bytes(b"x")
+    os.utime(elsewhere / (chunk + ".mp4"), (old, old))
+    (harness.outputs / "linked").mkdir()
+    (harness.outputs / "linked" / ".melter-parts").symlink_to(elsewhere)
+    store.note_parts(str(harness.outputs / "linked" / ".melter-parts"), old)
+
+    assert sweep_parts(farm, now) == 3
+    assert not abandoned.exists() and abandoned.parent.is_dir()
+    assert sorted(p.name for p in mixed.iterdir()) == sorted(
+        ["cd" * 32 + ".mp4", "ef" * 32 + ".mp4", "notes.txt"])
+    assert (in_use / (chunk + ".mp4")).exists()
+    assert (elsewhere / (chunk + ".mp4")).exists()
+    # Swept folders are no longer tracked; the one in use still is, and is swept in its time.
+    assert [f for f, _ in store.stale_parts(now + 2 * ttl)] == [str(in_use)]
+    assert sweep_parts(farm, fresh + ttl + 1) == 1 and not in_use.exists()
+    assert store.stale_parts(now + 2 * ttl) == []

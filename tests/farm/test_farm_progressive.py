@@ -109,6 +109,8 @@ def test_chunks_rendered_during_the_meeting_are_reused_and_equal_a_post_hoc_rend
     assert not (harness.outputs / "meeting.mp4").exists()
     parts = harness.outputs / PARTS_DIR
     assert len(list(parts.glob("*.mp4"))) == 2 and len(list(parts.glob("*.mka"))) == 2
+    # The sweeper knows the folder: it goes if the meeting's render never comes.
+    assert [f for f, _ in harness.farm.store.stale_parts(time.time())] == [str(parts)]
 
     # The meeting ends: the recordings grow to their whole length.
     finish_meeting(finished, live)
