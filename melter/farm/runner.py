@@ -310,17 +310,17 @@ class _PartKeys:
     def __init__(self, planned: RenderPlan, workdir: Path) -> None:
         self.planned = planned
         self.workdir = workdir
-        self._known: dict[tuple[Any, ...], str] = {}
+        self._known: dict[tuple[int, tuple[int, int], bool], str] = {}
 
-    def video(self, preset: Preset, chunk: tuple[int, int]) -> str:
-        return self._key(preset, chunk, True)
+    def video(self, k: int, preset: Preset, chunk: tuple[int, int]) -> str:
+        """Output ``k``'s chunk (its parts' preset ``preset``)."""
+        return self._key(k, preset, chunk, True)
 
-    def audio(self, preset: Preset, chunk: tuple[int, int]) -> str:
-        return self._key(preset, chunk, False)
+    def audio(self, k: int, preset: Preset, chunk: tuple[int, int]) -> str:
+        return self._key(k, preset, chunk, False)
 
-    def _key(self, preset: Preset, chunk: tuple[int, int], video: bool) -> str:
-        known = (preset.name, preset.width, preset.height, tuple(sorted(preset.properties.items())),
-                 chunk, video)
+    def _key(self, k: int, preset: Preset, chunk: tuple[int, int], video: bool) -> str:
+        known = (k, chunk, video)
         if known not in self._known:
             self._known[known] = (
                 chunk_key(self.planned, preset, chunk, video=True, workdir=self.workdir)
@@ -353,9 +353,9 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
                 break
             for kind, weight in ((UnitKind.VIDEO, 1.0), (UnitKind.AUDIO, AUDIO_WEIGHT)):
                 if kind is UnitKind.VIDEO:
-                    key, part_suffix = keys.video(preset, (first, last)), suffix
+                    key, part_suffix = keys.video(k, preset, (first, last)), suffix
                 else:
-                    key, part_suffix = keys.audio(preset, (first, last)), piece.suffix
+                    key, part_suffix = keys.audio(k, preset, (first, last)), piece.suffix
                 if _kept(attempt, record, k, key, part_suffix):
                     continue
                 chunk_units.append(kind.unit(k, i))
@@ -420,8 +420,8 @@ def _finished_chunks(record: JobRecord, k: int, planned: RenderPlan, seconds: fl
         piece = audio_piece(planned, preset, (first, last))
         if piece.suffix == PCM.suffix:
             return []  # not AAC: nothing to copy into segments
-        video = keys.video(preset, (first, last)) + suffix
-        audio = keys.audio(preset, (first, last)) + piece.suffix
+        video = keys.video(k, preset, (first, last)) + suffix
+        audio = keys.audio(k, preset, (first, last)) + piece.suffix
         if not (exists_at(parts, video) and exists_at(parts, audio)):
             break
         folder = Path(f"/proc/{os.getpid()}/fd/{parts}")

@@ -669,7 +669,6 @@ class Store:
     def live_workers(self) -> int:
         return int(self._workers(args=[self.p]))
 
-    # -- reading -----------------------------------------------------------------------------
     # -- kept chunks -------------------------------------------------------------------------
     def note_parts(self, folder: str, now: float) -> None:
         """Folder ``folder`` (under the outputs root) has had a chunk kept in it at ``now``."""
@@ -694,6 +693,7 @@ class Store:
             except redis.WatchError:
                 pass
 
+    # -- reading -----------------------------------------------------------------------------
     def job(self, job: str) -> dict[str, str]:
         return self.r.hgetall(self.job_key(job))
 
