@@ -25,7 +25,9 @@ against one single-pass render of the same meeting.
    farm's worker processes (with their melt and ffmpeg children), and per worker its units,
    busy time and idle gaps (a gap while a unit was waiting is a dispatch delay). Then the
    checks, measured with PyAV: the farm's output has the single pass's video frame count, its
-   duration within one frame, and as many audio samples (decoded).
+   duration within one frame, and as many audio samples (decoded); and the same content
+   (``time_to_video.compare``: every frame's picture means, the sound aligned sample for
+   sample, no second that differs far more than the others).
 5. A final JSON line with the numbers (for ``bench/README.md``).
 
 Exit status 0 when the farm job is done and every check passed, 1 otherwise, 2 without Redis.
@@ -55,7 +57,7 @@ import av
 import psutil
 
 from bench import soak
-from bench.time_to_video import build_long_meeting
+from bench.time_to_video import build_long_meeting, compare
 from melter.farm.config import load_config
 from melter.farm.job import TERMINAL, UnitKind
 from melter.farm.jobs import Farm
@@ -372,6 +374,11 @@ def _run(args: argparse.Namespace, base: Path, harness: FarmHarness) -> int:
           f"at {ref.rate} Hz; farm: {got.frames} frames, {got.duration:.3f} s "
           f"({(got.duration - ref.duration) * 1000:+.1f} ms), {got.samples} samples at "
           f"{got.rate} Hz")
+    mix = base / "mix.wav"
+    single_pass(argparse.Namespace(**{**vars(args), "preset": None}), base, meeting, mix)
+    compared, same = compare(output, single, mix)
+    checks["same_content"] = same
+    print(f"against the single pass: {compared}")
     passed = all(checks.values())
     print("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in checks.items()))
 
@@ -403,7 +410,7 @@ def _run(args: argparse.Namespace, base: Path, harness: FarmHarness) -> int:
                    "samples": got.samples},
         "single": {"frames": ref.frames, "duration_s": round(ref.duration, 3),
                    "samples": ref.samples},
-        "checks": checks, "pass": passed, "load_end": load(),
+        "compared": compared, "checks": checks, "pass": passed, "load_end": load(),
     }
     print("result: " + ("PASS" if passed else "FAIL"))
     print(json.dumps(result), flush=True)

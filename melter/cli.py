@@ -393,8 +393,8 @@ def render(
                                                "several renditions")],
     layout: LayoutOption = "grid",
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="preset per output, "
-                      "in order (mp4, 720p, 1080p, 4k, webm, m4a, opus, hls); default from the "
-                      "extension")] = None,
+                      "in order (mp4, 720p, 1080p, 4k, webm, m4a, opus, wav, hls); default from "
+                      "the extension")] = None,
     room: RoomOption = None,
     events: EventsOption = None,
     trim: Annotated[bool, typer.Option("--trim", help="drop stretches where nobody is "
@@ -456,7 +456,7 @@ def preview(
         raise typer.BadParameter(str(exc), param_hint="--at") from None
     planned = plan_render(_meeting(inputs, room, events), load_layout(layout))
     frame = planned.frame_at(seconds)
-    run_render(planned, [(output, STILL)], frames=(frame, frame), workdir=workdir)
+    run_render(planned, [(output, STILL)], frames=(frame, frame), audio=False, workdir=workdir)
     err.print(f"{output}: frame at {seconds:.3f} s")
 
 

@@ -514,6 +514,13 @@ def _source_graph(prepared: PreparedSegment, picture: _Picture | None, fps: int,
     # yuyv422: MLT's working format, converted here once per source picture; MLT then only
     # copies it on each output frame.
     filters.append("format=yuyv422")
+    # ``fps`` places pictures relative to ``start_time`` rounded to the input's time base:
+    # in milliseconds, a window starting between two of them (frame 1 at 30 fps) would move
+    # every picture by up to a third of a millisecond against a whole render, and one that
+    # close to a midpoint between output frames would show a frame early or late. A time
+    # base of 1 / (1000 * fps) holds both the prepared files' milliseconds and every frame
+    # start exactly.
+    filters.append(f"settb=1/{1000 * fps}")
     filters.append(f"fps=fps={fps}:start_time={start:.6f}:round=near")
     # The last picture is held to the segment's end: ``fps`` stops at it, and MLT would show
     # a blank picture for the frames it is asked for beyond.

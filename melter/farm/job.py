@@ -133,7 +133,7 @@ class OutputSpec(BaseModel):
 
     path: str = Field(..., min_length=1, description="output file, under the output root")
     preset: str | None = Field(
-        None, description="mp4, 720p, 1080p, 4k, webm, m4a, opus, hls (an .m3u8 playlist); "
+        None, description="mp4, 720p, 1080p, 4k, webm, m4a, opus, wav, hls (an .m3u8 playlist); "
         "default from the extension")
 
 

@@ -371,6 +371,28 @@ def test_render_m4a_preset_is_audio_only(basic: Path, tmp_path: Path) -> None:
         assert np.median(amplitude[inside]) > 0.05, tone
 
 
+def test_render_wav_is_the_mix_itself(basic: Path, tmp_path: Path) -> None:
+    """A WAV output holds the mix the AAC of an M4A encodes, sample for sample and lossless:
+    its duration is the meeting's to the sample, and the M4A differs from it only by the
+    codec's noise."""
+    wav, m4a = tmp_path / "mix.wav", tmp_path / "mix.m4a"
+    result = melter("render", basic, "-o", wav, "-o", m4a)
+    assert result.returncode == 0, result.stderr
+    assert codecs(wav) == ([], ["pcm_s16le"])
+    with av.open(str(wav)) as container:
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    mix = pcm.reshape(-1, 2).T / 32768
+    frames = round(SPAN / FRAME)
+    assert mix.shape[1] == round(frames * FRAME * 48000), (mix.shape, frames)
+    with av.open(str(m4a)) as container:
+        encoded = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)
+    count = min(mix.shape[1], encoded.shape[1]) - 4800
+    noise = float(np.sqrt(np.mean((encoded[:, 4800:count] - mix[:, 4800:count]) ** 2)))
+    moved = float(np.sqrt(np.mean((encoded[:, 4801:count + 1] - mix[:, 4800:count]) ** 2)))
+    assert np.abs(mix).max() > 0.1
+    assert noise < moved / 2, (noise, moved)
+
+
 def test_trim_drops_the_stretch_where_nobody_is_present(tmp_path: Path,
                                                         small_grid: Path) -> None:
     folder = write_meeting(tmp_path / "gap", [
