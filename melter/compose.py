@@ -196,7 +196,8 @@ class PreparedSegment:
 
 
 #: Changes whenever prepared files are written differently, so older ones are not reused.
-_PREPARED_LAYOUT = "5: audio apart (Ogg or WAV), first picture at time zero, no short silence"
+_PREPARED_LAYOUT = ("6: audio apart (Ogg or WAV), first picture at time zero, no short silence, "
+                    "lag of a read placed by timestamps")
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
@@ -266,16 +267,19 @@ def _audio_lag(path: Path) -> int:
     :attr:`PreparedSegment.audio_lag`), found by matching the two reads sample for sample
     (0 for a file too short or too quiet to tell, where no window seeks anyway).
 
-    A file whose first packet is shorter than the decoder's pre-skip loses that packet in a
-    read from the start, which counts samples, and not in a read that seeks, which places
-    them by their timestamps; past the start the two differ by that constant.
+    A read that seeks places its samples by their timestamps, and FFmpeg's Opus decoder
+    labels the first samples it keeps after a seek as if the pre-skip it dropped were still
+    there (-312 for Melter's files); a file whose first packet is shorter than the pre-skip
+    also loses that packet in a read from the start, which counts samples. Past the start
+    the two reads differ by that constant.
     """
     rate = 48000
     probe = round(_LAG_PROBE_S * rate)
-    resample = f",aresample={rate}:first_pts=0"
-    whole = _decoded(path, f"{resample},atrim=end_sample={3 * probe + _LAG_RANGE}")
-    sought = _decoded(path, f":seek_point={_LAG_PROBE_S}{resample},"
-                      f"atrim=start_sample={2 * probe}:end_sample={3 * probe}")
+    whole = _decoded(path, f",aresample={rate}:first_pts=0,"
+                     f"atrim=end_sample={3 * probe + _LAG_RANGE}")
+    # The read that seeks places its samples by their timestamps, as a window's mix does.
+    sought = _decoded(path, f":seek_point={_LAG_PROBE_S},aresample={rate},"
+                      f"atrim=start_pts={2 * probe}:end_pts={3 * probe}")
     if len(sought) < probe or len(whole) < 3 * probe + _LAG_RANGE or not np.any(sought):
         return 0
     # The decoder that sought has run in for a second: equal to far below one 16-bit step.

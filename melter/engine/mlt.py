@@ -664,17 +664,23 @@ def _audio_mix(segments: list[PreparedSegment], span: tuple[int, int], fps: int)
         skip = 0 if prepared.audio_path else round(prepared.first_video_us * MIX_RATE / 1e6)
         seek = max(0.0, (skip + begin) / MIX_RATE - AUDIO_PREROLL_S)
         source = graph_path(prepared.audio_file)
-        lag = 0
-        if seek > 0:
-            source += f":seek_point={seek:.6f}"
-            lag = prepared.audio_lag
         upmix = ",pan=stereo|c0=c0|c1=c0" if prepared.audio_channels == 1 else ""
+        if seek > 0:
+            # Samples placed by their timestamps (in samples at the mix's rate): padding the
+            # read back to the file's time zero instead (``first_pts=0``) and counting would
+            # make every window pay for silence as long as the meeting before it.
+            lag = prepared.audio_lag
+            source += f":seek_point={seek:.6f}"
+            read = (f"aresample={MIX_RATE}{upmix},"
+                    f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
+                    f"atrim=start_pts={skip + begin - lag}:end_pts={skip + end - lag}")
+        else:
+            read = (f"aresample={MIX_RATE}:first_pts=0{upmix},"
+                    f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
+                    f"atrim=start_sample={skip + begin}:end_sample={skip + end}")
         number = len(chains)
         chains.append(
-            f"amovie={source},aresample={MIX_RATE}:first_pts=0{upmix},"
-            f"aformat=sample_fmts=fltp:channel_layouts=stereo,"
-            f"atrim=start_sample={skip + begin - lag}:end_sample={skip + end - lag},"
-            f"asetpts=PTS-STARTPTS,"
+            f"amovie={source},{read},asetpts=PTS-STARTPTS,"
             f"adelay=delays={delay + begin - window_start}S:all=1[a{number}]")
         labels.append(f"[a{number}]")
     if not chains:
