@@ -45,7 +45,7 @@ from melter.hls import atomic_playlist
 from melter.layout.model import Layout
 from melter.meeting import Meeting, discover
 from melter.plan import Plan, SpeakerChange
-from melter.splice import CONTEXT, FRAME, Stretch, encode_stretch, on_grid
+from melter.splice import CONTEXT, FRAME, RUN_IN, Stretch, encode_stretch, on_grid
 from melter.typedjson import dump, load, shape
 
 
@@ -509,10 +509,11 @@ def audio_piece(render_plan: RenderPlan, preset: Preset, chunk: tuple[int, int])
     if preset.properties.get("acodec") != "aac":
         return AudioPiece(chunk, None, 0, PCM.suffix)
     fps, total = render_plan.fps, render_plan.frames
+    run_in = math.ceil(RUN_IN * fps / MIX_RATE) + 1
     context = math.ceil(CONTEXT * fps / MIX_RATE) + 1
     stretch = Stretch(on_grid(pcm_samples(first, fps)),
                       None if last >= total - 1 else on_grid(pcm_samples(last + 1, fps)))
-    frames = (max(0, first - context), min(total - 1, last + context))
+    frames = (max(0, first - run_in), min(total - 1, last + context))
     return AudioPiece(frames, stretch, _bit_rate(preset.properties.get("ab", "128k")), ".mka")
 
 
@@ -522,7 +523,7 @@ def audio_piece_key(render_plan: RenderPlan, preset: Preset, chunk: tuple[int, i
     piece = audio_piece(render_plan, preset, chunk)
     base = chunk_key(render_plan, PCM, piece.frames, video=False, workdir=workdir)
     identity = [base, piece.stretch and [piece.stretch.start, piece.stretch.end],
-                piece.bit_rate, CONTEXT]
+                piece.bit_rate, RUN_IN, CONTEXT]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 

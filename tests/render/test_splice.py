@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from melter.errors import MelterError
-from melter.splice import CONTEXT, FRAME, Stretch, encode_stretch, join_pieces, on_grid
+from melter.splice import CONTEXT, FRAME, RUN_IN, Stretch, encode_stretch, join_pieces, on_grid
 
 RATE = 48000
 SECONDS = 60.0
@@ -65,7 +65,7 @@ def joined(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     pieces, kept = [], []
     for number, start in enumerate(starts):
         end = starts[number + 1] if number + 1 < len(starts) else None
-        low = max(0, start - CONTEXT - 777)  # the PCM starts off the grid, as a chunk's does
+        low = max(0, start - RUN_IN - 777)  # the PCM starts off the grid, as a chunk's does
         high = total if end is None else min(total, end + CONTEXT + 5)
         pcm = _wav(samples[low:high], folder / f"p{number}.wav")
         piece = folder / f"p{number}.mka"
@@ -101,7 +101,7 @@ def test_the_join_is_the_sound_at_the_same_samples_as_one_encode(joined: dict) -
 
     error = rms(got[:, FRAME:n - FRAME] - truth[:, FRAME:n - FRAME])
     single = rms(whole[:, FRAME:n - FRAME] - truth[:, FRAME:n - FRAME])
-    # Each piece's encoder ran in for 3 s: its noise is that of one encode.
+    # Each piece's encoder ran in for 10 s: its noise is that of one encode.
     assert error < 1.5 * single + 1e-4, (error, single)
     for shift in (-1, 1):
         moved = rms(got[:, FRAME + shift:n - FRAME + shift] - truth[:, FRAME:n - FRAME])
