@@ -382,11 +382,13 @@ def compare(result_path: Path, reference: Path,
             limit = np.maximum(4 * median, 2 * theirs)
             failing = np.nonzero(ours > limit)[0]
             worst = int(np.argmax(ours / limit))
+            def db(x: np.ndarray) -> float:
+                n = min(x.shape[1], exact.shape[1])
+                error = float(np.sqrt(np.mean((x[:, :n] - exact[:, :n]) ** 2)))
+                return round(20 * math.log10(signal / error), 1)
+
             facts.update(
-                against_mix_db=round(20 * math.log10(signal / float(np.sqrt(np.mean(
-                    (a[:, :exact.shape[1]] - exact[:, :a.shape[1]]) ** 2)))), 1),
-                posthoc_against_mix_db=round(20 * math.log10(signal / float(np.sqrt(np.mean(
-                    (b[:, :exact.shape[1]] - exact[:, :b.shape[1]]) ** 2)))), 1),
+                against_mix_db=db(a), posthoc_against_mix_db=db(b),
                 worst_second=f"{worst + 2048 / 48_000:.0f} s: {float(ours[worst]):.5f} "
                              f"against the mix ({float(ours[worst]) / median:.2f} x the median, "
                              f"the single pass {float(theirs[worst]):.5f})",
