@@ -401,15 +401,25 @@ def render(
                                        "present")] = False,
     workdir: Annotated[Path | None, typer.Option("--workdir", help="keep prepared media here "
                                                  "(reused by later renders)")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="windows rendered at "
+                                             "once (default: one per core)")] = None,
+    window: Annotated[float, typer.Option("--window", min=0, help="seconds per window of a "
+                                          "long meeting (0: one melt run for the whole "
+                                          "meeting)")] = 60.0,
 ) -> None:
-    """Compose the meeting by a layout into finished video (through MLT's melt)."""
+    """Compose the meeting by a layout into finished video (through MLT's melt).
+
+    A meeting of at least two windows is rendered window by window, several at once, and
+    the windows joined without re-encoding: the same file, at a cost per minute that does not
+    grow with the meeting.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     _library_warnings()
 
     from melter.layout.model import load_layout
     from melter.render import RenderOptions, plan_render, preset_for
-    from melter.render import render as run_render
+    from melter.windows import render_meeting
 
     presets = preset or []
     if presets and len(presets) != len(output):
@@ -427,7 +437,8 @@ def render(
         def progress(frame: int, frames: int) -> None:
             bar.update(task, total=frames, completed=frame)
 
-        result = run_render(planned, targets, workdir=workdir, progress=progress)
+        result = render_meeting(planned, targets, window_seconds=window, jobs=jobs,
+                                workdir=workdir, progress=progress)
     for warning in result.warnings:
         _warn(warning)
     for path in result.outputs:

@@ -113,12 +113,6 @@ def measure(path: Path) -> dict[str, Any]:
     return info
 
 
-def count_video_frames(path: Path) -> int:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
-
-
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.chmod(temp, file_mode())

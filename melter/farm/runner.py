@@ -36,7 +36,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,6 @@ from melter.farm.jobs import JobRecord, OutputTarget, manifest_path, remove_tmp
 from melter.farm.manifest import (
     LIVE,
     MANIFEST_LIMIT,
-    count_video_frames,
     describe_inputs,
     file_mode,
     is_live,
@@ -85,13 +83,12 @@ from melter.render import (
     render_audio_piece,
 )
 from melter.rooted import exists_at, link_new
-from melter.splice import join_pieces
+from melter.windows import AUDIO_WEIGHT, count_video_frames, join_parts, window_ranges
 
 #: How far behind the clock recordings on shared storage may be (buffered writes, NFS
 #: attribute caching): a prerender leaves that much more of a meeting still going on for later.
 PROGRESSIVE_MARGIN_S = 3.0
 #: Relative cost of a unit, per output frame (a video frame = 1): for the progress estimate.
-AUDIO_WEIGHT = 0.25
 JOIN_WEIGHT = 0.05
 
 
@@ -211,23 +208,6 @@ def _stored_plan(attempt: Attempt, record: JobRecord) -> RenderPlan | None:
     return planned
 
 
-def plan_chunks(plan: Any, frames: int, fps: int, seconds: float,
-                scene_cuts: bool = True) -> list[tuple[int, int]]:
-    """Frame ranges (first, last) of about ``seconds`` each, cut at scene boundaries when one
-    lies within a quarter chunk of the ideal cut."""
-    target = max(1, round(seconds * fps))
-    candidates = sorted({round(scene.start_us * fps / 1e6) for scene in plan.scenes}
-                        if scene_cuts else set())
-    cuts = [0]
-    while frames - cuts[-1] > target * 1.5:
-        ideal = cuts[-1] + target
-        window = [c for c in candidates
-                  if abs(c - ideal) <= target // 4 and c > cuts[-1] + fps and c < frames - fps]
-        cuts.append(min(window, key=lambda c: (abs(c - ideal), c)) if window else ideal)
-    cuts.append(frames)
-    return [(a, b - 1) for a, b in pairwise(cuts)]
-
-
 def _main(attempt: Attempt, record: JobRecord) -> None:
     planned = _planned(attempt, record)
     config = attempt.config
@@ -258,7 +238,7 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
             units.append({"name": UnitKind.RENDER.unit(k), "weight": planned.frames * AUDIO_WEIGHT,
                           "output": k})
             continue
-        ranges = _chunk_ranges(planned, preset, seconds, record.spec.trim)
+        ranges = window_ranges(planned, preset, seconds)
         chunks = max(chunks, len(ranges))
         # Each chunk's audio is a unit of its own, rendered as PCM: the join puts the pieces
         # end to end and encodes them once, so the file holds a single pass's samples.
@@ -275,17 +255,6 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
     dispatches = attempt.store.expand(record.id, attempt.token, units,
                                       config.dispatch_grace_seconds, {"chunks": str(chunks)})
     attempt.farm.send(dispatches)
-
-
-def _chunk_ranges(planned: RenderPlan, preset: Preset, seconds: float,
-                  trim: bool) -> list[tuple[int, int]]:
-    step, scene_cuts = seconds, not trim
-    if preset.keyframe_seconds:
-        # A chunk starts on a key frame of its own: cut only where the fixed GOP has one,
-        # so that every key frame of the joined file stays on the GOP's grid.
-        step = math.ceil(seconds / preset.keyframe_seconds) * preset.keyframe_seconds
-        scene_cuts = False
-    return plan_chunks(planned.plan, planned.frames, planned.fps, step, scene_cuts=scene_cuts)
 
 
 def settled_frames(planned: RenderPlan, seconds: float, now: float | None = None) -> int:
@@ -345,7 +314,7 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
             attempt.stage("publishing the live playlist")
             _publish_live(attempt, record, k, planned, seconds, keys)
         chunk_units: list[str] = []
-        for i, (first, last) in enumerate(_chunk_ranges(planned, preset, seconds, False)):
+        for i, (first, last) in enumerate(window_ranges(planned, preset, seconds)):
             if last >= settled:
                 break
             piece = audio_piece(planned, preset, (first, last))
@@ -416,7 +385,7 @@ def _finished_chunks(record: JobRecord, k: int, planned: RenderPlan, seconds: fl
     output = record.outputs[k]
     preset, suffix = _part(output)
     found: list[LiveChunk] = []
-    for first, last in _chunk_ranges(planned, preset, seconds, False):
+    for first, last in window_ranges(planned, preset, seconds):
         piece = audio_piece(planned, preset, (first, last))
         if piece.suffix == PCM.suffix:
             return []  # not AAC: nothing to copy into segments
@@ -809,32 +778,12 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     frames = sum(int(u["last"]) - int(u["first"]) + 1 for _, u in chunks)
     fps = int(record.fields.get("fps") or attempt.store.job(record.id).get("fps") or 30)
     folder = attempt_dir(attempt, record, k)
-    listing, sounds = folder / "chunks.txt", folder / "audio.txt"
-    listing.write_text(_concat_list(u["file"] for _, u in chunks))
     temp = folder / f"joined{suffix}"
-    fmt = preset.properties.get("f", "mp4")
-    faststart = ["-movflags", "+faststart"] if fmt in ("mp4", "mov", "ipod") else []
     sound_files = [Path(u["file"]) for u in audio]
     attempt.stage("joining")
     started = time.time()
-    if all(piece.suffix == PCM.suffix for piece in sound_files):
-        # PCM pieces (codecs other than AAC): encoded here, at once.
-        sounds.write_text(_concat_list(str(piece) for piece in sound_files))
-        _run_tracked(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-                      "-f", "concat", "-safe", "0", "-i", str(listing),
-                      "-f", "concat", "-safe", "0", "-i", str(sounds),
-                      "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy",
-                      *_audio_encoder(preset), *faststart, "-f", fmt, str(temp)])
-    else:
-        # AAC pieces: the video chunks end to end, then both streams' packets copied.
-        video = folder / f"video{suffix}"
-        _run_tracked(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-                      "-f", "concat", "-safe", "0", "-i", str(listing), "-map", "0:v:0",
-                      "-c", "copy", "-f", fmt, str(video)])
-        attempt.check()
-        join_pieces(video, sound_files, temp, fmt,
-                    options=dict(zip(faststart[::2], faststart[1::2], strict=True)))
-        video.unlink()
+    join_parts([Path(u["file"]) for _, u in chunks], sound_files, temp, preset, folder,
+               run=_run_tracked, check=attempt.check)
     attempt.check()
     check_output(temp, frames / fps, False)
     joined = count_video_frames(temp)
@@ -868,18 +817,6 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     _drop_parts(attempt, record, k, [UnitKind.VIDEO.unit(k, i) for i, _ in chunks]
                 + [UnitKind.AUDIO.unit(k, i) for i, _ in chunks],
                 {UnitKind.VIDEO.value: suffix, UnitKind.AUDIO.value: sound_files[0].suffix})
-
-
-def _concat_list(files: Iterable[str]) -> str:
-    """A listing for FFmpeg's concat demuxer."""
-    return "".join("file '" + name.replace("'", "'\\''") + "'\n" for name in files)
-
-
-def _audio_encoder(preset: Preset) -> list[str]:
-    """FFmpeg's options encoding the joined PCM as ``preset``'s melt consumer would."""
-    names = {"acodec": "-c:a", "ab": "-b:a", "frequency": "-ar", "channels": "-ac"}
-    return [option for key, flag in names.items() if key in preset.properties
-            for option in (flag, preset.properties[key])]
 
 
 def _span(unit: dict[str, str]) -> float | None:

@@ -32,6 +32,7 @@ from tests.helpers.farm import (
     video_frame_count,
     write_long_meeting,
 )
+from tests.helpers.mediacheck import top_level_boxes
 
 __all__ = ["harness"]
 
@@ -105,5 +106,7 @@ def test_chunked_render_equals_single_pass_and_scales(harness: FarmHarness) -> N
         assert all(abs(offset) <= FRAME / 2 + 0.003 for offset in sync), sync
         manifest = json.loads((harness.outputs / f"{name}.manifest.json").read_text())
         assert len(manifest["timings"]["chunks"]) == two["chunks"]
+        boxes = top_level_boxes(path)  # as melt writes a single pass: playable while loading
+        assert boxes.index("moov") < boxes.index("mdat"), boxes
     assert two_s < one_s, (one_s, two_s)
     print(f"flash-to-tone offsets (s): {[float(x) for x in ref_sync]}")

@@ -22,8 +22,8 @@ import pytest
 from melter.errors import MelterError
 from melter.farm.config import load_config
 from melter.farm.job import job_schema, parse_job
-from melter.farm.runner import plan_chunks
 from melter.farm.store import JobCancelled, LeaseLost
+from melter.windows import plan_chunks
 from tests.helpers.farm import FarmHarness, harness
 
 __all__ = ["harness"]

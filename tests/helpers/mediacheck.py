@@ -169,3 +169,23 @@ def rising_edges(times: np.ndarray, amplitude: np.ndarray, threshold: float,
         if not edges or when - edges[-1] >= min_gap:
             edges.append(when)
     return edges
+
+
+def top_level_boxes(path: Path | str) -> list[str]:
+    """The types of an MP4 file's top-level boxes, in file order (``moov`` before ``mdat``:
+    the file plays while it downloads)."""
+    boxes: list[str] = []
+    with open(path, "rb") as f:
+        size = Path(path).stat().st_size
+        at = 0
+        while at + 8 <= size:
+            f.seek(at)
+            header = f.read(16)
+            length = int.from_bytes(header[:4], "big")
+            boxes.append(header[4:8].decode("latin-1"))
+            if length == 1:
+                length = int.from_bytes(header[8:16], "big")
+            elif length == 0:
+                break
+            at += length
+    return boxes
