@@ -7,8 +7,10 @@ against one single-pass render of the same meeting.
 1. Builds a meeting of about ``--minutes`` from a fixture's real recordings played several times
    end to end (``bench/time_to_video.py``'s ``--long`` builder: real packets, no clock skew
    added), under the storage root of a temporary folder.
-2. Single pass: ``melter render MEETING -o single.mp4 --layout L [--preset P]`` (the CLI, in
-   process, no broker), timed from start to exit.
+2. Single pass: ``melter render MEETING -o single.mp4 --layout L [--preset P] --jobs J
+   --window W`` (the CLI, no broker; ``--single-jobs``, default 1: one melt at a time, as one
+   worker renders; ``--single-window``, default the command's 60 s, 0 for one melt run over the
+   whole meeting), timed from start to exit.
 3. The same render on a real farm: its own Redis database (``--redis``) and key, queue and
    broker-key prefixes, ``--workers`` real ``melter worker`` processes (concurrency 1, started
    as ``tests/helpers/farm.py`` starts them, with the farm's default lease, heartbeat, sweep and
@@ -201,7 +203,8 @@ def single_pass(args: argparse.Namespace, base: Path, meeting: Path,
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env["COLUMNS"] = "200"
     command = [sys.executable, "-c", soak.CLI, "render", str(meeting), "-o", str(output),
-               "--layout", args.layout]
+               "--layout", args.layout, "--jobs", str(args.single_jobs),
+               "--window", f"{args.single_window:g}"]
     if args.preset:
         command += ["--preset", args.preset]
     log = base / "single.log"
@@ -285,8 +288,9 @@ def _run(args: argparse.Namespace, base: Path, harness: FarmHarness) -> int:
 
     single = base / f"single{suffix}"
     single_s, single_cpu = single_pass(args, base, meeting, single)
-    print(f"single pass: {single_s:.2f} s wall, {single_cpu:.1f} s CPU (melter render, in "
-          f"process); load {load()}", flush=True)
+    print(f"single pass: {single_s:.2f} s wall, {single_cpu:.1f} s CPU (melter render "
+          f"--jobs {args.single_jobs} --window {args.single_window:g}); load {load()}",
+          flush=True)
 
     harness.start_workers([f"w{i}" for i in range(args.workers)])
     output = harness.outputs / f"farm{suffix}"
@@ -388,6 +392,7 @@ def _run(args: argparse.Namespace, base: Path, harness: FarmHarness) -> int:
         "preset": args.preset or "mp4", "chunk_s": args.chunk, "workers": args.workers,
         "cpus": os.cpu_count(), "chunks": info["chunks"], "units": len(units),
         "single_pass_s": round(single_s, 3), "single_pass_cpu_s": round(single_cpu, 1),
+        "single_jobs": args.single_jobs, "single_window_s": args.single_window,
         "farm_cpu_s": round(cpu, 1),
         "unit_sum_s": round(total, 3), "main_s": round(main.seconds, 3),
         "longest_video_s": round(longest_video.seconds, 3) if longest_video else None,
@@ -427,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=float, default=60.0,
                         help="the job's chunk_seconds (default 60, the farm's default)")
     parser.add_argument("--workers", type=int, default=2, help="farm workers (default 2)")
+    parser.add_argument("--single-jobs", type=int, default=1,
+                        help="the single pass's windows at once (melter render --jobs; "
+                        "default 1: one melt at a time, as one worker renders)")
+    parser.add_argument("--single-window", type=float, default=60.0,
+                        help="the single pass's window seconds (melter render --window; "
+                        "default 60, its default; 0: one melt run over the whole meeting)")
     parser.add_argument("--layout", default="grid",
                         help="a built-in layout's name or a layout file (default grid)")
     parser.add_argument("--preset", choices=PRESETS, default=None,
