@@ -113,12 +113,24 @@ def audio_encoder(preset: Preset) -> list[str]:
 
 
 def join_parts(videos: Sequence[Path], sounds: Sequence[Path], target: Path, preset: Preset,
-               scratch: Path, *, run: Callable[[list[str]], None] = run_tool,
+               scratch: Path, *, frames: int, fps: int,
+               run: Callable[[list[str]], None] = run_tool,
                check: Callable[[], None] = lambda: None) -> None:
     """Join windows' videos and sound pieces (in order) into ``target`` in ``preset``'s
-    container (its :attr:`Preset.parts`), copying the video; ``scratch`` holds the listings.
+    container (its :attr:`Preset.parts`), copying the video, and make sure it holds both
+    streams, ``frames`` frames and their length at ``fps``; ``scratch`` holds the listings.
     ``run`` runs each FFmpeg command; ``check`` is called between the steps (the farm stops
     an attempt that lost its lease there)."""
+    _join(videos, sounds, target, preset, scratch, run, check)
+    check()
+    check_output(target, frames / fps, False)
+    held = count_video_frames(target)
+    if held != frames:
+        raise RenderError(f"joined video has {held} frames, not {frames}")
+
+
+def _join(videos: Sequence[Path], sounds: Sequence[Path], target: Path, preset: Preset,
+          scratch: Path, run: Callable[[list[str]], None], check: Callable[[], None]) -> None:
     fmt = preset.properties.get("f", "mp4")
     faststart = ["-movflags", "+faststart"] if fmt in ("mp4", "mov", "ipod") else []
     listing, listed_sounds = scratch / "chunks.txt", scratch / "audio.txt"
@@ -230,11 +242,7 @@ def render_windows(planned: RenderPlan, path: Path, preset: Preset, *,
                   else atomic_output(path))
         with target as temp:
             joined = temp if not preset.hls else scratch / f"joined{parts.suffix}"
-            join_parts(videos, sounds, joined, parts, scratch)
-            check_output(joined, frames / planned.fps, False)
-            held = count_video_frames(joined)
-            if held != frames:
-                raise RenderError(f"joined video has {held} frames, not {frames}")
+            join_parts(videos, sounds, joined, parts, scratch, frames=frames, fps=planned.fps)
             if preset.hls:
                 os.replace(joined, temp)
     return frames

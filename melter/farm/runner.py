@@ -76,7 +76,6 @@ from melter.render import (
     StalePlan,
     audio_piece,
     audio_piece_key,
-    check_output,
     chunk_key,
     plan_render,
     render,
@@ -783,12 +782,7 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     attempt.stage("joining")
     started = time.time()
     join_parts([Path(u["file"]) for _, u in chunks], sound_files, temp, preset, folder,
-               run=_run_tracked, check=attempt.check)
-    attempt.check()
-    check_output(temp, frames / fps, False)
-    joined = count_video_frames(temp)
-    if joined != frames:
-        raise RenderError(f"joined video has {joined} frames, not {frames}")
+               frames=frames, fps=fps, run=_run_tracked, check=attempt.check)
     whole = PRESETS[output.preset]
     if whole.hls:
         attempt.stage("segmenting")
