@@ -295,6 +295,7 @@ cdef class _OrderedSource:
     cdef public int64_t packets, invalid, duplicates, reordered, late, lost
     cdef public int64_t ssrc_changes, seq_restarts, stray_ssrc
     cdef public list ssrcs
+    cdef public object cut  # (offset, what) of a last frame cut short, or None
 
     def __cinit__(self, path, int64_t frames_offset, int64_t base_us, int64_t end):
         self.handle = open(path, "rb", buffering=0)
@@ -327,6 +328,7 @@ cdef class _OrderedSource:
         self.base = 0
         self.counter = 0
         self.ssrcs = []
+        self.cut = None
         if RECENT_EMITTED != RECENT_SIZE:
             raise Fallback("recent-packet memory differs from melter.order")
 
@@ -350,6 +352,15 @@ cdef class _OrderedSource:
             self.n += got
         return True
 
+    cdef _Pkt _cut_short(self, str what):
+        """The end of a file whose last frame is cut short (a recording Janus is still
+        writing, or one a crash cut): the first pass reads up to that frame, as the Python
+        reader does; the second pass never reaches it (it stops at the first pass's end)."""
+        if self.end >= 0:
+            raise Fallback(f"file ends inside {what} at byte {self.offset}")
+        self.cut = (self.offset, what)
+        return None
+
     cdef _Pkt _next_frame(self):
         """The next frame's packet, parsed; None at the end of the file."""
         cdef const unsigned char *p
@@ -362,7 +373,7 @@ cdef class _OrderedSource:
             return None
         if not self._have(10):
             if self.n - self.pos:
-                raise Fallback(f"file ends inside a frame header at byte {self.offset}")
+                return self._cut_short("a frame header")
             return None
         p = self.bufp + self.pos
         length = (p[8] << 8) | p[9]
@@ -370,7 +381,7 @@ cdef class _OrderedSource:
             raise Fallback(f"damaged frame at byte {self.offset}")
         arrival = (<int64_t>p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
         if not self._have(10 + length):
-            raise Fallback(f"file ends inside a frame at byte {self.offset}")
+            return self._cut_short(f"a {length}-byte frame")
         p = self.bufp + self.pos
         if (arrival < ARRIVAL_WRAP_WINDOW_MS
                 and self.last_arrival >= (<int64_t>1 << 32) - ARRIVAL_WRAP_WINDOW_MS
@@ -1150,7 +1161,9 @@ cdef class _FirstPass:
 
 def first_pass(analysis, facts, piece_class, ext_level, ext_orient):
     """Fill ``analysis`` (fresh) and ``facts`` as the Python first pass does; raise
-    :class:`Fallback` for anything left to it."""
+    :class:`Fallback` for anything left to it. Where the file ends inside its last frame,
+    (that frame's offset, what was cut), as :class:`melter.mjr.reader.MjrReader` says it;
+    else None."""
     header = analysis.header
     base_us = header.first_packet_us or header.created_us or 0
     source = _OrderedSource(analysis.path, header.frames_offset, base_us, -1)
@@ -1162,6 +1175,7 @@ def first_pass(analysis, facts, piece_class, ext_level, ext_orient):
         )
         runner.run(source)
         analysis.compiled_end = source.offset
+        return source.cut
     finally:
         source.close()
 

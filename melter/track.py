@@ -373,7 +373,7 @@ def analyze(path: str | Path) -> TrackAnalysis:
         analysis = _new_analysis(path, header)
         facts = _FirstPass()
         try:
-            _fastpath.first_pass(
+            cut = _fastpath.first_pass(
                 analysis,
                 facts,
                 Piece,
@@ -383,6 +383,8 @@ def analyze(path: str | Path) -> TrackAnalysis:
         except _fastpath.Fallback:
             pass
         else:
+            if cut is not None:
+                reader.note_truncated(*cut)
             facts.depay = _make_depacketizer(analysis.codec)
             _fit_timing(analysis, facts, has_arrivals=True)
             return _finish_analysis(analysis, facts, reader)

@@ -237,7 +237,7 @@ class MjrReader:
             prefix = read(10)
             if len(prefix) < 10:
                 if prefix:
-                    self._truncated(offset, "a frame header")
+                    self.note_truncated(offset, "a frame header")
                 return
             magic, arrival, length = unpack(prefix)
             if magic != b"MEET" or length > max_length or length == 0:
@@ -249,7 +249,7 @@ class MjrReader:
                 continue
             data = read(length)
             if len(data) < length:
-                self._truncated(offset, f"a {length}-byte frame")
+                self.note_truncated(offset, f"a {length}-byte frame")
                 return
             top = (1 << 32) - ARRIVAL_WRAP_WINDOW_MS
             if arrival < ARRIVAL_WRAP_WINDOW_MS and last_arrival >= top and before_last >= top:
@@ -267,7 +267,7 @@ class MjrReader:
             prefix = read(10)
             if len(prefix) < 10:
                 if prefix:
-                    self._truncated(offset, "a frame header")
+                    self.note_truncated(offset, "a frame header")
                 return
             magic, length = unpack(prefix)
             if magic != b"MEETECHO" or length > max_length or length == 0:
@@ -279,12 +279,13 @@ class MjrReader:
                 continue
             data = read(length)
             if len(data) < length:
-                self._truncated(offset, f"a {length}-byte frame")
+                self.note_truncated(offset, f"a {length}-byte frame")
                 return
             yield MjrFrame(offset, None, data)
             offset += 10 + length
 
-    def _truncated(self, offset: int, what: str) -> None:
+    def note_truncated(self, offset: int, what: str) -> None:
+        """The file ends inside a frame at ``offset``: what comes before it is kept."""
         self.truncated_at = offset
         self.warnings.append(
             f"{self.path}: file ends inside {what} at byte {offset}; kept everything before it"

@@ -260,12 +260,26 @@ def _audio(tmp_path: Path) -> Path:
     return Stream.audio([PAYLOADS[0]] * 200, 960).write(tmp_path / "a.mjr")
 
 
-def test_cut_file_falls_back(tmp_path: Path) -> None:
+# Bytes of the last frame written: into its body (10 bytes of prefix), into its prefix.
+@pytest.mark.parametrize("kept", [17, 3])
+def test_a_file_cut_inside_its_last_frame_is_read_to_that_frame(
+        tmp_path: Path, kept: int) -> None:
+    """A recording Janus is still writing (or one a crash cut) ends inside a frame: the
+    compiled pass reads up to that frame, as the Python pass does, and says so the same way;
+    what it planned stays what its second pass reads once the file has grown."""
     path = _audio(tmp_path)
-    path.write_bytes(path.read_bytes()[:-7])
-    analysis = assert_same_as_python(path, compiled=False)
-    assert analysis.frames == 199
-    assert any("file ends inside" in warning for warning in analysis.warnings)
+    whole = path.read_bytes()
+    last = frame_offsets(path)[-1]
+    path.write_bytes(whole[:last + kept])
+    analysis = assert_same_as_python(path)
+    assert analysis.frames == 199 and analysis.compiled_end == last
+    what = f"a {len(whole) - last - 10}-byte frame" if kept > 10 else "a frame header"
+    assert [w for w in analysis.warnings if "file ends inside" in w] == [
+        f"{path}: file ends inside {what} at byte {last}; kept everything before it"]
+    before = list(timed_frames(analysis))
+    path.write_bytes(whole)  # the recording grows
+    assert list(timed_frames(analysis)) == before
+    assert len(before) == 199
 
 
 def test_damaged_frame_falls_back(tmp_path: Path) -> None:
