@@ -6,6 +6,7 @@ a Matroska file that starts on an output-frame boundary).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -201,10 +202,19 @@ _PREPARED_LAYOUT = ("6: audio apart (Ogg or WAV), first picture at time zero, no
 
 
 def _segment_key(segment: Segment, start_us: int) -> str:
+    """The name of a segment's prepared files: what they are made of.
+
+    A track read by the compiled pass is written from the bytes it analysed and no further
+    (:attr:`TrackAnalysis.compiled_end`): its files are named by that extent, so a recording
+    still growing keeps the name its plan gave it, and every unit of a job planned from it
+    prepares it once. A track the Python pass read is named by the file as it is now."""
     digest = hashlib.sha256(_PREPARED_LAYOUT.encode())
     for track in segment.tracks:
         stat = track.path.stat()
-        digest.update(f"{track.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        extent = (f"{stat.st_ino}|{track.header.created_us}|{track.compiled_end}"
+                  if track.compiled_end is not None
+                  else f"{stat.st_size}|{stat.st_mtime_ns}")
+        digest.update(f"{track.path.resolve()}|{extent}".encode())
     digest.update(str(start_us).encode())
     return digest.hexdigest()[:16]
 
@@ -228,8 +238,16 @@ def _probe(path: Path) -> tuple[int, int]:
 
     MLT counts a file's time from that key frame, for its audio too; an engine that reads the
     audio another way needs it to stay in step with what MLT shows (milliseconds to read).
+    Known once per file as it is: a prerender names every chunk of a long meeting, each
+    from the same prepared files.
     """
-    with av.open(str(path)) as container:
+    stat = path.stat()
+    return _probed(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _probed(path: str, inode: int, size: int, mtime_ns: int) -> tuple[int, int]:
+    with av.open(path) as container:
         audio = container.streams.audio
         channels = audio[0].codec_context.channels if audio else 0
         first_video_us = 0

@@ -41,12 +41,15 @@ _SHIFT = Fraction(7, 5)
 @dataclass(frozen=True)
 class LiveChunk:
     """A finished chunk: its video (MP4) holding frames ``first`` to ``last`` of the meeting,
-    and its audio piece (AAC packets of :func:`melter.splice.encode_stretch`)."""
+    and its audio piece (AAC packets of :func:`melter.splice.encode_stretch`) whose first
+    packet starts at sample ``audio_start`` of the meeting
+    (:func:`melter.splice.first_packet`)."""
 
     video: Path
     audio: Path
     first: int
     last: int
+    audio_start: int
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def segment_frames(fps: int, seconds: int) -> int:
 
 
 def closed_segments(chunks: Sequence[LiveChunk], fps: int, seconds: int) -> int:
-    """How many segments the run of chunks from the meeting's start holds whole."""
+    """How many segments from the meeting's start lie whole before the end of a run of
+    chunks (the run from the meeting's start, or one that goes on from segments written)."""
     if not chunks:
         return 0
     return (chunks[-1].last + 1) // segment_frames(fps, seconds)
@@ -95,19 +99,22 @@ def _video(chunk: LiveChunk, fps: int) -> Iterator[_Packet]:
 def write_segments(chunks: Sequence[LiveChunk], fps: int, seconds: int, start: int, stop: int,
                    folder: Path, stem: str, *, rate: int = 48_000) -> list[tuple[str, float]]:
     """Write segments ``start`` to ``stop - 1`` (each ``seconds`` long) into ``folder`` as
-    ``<stem>-NNNNN.ts`` from the run of ``chunks`` from the meeting's start; their names and
-    durations. Every segment needs its chunk finished: ``stop`` at most
-    :func:`closed_segments`."""
+    ``<stem>-NNNNN.ts`` from a run of consecutive finished ``chunks`` that holds them (the
+    chunks from the one segment ``start`` lies in are enough: a meeting's live playlist
+    reads only what it adds); their names and durations. Every segment needs its chunk
+    finished: ``stop`` at most :func:`closed_segments`."""
     size = segment_frames(fps, seconds)
-    if not 0 <= start <= stop <= closed_segments(chunks, fps, seconds):
-        raise MelterError(f"segments {start}-{stop - 1} are not all in the finished chunks")
     if start == stop:
         return []
+    if not (chunks and chunks[0].first <= start * size
+            and start <= stop <= closed_segments(chunks, fps, seconds)):
+        raise MelterError(f"segments {start}-{stop - 1} are not all in the finished chunks")
     for chunk in chunks:
         if chunk.first % size:
             raise MelterError(f"chunk at frame {chunk.first} is not on the {seconds} s grid")
     audio_by_segment: dict[int, list[_Packet]] = {}
-    for sample, data in audio_packets([chunk.audio for chunk in chunks], rate):
+    for sample, data in audio_packets([chunk.audio for chunk in chunks], rate,
+                                      chunks[0].audio_start):
         index = max(0, sample * fps // (rate * size))
         if start <= index < stop:
             at = _ticks(Fraction(sample, rate))

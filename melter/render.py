@@ -240,6 +240,17 @@ class RenderPlan:
         """Whether every recording is still as it was analysed (same size and time)."""
         return _recordings(self.recording_paths) == self.recordings
 
+    def only_grown(self) -> bool:
+        """Whether every recording is as it was analysed or longer, and each is read no
+        further than it was analysed (the compiled pass, :attr:`TrackAnalysis.compiled_end`):
+        the plan of recordings still being written holds for all it planned."""
+        tracks = [track for participant in self.meeting.participants
+                  for segment in participant.segments for track in segment.tracks]
+        now = _recordings(self.recording_paths)
+        return (all(track.compiled_end is not None for track in tracks)
+                and now.keys() == self.recordings.keys()
+                and all(now[path][0] >= size for path, (size, _) in self.recordings.items()))
+
     def to_json(self) -> bytes:
         """The stored form: JSON, stamped with the format, melter's version and the shape."""
         stored = {"format": PLAN_FORMAT, "melter": __version__, "shape": shape(RenderPlan),

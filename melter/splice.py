@@ -152,11 +152,19 @@ def join_pieces(video: Path, pieces: Sequence[Path], target: Path, fmt: str, *,
     return written
 
 
-def audio_packets(pieces: Sequence[Path], rate: int) -> Iterator[tuple[int, bytes]]:
-    """(pts in samples, data) of every piece's packets (from :func:`encode_stretch`, in
-    order from the meeting's start), counted from the meeting's start: the first piece starts
-    with the encoder's priming packet, one packet before it."""
-    at = -FRAME
+def first_packet(stretch: Stretch) -> int:
+    """Where the first packet of a piece keeping ``stretch`` starts (samples of the meeting):
+    its stretch's start, or one packet before for the first piece (the encoder's priming)."""
+    return stretch.start - (FRAME if stretch.first else 0)
+
+
+def audio_packets(pieces: Sequence[Path], rate: int, start: int = -FRAME,
+                  ) -> Iterator[tuple[int, bytes]]:
+    """(pts in samples, data) of every piece's packets (from :func:`encode_stretch`, one
+    after the other), counted from the meeting's start; ``start``: where the first piece's
+    first packet starts (:func:`first_packet`; by default the first piece of the meeting,
+    whose priming packet lies one packet before it)."""
+    at = start
     for piece in pieces:
         with av.open(str(piece)) as container:
             stream = container.streams.audio[0]
@@ -179,4 +187,4 @@ def _audio_packet(item: tuple[int, bytes], stream: av.audio.stream.AudioStream) 
 
 
 __all__ = ["CONTEXT", "FRAME", "RUN_IN", "Stretch", "audio_packets", "encode_stretch",
-           "join_pieces", "on_grid"]
+           "first_packet", "join_pieces", "on_grid"]

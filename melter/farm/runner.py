@@ -66,9 +66,14 @@ from melter.farm.paths import (
 )
 from melter.farm.procs import REGISTRY
 from melter.hls import atomic_playlist, free_stem, named_after, place, read_playlist, segment_name
-from melter.livehls import LiveChunk, closed_segments, event_playlist, write_segments
+from melter.livehls import (
+    LiveChunk,
+    closed_segments,
+    event_playlist,
+    segment_frames,
+    write_segments,
+)
 from melter.render import (
-    PCM,
     PRESETS,
     Preset,
     RenderOptions,
@@ -82,6 +87,7 @@ from melter.render import (
     render_audio_piece,
 )
 from melter.rooted import exists_at, link_new
+from melter.splice import first_packet
 from melter.windows import AUDIO_WEIGHT, count_video_frames, join_parts, window_ranges
 
 #: How far behind the clock recordings on shared storage may be (buffered writes, NFS
@@ -202,7 +208,11 @@ def _stored_plan(attempt: Attempt, record: JobRecord) -> RenderPlan | None:
             return None
     except MelterError:
         return None
-    if planned.trim != record.spec.trim or not planned.unchanged():
+    if planned.trim != record.spec.trim:
+        return None
+    # A prerender's recordings grow while its units run: its plan holds for the frames it
+    # gave them, which lie where later writing changes nothing (see settled_frames).
+    if not (planned.unchanged() or (record.spec.prerender and planned.only_grown())):
         return None
     return planned
 
@@ -230,7 +240,9 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
         _render_outputs(attempt, record, list(range(len(record.outputs))), planned)
         return
     units: list[dict[str, Any]] = []
+    fields: dict[str, str] = {}
     chunks = 0
+    keys = _PartKeys(planned, cache_dir(attempt))
     for k, output in enumerate(record.outputs):
         preset = PRESETS[output.preset]
         if preset.audio_only:
@@ -239,34 +251,91 @@ def _main(attempt: Attempt, record: JobRecord) -> None:
             continue
         ranges = window_ranges(planned, preset, seconds)
         chunks = max(chunks, len(ranges))
-        # Each chunk's audio is a unit of its own, rendered as PCM: the join puts the pieces
-        # end to end and encodes them once, so the file holds a single pass's samples.
-        names = []
+        # Each chunk's video and audio are units of their own, but for the chunks kept
+        # already (rendered while the meeting went on): the join takes those as they are, and
+        # the units left are what remains to render, however long the meeting.
+        attempt.stage("finding kept chunks")
+        names: list[str] = []
+        kept: list[dict[str, Any]] = []
+        # Chunks another job's unit is rendering now go last: their units wait for those
+        # (see part_ready), and by then the others are done.
+        free: list[dict[str, Any]] = []
+        busy: list[dict[str, Any]] = []
+        look = not planned.trim and _has_parts(attempt, record, k)
         for i, (first, last) in enumerate(ranges):
+            taken = _take_kept(attempt, record, k, i, (first, last), keys) if look else None
+            if taken is not None:
+                kept.append(taken)
+                continue
+            claimed = look and attempt.store.r.exists(
+                _claim_key(attempt, keys.video(k, _part(output)[0], (first, last))))
             for kind, weight in ((UnitKind.VIDEO, 1.0), (UnitKind.AUDIO, AUDIO_WEIGHT)):
                 names.append(kind.unit(k, i))
-                units.append({"name": names[-1], "weight": (last - first + 1) * weight,
-                              "first": first, "last": last, "output": k})
+                (busy if claimed else free).append(
+                    {"name": names[-1], "weight": (last - first + 1) * weight,
+                     "first": first, "last": last, "output": k})
+        units += free + busy
         units.append({"name": UnitKind.JOIN.unit(k), "weight": planned.frames * JOIN_WEIGHT,
                       "deps": ",".join(names), "output": k})
+        fields[KEPT_FIELD + str(k)] = json.dumps(kept)
+        for taken in kept:
+            fields[PART_FIELD + UnitKind.VIDEO.unit(k, taken["i"])] = "reused:" + taken["vkey"]
+            fields[PART_FIELD + UnitKind.AUDIO.unit(k, taken["i"])] = "reused:" + taken["akey"]
     attempt.begin_commit()
     attempt.finishing()
     dispatches = attempt.store.expand(record.id, attempt.token, units,
-                                      config.dispatch_grace_seconds, {"chunks": str(chunks)})
+                                      config.dispatch_grace_seconds,
+                                      {"chunks": str(chunks), **fields})
     attempt.farm.send(dispatches)
 
 
-def settled_frames(planned: RenderPlan, seconds: float, now: float | None = None) -> int:
+#: The job's field listing output ``k``'s chunks kept from earlier that no unit renders
+#: (``kept:<k>``: their frames and files, for the join).
+KEPT_FIELD = "kept:"
+
+
+def _take_kept(attempt: Attempt, record: JobRecord, k: int, i: int, chunk: tuple[int, int],
+               keys: _PartKeys) -> dict[str, Any] | None:
+    """Chunk ``i`` of output ``k`` as kept earlier (its video and its audio piece), linked
+    into the job's folder where the join will find them: no unit need render or fetch it.
+    None unless both parts are kept."""
+    output = record.outputs[k]
+    preset, suffix = _part(output)
+    planned = keys.planned
+    piece = audio_piece(planned, preset, chunk)
+    vkey, akey = keys.video(k, preset, chunk), keys.audio(k, preset, chunk)
+    root = attempt.config.outputs_root
+    names = (f"v{i}.{attempt.token}{suffix}", f"a{i}.{attempt.token}{piece.suffix}")
+    try:
+        with folder_fd(root, _parts_folder(record, k)) as parts, \
+                folder_fd(root, record.tmp_dir(k), create=True) as folder:
+            if not (exists_at(parts, vkey + suffix) and exists_at(parts, akey + piece.suffix)):
+                return None
+            for key, part_suffix, name in ((vkey, suffix, names[0]),
+                                           (akey, piece.suffix, names[1])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=folder)  # left by an attempt that died
+                link_new(parts, key + part_suffix, folder, name)
+    except (OSError, MelterError):
+        return None
+    tmp = record.tmp_dir(k)
+    return {"i": i, "first": chunk[0], "last": chunk[1], "vkey": vkey, "akey": akey,
+            "video": str(tmp / names[0]), "audio": str(tmp / names[1])}
+
+
+def settled_frames(planned: RenderPlan, seconds: float, now: float | None = None, *,
+                   cuts_move: bool = True) -> int:
     """How many of a meeting's first frames no later writing can change: up to the latest
     packet on disk (and not past the clock, less the farm's margin for buffered writes and
     shared storage), less the horizon of a plan made from recordings still growing, less a
-    quarter chunk and a second (where the next chunk's cut may still move to)."""
+    quarter chunk and a second where chunks are cut at scene changes (where the next
+    chunk's cut may still move to; ``cuts_move`` False: chunks on a fixed grid)."""
     tracks = [t for p in planned.meeting.participants for s in p.segments for t in s.tracks]
     latest = max((t.end_us for t in tracks), default=planned.meeting.start_us)
     now_us = round((time.time() if now is None else now) * 1e6)
     written_us = min(latest, now_us - round(PROGRESSIVE_MARGIN_S * 1e6))
     settled_s = ((written_us - planned.meeting.start_us) / 1e6 - PLAN_HORIZON_S
-                 - seconds / 4 - 1.0)
+                 - (seconds / 4 + 1.0 if cuts_move else 0.0))
     return max(0, math.floor(settled_s * planned.fps))
 
 
@@ -302,13 +371,15 @@ def _prerender(attempt: Attempt, record: JobRecord, planned: RenderPlan,
     only those not kept already (see :func:`keep_part`); no join, no output."""
     if planned.trim or not seconds > 0:
         raise MelterError("a prerender needs chunks (chunk_seconds > 0) and no trim")
-    settled = settled_frames(planned, seconds)
+    now = time.time()
     keys = _PartKeys(planned, cache_dir(attempt))
     units: list[dict[str, Any]] = []
     for k, output in enumerate(record.outputs):
         preset, suffix = _part(output)
         if preset.audio_only:
             continue
+        settled = settled_frames(planned, seconds, now,
+                                 cuts_move=not preset.keyframe_seconds)
         if PRESETS[output.preset].hls:
             attempt.stage("publishing the live playlist")
             _publish_live(attempt, record, k, planned, seconds, keys)
@@ -379,21 +450,26 @@ def _live_output(folder: int, name: str) -> bool:
 
 
 def _finished_chunks(record: JobRecord, k: int, planned: RenderPlan, seconds: float,
-                     parts: int, keys: _PartKeys) -> list[LiveChunk]:
-    """The run of chunks from the meeting's start kept in the parts folder ``parts``."""
+                     parts: int, keys: _PartKeys, from_frame: int) -> list[LiveChunk]:
+    """The run of chunks kept in the parts folder ``parts`` from the one that holds frame
+    ``from_frame`` on (the live playlist's first segment not yet written): each prerender
+    names and reads only the chunks it may add, whatever came before them."""
     output = record.outputs[k]
     preset, suffix = _part(output)
     found: list[LiveChunk] = []
     for first, last in window_ranges(planned, preset, seconds):
+        if last < from_frame:
+            continue
         piece = audio_piece(planned, preset, (first, last))
-        if piece.suffix == PCM.suffix:
+        if piece.stretch is None:
             return []  # not AAC: nothing to copy into segments
         video = keys.video(k, preset, (first, last)) + suffix
         audio = keys.audio(k, preset, (first, last)) + piece.suffix
         if not (exists_at(parts, video) and exists_at(parts, audio)):
             break
         folder = Path(f"/proc/{os.getpid()}/fd/{parts}")
-        found.append(LiveChunk(folder / video, folder / audio, first, last))
+        found.append(LiveChunk(folder / video, folder / audio, first, last,
+                               first_packet(piece.stretch)))
     return found
 
 
@@ -413,9 +489,6 @@ def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPl
     except (OSError, MelterError):
         return
     try:
-        chunks = _finished_chunks(record, k, planned, seconds, parts,
-                                  keys or _PartKeys(planned, cache_dir(attempt)))
-        closed = closed_segments(chunks, planned.fps, segment_s)
         with folder_fd(root, output.path.parent) as target:
             if exists_at(target, name) and not _live_output(target, name):
                 return
@@ -428,11 +501,15 @@ def _publish_live(attempt: Attempt, record: JobRecord, k: int, planned: RenderPl
             published: list[tuple[str, float]] = []
             if live and exists_at(target, name):
                 published = read_playlist(target, name, live=True).segments
-            if closed <= len(published):
-                return
             if not isinstance(stem, str) or not named_after(name, segment_name(stem, 0)) \
                     or not all(named_after(name, s) for s, _ in published):
                 stem, published = free_stem(target, output.path.stem), []
+            chunks = _finished_chunks(record, k, planned, seconds, parts,
+                                      keys or _PartKeys(planned, cache_dir(attempt)),
+                                      len(published) * segment_frames(planned.fps, segment_s))
+            closed = closed_segments(chunks, planned.fps, segment_s)
+            if closed <= len(published):
+                return
             staging = attempt_dir(attempt, record, k)
             added = write_segments(chunks, planned.fps, segment_s, len(published), closed,
                                    staging, stem)
@@ -467,6 +544,15 @@ PARTS_DIR = ".melter-parts"
 
 def _parts_folder(record: JobRecord, k: int) -> Path:
     return record.outputs[k].path.parent / PARTS_DIR
+
+
+def _has_parts(attempt: Attempt, record: JobRecord, k: int) -> bool:
+    """Whether output ``k`` has a parts folder (chunks kept for it, or being kept)."""
+    try:
+        with folder_fd(attempt.config.outputs_root, record.outputs[k].path.parent) as folder:
+            return exists_at(folder, PARTS_DIR)
+    except (OSError, MelterError):
+        return False
 
 
 def _kept(attempt: Attempt, record: JobRecord, k: int, key: str, suffix: str) -> bool:
@@ -769,11 +855,16 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
     output = record.outputs[k]
     preset, suffix = _part(output)
     units = attempt.store.all_units(record.id)
-    chunks = sorted(
-        ((chunk_place(name)[1], u) for name, u in units.items()
-         if UnitKind.of(name) is UnitKind.VIDEO and chunk_place(name)[0] == k),
-        key=lambda item: item[0])
-    audio = [units[UnitKind.AUDIO.unit(k, i)] for i, _ in chunks]
+    fields = attempt.store.job(record.id)
+    taken = {int(c["i"]): c for c in json.loads(fields.get(KEPT_FIELD + str(k)) or "[]")}
+    rendered = {chunk_place(name)[1]: u for name, u in units.items()
+                if UnitKind.of(name) is UnitKind.VIDEO and chunk_place(name)[0] == k}
+    video_units: dict[int, dict[str, Any]] = {
+        **rendered, **{i: {"first": c["first"], "last": c["last"], "file": c["video"]}
+                       for i, c in taken.items()}}
+    chunks = sorted(video_units.items(), key=lambda item: item[0])
+    audio = [{"file": taken[i]["audio"]} if i in taken else units[UnitKind.AUDIO.unit(k, i)]
+             for i, _ in chunks]
     frames = sum(int(u["last"]) - int(u["first"]) + 1 for _, u in chunks)
     fps = int(record.fields.get("fps") or attempt.store.job(record.id).get("fps") or 30)
     folder = attempt_dir(attempt, record, k)
@@ -791,7 +882,6 @@ def _join(attempt: Attempt, record: JobRecord, k: int) -> None:
             os.replace(temp, staged)
         attempt.check()
         temp = playlist
-    fields = attempt.store.job(record.id)
 
     def kept(unit: str) -> bool:
         return (fields.get(PART_FIELD + unit) or "").startswith("reused:")

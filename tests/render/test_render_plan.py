@@ -15,6 +15,7 @@ from melter.compose import prepare_media
 from melter.engine.mlt import build_document, trim_spans
 from melter.layout.model import load_layout
 from melter.render import RenderOptions, RenderPlan, StalePlan, plan_render
+from tests.helpers.prefixes import arrivals, cut_at
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -65,3 +66,39 @@ def test_a_trimmed_document_plays_only_the_kept_spans(tmp_path: Path) -> None:
                for e in root.findall("playlist[@id='trimmed']/entry")]
     assert entries == trim_spans(planned.plan)
     assert document.frames == planned.frames
+
+
+def test_a_plan_of_growing_recordings_holds_for_what_it_read(tmp_path: Path) -> None:
+    """A plan made while Janus still writes holds for the bytes it analysed: the recordings
+    growing on leave its prepared files as they were (named by what was read, not by the
+    file's size now), and its units would render what it planned; a recording that shrank or
+    went is a change."""
+    source = FIXTURES / "janus-mixed-fps-vp8"
+    live = tmp_path / "live"
+    live.mkdir()
+    recordings = sorted(source.glob("*.mjr"))
+    at_us = min(arrivals(r).first_us for r in recordings) + 10_000_000
+    for recording in recordings:
+        assert cut_at(recording, at_us, live / recording.name, partial=7) is not None
+    planned = plan_render([live], load_layout("grid"))
+    media = prepare_media(planned.meeting, tmp_path / "media", planned.fps)
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "media").iterdir()}
+    assert planned.unchanged() and planned.only_grown()
+
+    for recording in recordings:  # the meeting goes on: each file grows in place
+        (live / recording.name).write_bytes(recording.read_bytes())
+    assert not planned.unchanged() and planned.only_grown()
+    again = prepare_media(planned.meeting, tmp_path / "media", planned.fps)
+    assert again == media
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "media").iterdir()} == made
+
+    grown = plan_render([live], load_layout("grid"))
+    assert grown.frames > planned.frames + 5 * planned.fps
+    later = prepare_media(grown.meeting, tmp_path / "media", grown.fps)
+    assert {m.path for m in later.values()}.isdisjoint({m.path for m in media.values()})
+
+    shrunk = live / recordings[0].name
+    shrunk.write_bytes(shrunk.read_bytes()[:1000])
+    assert not grown.only_grown()
+    shrunk.unlink()
+    assert not planned.only_grown()
