@@ -107,6 +107,11 @@ class ServiceConfig(BaseModel):
         20.0, ge=0, description="while a meeting goes on, the chunks its recordings hold for "
         "good are rendered this often (a prerender job), so that only the rest is left when it "
         "ends (0: never)")
+    chunk_seconds: float = Field(
+        12.0, ge=0, description="with prerenders, automatic renders are cut into chunks of "
+        "about this length (0: the farm's MELTER_CHUNK_SECONDS); a meeting's prerenders and "
+        "its render share them, so short ones keep a live playlist close behind the meeting "
+        "and leave little to render when it ends")
     default: RoomRule = Field(default_factory=RoomRule)
     rooms: dict[str, RoomRule] = Field(default_factory=dict)
 
@@ -182,6 +187,7 @@ _ENV = {
     "MELTER_TICK_SECONDS": "tick_seconds",
     "MELTER_SETTLE_SECONDS": "settle_seconds",
     "MELTER_PRERENDER_SECONDS": "prerender_seconds",
+    "MELTER_AUTO_CHUNK_SECONDS": "chunk_seconds",
 }
 
 

@@ -60,8 +60,13 @@ def auto_spec(settings: Settings, room: str, meeting: str, start_us: int,
             raise ValueError(f"output name {output.name!r}: unknown field {exc}; use {{room}}, "
                              "{start} or {meeting}") from None
         outputs.append({"path": str(settings.renders / name), "preset": output.preset})
+    # A meeting prerendered while it goes on is cut finely (its prerenders' chunks are kept
+    # by key, so the render after it must cut it the same way).
+    service = settings.service
+    chunks = service.chunk_seconds if service.prerender_seconds > 0 else 0
     return {
         "inputs": [str(p) for p in files],
+        **({"chunk_seconds": chunks} if chunks > 0 else {}),
         "layout": rule.layout,
         "outputs": outputs,
         "priority": Priority.AUTO,
