@@ -81,7 +81,7 @@ def test_a_service_killed_mid_meeting_keeps_the_chunks_rendered_before(
     5 s chunks prerendered every 2 s; the service is killed (SIGKILL) once chunks are kept and
     started again. The meeting's render after its destroy uses the chunks kept before the
     kill, and the prerenders go on after the restart (their count carries on in Redis)."""
-    farm.env.update({"MELTER_PRERENDER_SECONDS": "2", "MELTER_CHUNK_SECONDS": "5"})
+    farm.env.update({"MELTER_PRERENDER_SECONDS": "2", "MELTER_AUTO_CHUNK_SECONDS": "5"})
     farm.start_workers(["w1", "w2"])
     service = Service(farm)
     service.start()
