@@ -47,9 +47,10 @@ def start_label(stamp_us: int) -> str:
 
 
 def auto_spec(settings: Settings, room: str, meeting: str, start_us: int,
-              files: list[Path], trigger: str, extra: dict[str, Any] | None = None,
-              ) -> dict[str, Any]:
-    """The farm job rendering one meeting the way the configuration says for its room."""
+              files: list[Path], trigger: str, extra: dict[str, Any] | None = None, *,
+              prerendered: bool = False) -> dict[str, Any]:
+    """The farm job rendering one meeting the way the configuration says for its room;
+    ``prerendered``: a meeting the service prerenders while it goes on (Janus's events)."""
     rule = settings.service.rule(room)
     names = {"room": room, "start": start_label(start_us), "meeting": meeting}
     outputs = []
@@ -63,7 +64,7 @@ def auto_spec(settings: Settings, room: str, meeting: str, start_us: int,
     # A meeting prerendered while it goes on is cut finely (its prerenders' chunks are kept
     # by key, so the render after it must cut it the same way).
     service = settings.service
-    chunks = service.chunk_seconds if service.prerender_seconds > 0 else 0
+    chunks = service.chunk_seconds if prerendered and service.prerender_seconds > 0 else 0
     return {
         "inputs": [str(p) for p in files],
         **({"chunk_seconds": chunks} if chunks > 0 else {}),

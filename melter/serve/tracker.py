@@ -401,7 +401,7 @@ class Tracker:
                               f"{self.settings.recordings} (MELTER_RECORDINGS_DIR)")
         return auto_spec(self.settings, meeting.room, meeting.id,
                          int(meeting.id.rsplit("-", 1)[1]), files, "janus",
-                         {"ended_by": meeting.ended_by})
+                         {"ended_by": meeting.ended_by}, prerendered=True)
 
     def _submit(self, room: str, meeting_id: str) -> str | None:
         # 1. the job document, decided once and kept (a resubmission must be the same job)

@@ -57,18 +57,20 @@ def test_rooms_map_to_layouts_and_outputs(tmp_path: Path) -> None:
 
 def test_a_prerendered_meeting_is_cut_in_short_chunks(tmp_path: Path) -> None:
     """With prerenders, an automatic render and the meeting's prerenders are cut alike, in
-    the service's chunks (12 s unless set); without them, the farm's chunks are used."""
+    the service's chunks (12 s unless set); without them (or for a meeting `melter watch`
+    found, never prerendered), the farm's chunks are used."""
     stamp = 1795700544656027
 
-    def chunks(**env: str) -> float | None:
+    def chunks(prerendered: bool = True, **env: str) -> float | None:
         spec = auto_spec(settings_for(tmp_path, **env), "77", "77-1", stamp,
-                         [tmp_path / "b.mjr"], "janus")
+                         [tmp_path / "b.mjr"], "janus", prerendered=prerendered)
         return spec.get("chunk_seconds")
 
     assert chunks() == 12.0
     assert chunks(MELTER_AUTO_CHUNK_SECONDS="18") == 18.0
     assert chunks(MELTER_AUTO_CHUNK_SECONDS="0") is None
     assert chunks(MELTER_PRERENDER_SECONDS="0") is None
+    assert chunks(prerendered=False) is None
 
 
 def test_the_environment_wins(tmp_path: Path) -> None:
